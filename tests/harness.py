@@ -1,0 +1,338 @@
+"""
+Real peers for integration tests: the daemon as a `twist wsgw` process, an
+app HTTP server, a Python (Autobahn) client and a Node `ws` client.
+
+Every wait is for a specific event and bounded by a timeout.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.protocol import ProcessProtocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+import wsgw
+
+NODE_DIR = Path(__file__).parent / "node"
+WAIT = 15.0  # seconds any single expected event may take
+
+
+def bounded(d, seconds=WAIT, what="event"):
+    """C{d}, failing with a clear message if it takes longer than C{seconds}."""
+
+    def timed_out(failure, timeout):
+        from twisted.internet.defer import CancelledError
+
+        if failure.check(CancelledError):
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        return failure
+
+    d.addTimeout(seconds, reactor)
+    d.addErrback(timed_out, seconds)
+    return d
+
+
+class Waiters:
+    """Deferreds fired when a predicate over some growing state holds."""
+
+    def __init__(self):
+        self._waiting = []
+
+    def wait(self, predicate, what, seconds=WAIT):
+        result = predicate()
+        if result:
+            return _fired(result)
+        d = Deferred()
+        self._waiting.append((predicate, d))
+        return bounded(d, seconds, what)
+
+    def check(self):
+        still = []
+        for predicate, d in self._waiting:
+            if d.called:
+                continue
+            result = predicate()
+            if result:
+                d.callback(result)
+            else:
+                still.append((predicate, d))
+        self._waiting = still
+
+
+def _fired(value):
+    d = Deferred()
+    d.callback(value)
+    return d
+
+
+class RecordingApp(Resource):
+    """
+    The app: records each event POST with its headers.  C{behaviour(event)}
+    returns C{(status, delay_seconds)} for an answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+        self.headers = []
+        self.behaviour = lambda event: (200, 0)
+        self.waiters = Waiters()
+
+    def render_POST(self, request):
+        event = json.loads(request.content.read())
+        status, delay = self.behaviour(event)
+        if status < 300:
+            self.events.append(event)
+            self.headers.append({k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()})
+        request.setResponseCode(status)
+        if not delay:
+            self.waiters.check()
+            return b"{}"
+
+        def answer():
+            if not request._disconnected:
+                request.write(b"{}")
+                request.finish()
+            self.waiters.check()
+
+        reactor.callLater(delay, answer)
+        return NOT_DONE_YET
+
+    def of(self, conn_id):
+        return [e for e in self.events if e["conn_id"] == conn_id]
+
+    def actions(self, conn_id):
+        return [e["action"] for e in self.of(conn_id)]
+
+    def wait_for(self, predicate, what="app events", seconds=WAIT):
+        return self.waiters.wait(predicate, what, seconds)
+
+    def wait_for_action(self, action, conn_id=None, seconds=WAIT):
+        def found():
+            for e in self.events:
+                if e["action"] == action and (conn_id is None or e["conn_id"] == conn_id):
+                    return e
+            return None
+
+        return self.wait_for(found, f"{action} event", seconds)
+
+
+def start_app():
+    app = RecordingApp()
+    port = reactor.listenTCP(0, Site(app), interface="127.0.0.1")
+    app.port = port
+    app.url = f"http://127.0.0.1:{port.getHost().port}/ws/message"
+    return app
+
+
+class DaemonProtocol(ProcessProtocol):
+    def __init__(self):
+        self.lines = []
+        self.buffer = b""
+        self.waiters = Waiters()
+        self.ended = Deferred()
+        self.status = None
+
+    def outReceived(self, data):
+        self.buffer += data
+        *complete, self.buffer = self.buffer.split(b"\n")
+        for line in complete:
+            self.lines.append(line.decode("utf-8", "replace"))
+        self.waiters.check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        # "exit 0" or "ended by signal N" (twist re-raises the signal that
+        # stopped it once the service has shut down, as daemons do).
+        self.status = (reason.value.exitCode, reason.value.signal)
+        self.ended.callback(self.status)
+
+
+class Daemon:
+    """A `twist wsgw` process listening on an ephemeral loopback port."""
+
+    def __init__(self, process, proto, port):
+        self.process = process
+        self.proto = proto
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}/ws"
+
+    def log_lines(self):
+        return self.proto.lines
+
+    def terminate(self, sig=signal.SIGTERM):
+        if self.proto.status is None:
+            self.process.signalProcess({signal.SIGTERM: "TERM", signal.SIGINT: "INT", signal.SIGKILL: "KILL"}[sig])
+        return bounded(self.proto.ended, 30, "the daemon to exit")
+
+
+async def start_daemon(*args, env=None, cwd):
+    proto = DaemonProtocol()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
+    # The daemon runs the same wsgw as the tests import, installed or not.
+    environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
+    environment.update(env or {})
+    argv = [sys.executable, "-m", "twisted", "--log-format=text", "--log-level=info", "wsgw"]
+    if not any(a.startswith("--listen") for a in args):
+        argv += ["--listen", "tcp:0:interface=127.0.0.1"]
+    argv += list(args)
+    process = reactor.spawnProcess(proto, sys.executable, argv, env=environment, path=str(cwd))
+    pattern = re.compile(r"starting on (\d+)")
+
+    def listening():
+        for line in proto.lines:
+            m = pattern.search(line)
+            if m:
+                return int(m.group(1))
+        return None
+
+    def died():
+        return proto.status is not None
+
+    try:
+        port = await proto.waiters.wait(lambda: listening() or (died() and -1), "the daemon to listen", 30)
+    except Exception:
+        process.signalProcess("KILL")
+        raise
+    if port == -1:
+        raise AssertionError("daemon exited before listening:\n" + "\n".join(proto.lines))
+    return Daemon(process, proto, port)
+
+
+class PyClient(WebSocketClientProtocol):
+    """An Autobahn client recording what it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = DeferredQueue()
+        self.opened = Deferred()
+        self.closed = Deferred()
+        self.close_info = None
+
+    def onOpen(self):
+        self.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.messages.put(payload if isBinary else payload.decode("utf-8"))
+
+    def onClose(self, wasClean, code, reason):
+        self.close_info = (code, reason)
+        if not self.opened.called:
+            self.opened.errback(AssertionError(f"handshake failed: {reason}"))
+        self.closed.callback((code, reason))
+
+    def next_message(self, seconds=WAIT):
+        return bounded(self.messages.get(), seconds, "a message")
+
+    def send_text(self, text):
+        self.sendMessage(text.encode("utf-8"))
+
+
+async def py_client(url, headers=None, protocols=None):
+    headers = dict(headers or {})
+    agent = headers.pop("User-Agent", "wsgw-tests")
+    factory = WebSocketClientFactory(url, headers=headers, protocols=protocols, useragent=agent)
+    factory.protocol = PyClient
+    host, port = re.match(r"ws://([^:/]+):(\d+)", url).groups()
+    connected = Deferred()
+
+    def build(addr):
+        proto = PyClient()
+        proto.factory = factory
+        connected.callback(proto)
+        return proto
+
+    factory.buildProtocol = build
+    reactor.connectTCP(host, int(port), factory, timeout=5)
+    proto = await bounded(connected, what="TCP connection")
+    return await bounded(proto.opened, what="WebSocket open")
+
+
+class NodeProtocol(ProcessProtocol):
+    def __init__(self):
+        self.events = []
+        self.buffer = b""
+        self.waiters = Waiters()
+        self.ended = Deferred()
+        self.stderr = b""
+
+    def outReceived(self, data):
+        self.buffer += data
+        *complete, self.buffer = self.buffer.split(b"\n")
+        for line in complete:
+            self.events.append(json.loads(line))
+        self.waiters.check()
+
+    def errReceived(self, data):
+        self.stderr += data
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
+class NodeClient:
+    """The Node `ws` library as a client, driven through tests/node/client.js."""
+
+    def __init__(self, process, proto):
+        self.process = process
+        self.proto = proto
+
+    def messages(self):
+        return [e["message"] for e in self.proto.events if "message" in e]
+
+    def command(self, **cmd):
+        self.process.write(json.dumps(cmd).encode() + b"\n")
+
+    def send(self, text):
+        self.command(send=text)
+
+    def wait(self, predicate, what):
+        return self.proto.waiters.wait(lambda: predicate(self.proto.events), what)
+
+    def wait_messages(self, n):
+        return self.wait(lambda events: len(self.messages()) >= n and self.messages(), f"{n} node messages")
+
+    def wait_close(self):
+        return self.wait(lambda events: next((e for e in events if "close" in e), None), "node close")
+
+    def stop(self):
+        if not self.proto.ended.called:
+            self.process.signalProcess("KILL")
+        return bounded(self.proto.ended, what="node to exit")
+
+
+async def node_client(url, headers=None):
+    proto = NodeProtocol()
+    argv = ["node", str(NODE_DIR / "client.js"), url, json.dumps(headers or {})]
+    process = reactor.spawnProcess(proto, _node(), argv, env=dict(os.environ), path=str(NODE_DIR))
+    client = NodeClient(process, proto)
+    first = await client.wait(lambda events: events[0] if events else None, "node client to open")
+    if "open" not in first:
+        await client.stop()
+        raise AssertionError(f"node client failed: {first} {proto.stderr!r}")
+    return client
+
+
+def _node():
+    from shutil import which
+
+    return which("node") or "/usr/bin/node"
+
+
+def ensure_node_modules():
+    """Install the Node `ws` library the tests use, once."""
+    if not (NODE_DIR / "node_modules" / "ws").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)

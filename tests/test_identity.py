@@ -1,0 +1,51 @@
+"""
+Identity comes from the upgrade request as the platform sets it.
+"""
+
+import uuid
+
+from wsgw.identity import cookie_value, identify
+
+
+def test_cookie_value():
+    assert cookie_value("a=1; auth_token=abc; b=2", "auth_token") == "abc"
+    assert cookie_value('auth_token="quoted"', "auth_token") == "quoted"
+    assert cookie_value("xauth_token=no; auth_token=yes", "auth_token") == "yes"
+    assert cookie_value("auth_token=first; auth_token=second", "auth_token") == "first"
+    assert cookie_value("other=1", "auth_token") is None
+    assert cookie_value("garbage;;=;", "auth_token") is None
+
+
+def test_user_and_token_from_request():
+    conn = identify(
+        {"x-bfl-user": "alice", "cookie": "auth_token=abc; theme=dark", "user-agent": "UA/1"},
+        "10.0.0.9",
+    )
+    assert conn.user_name == "alice"
+    assert conn.token == "abc"
+    assert conn.access_public is False
+    assert conn.cookie == "auth_token=abc; theme=dark"
+    assert conn.user_agent == "UA/1"
+    assert conn.remote_addr == "10.0.0.9"
+    assert str(uuid.UUID(conn.conn_id)) == conn.conn_id
+
+
+def test_public_connection_gets_fresh_uuid_token():
+    one = identify({}, "p")
+    two = identify({"cookie": "auth_token="}, "p")
+    for conn in (one, two):
+        assert conn.access_public is True
+        assert conn.user_name == ""
+        assert str(uuid.UUID(conn.token)) == conn.token
+    assert one.token != two.token
+    assert one.conn_id != two.conn_id
+
+
+def test_forwarded_address_wins_over_peer():
+    conn = identify({"x-original-forwarded-for": "203.0.113.7"}, "127.0.0.1")
+    assert conn.remote_addr == "203.0.113.7"
+
+
+def test_user_header_is_configurable():
+    conn = identify({"x-remote-user": "zed", "x-bfl-user": "alice"}, "p", user_header="X-Remote-User")
+    assert conn.user_name == "zed"

@@ -1,0 +1,204 @@
+"""
+The app's HTTP API under C{/tapr/ws/conn/}: C{send}, C{close} and C{list}.
+
+Every answer is JSON with C{code} (0 on success) and C{message}; an error
+also carries the matching HTTP status and names what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Sequence
+
+import attr
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+from .gateway import Gateway
+from .registry import AccessType
+
+log = Logger()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_REASONS = {426: b"Upgrade Required"}
+
+
+def json_response(request, status: int, body: Dict[str, Any]) -> bytes:
+    request.setResponseCode(status, _REASONS.get(status))
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def error_response(request, status: int, message: str) -> bytes:
+    return json_response(request, status, {"code": status, "message": message})
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def read_json_object(request, max_body: int) -> Dict[str, Any]:
+    content = request.content
+    content.seek(0, 2)
+    size = content.tell()
+    if size > max_body:
+        raise ApiError(413, f"request body is {size} bytes; the limit is {max_body}")
+    content.seek(0)
+    raw = content.read()
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant) if raw.strip() else {}
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def string_list(body: Dict[str, Any], field: str) -> List[str]:
+    value = body.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"{field} must be a list of strings")
+    return [v for v in value if v]
+
+
+def optional_string(body: Dict[str, Any], field: str) -> List[str]:
+    value = body.get(field)
+    if value is None or value == "":
+        return []
+    if not isinstance(value, str):
+        raise ApiError(400, f"{field} must be a string")
+    return [value]
+
+
+def access_type(body: Dict[str, Any]) -> AccessType:
+    value = body.get("users_access_type")
+    if value is None:
+        return AccessType.ALL
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1, 2):
+        raise ApiError(400, "users_access_type must be 0 (all), 1 (private) or 2 (public)")
+    return AccessType(value)
+
+
+@attr.s(frozen=True)
+class Targets:
+    conn_ids: Sequence[str] = attr.ib()
+    users: Sequence[str] = attr.ib()
+    tokens: Sequence[str] = attr.ib()
+    access: AccessType = attr.ib()
+
+    @classmethod
+    def from_body(cls, body: Dict[str, Any], conn_field: str, what: str) -> "Targets":
+        conn_ids = (
+            string_list(body, conn_field)
+            if conn_field == "conns"
+            else optional_string(body, conn_field)
+        )
+        targets = cls(conn_ids, string_list(body, "users"), string_list(body, "tokens"), access_type(body))
+        if not (targets.conn_ids or targets.users or targets.tokens):
+            raise ApiError(400, f"{what} target is nil: give {conn_field}, users or tokens")
+        return targets
+
+
+class JsonEndpoint(Resource):
+    """
+    One API endpoint: turns L{ApiError}s and unexpected failures into JSON
+    answers, and unsupported methods into 405.
+    """
+
+    isLeaf = True
+    methods: Sequence[bytes] = ()
+
+    def __init__(self, gateway: Gateway, max_body: int):
+        super().__init__()
+        self.gateway = gateway
+        self.max_body = max_body
+
+    def render(self, request):
+        if request.method not in self.methods:
+            request.setHeader(b"Allow", b", ".join(self.methods))
+            return error_response(
+                request, 405, f"method {request.method.decode('ascii', 'replace')} not allowed; use {self.methods[0].decode()}"
+            )
+        try:
+            return json_response(request, 200, self.answer(request))
+        except ApiError as e:
+            log.info("API {path} refused: {message}", path=request.path, message=e.message)
+            return error_response(request, e.status, e.message)
+        except Exception:
+            log.failure("API {path} failed", path=request.path)
+            return error_response(request, 500, "internal error; see the gateway's log")
+
+    def answer(self, request) -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+def encode_payload(body: Dict[str, Any]) -> bytes:
+    return json.dumps(body.get("payload"), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class SendEndpoint(JsonEndpoint):
+    methods = (b"POST",)
+
+    def answer(self, request):
+        body = read_json_object(request, self.max_body)
+        targets = Targets.from_body(body, "conn_id", "send message")
+        matched = self.gateway.send(
+            encode_payload(body), targets.conn_ids, targets.users, targets.tokens, targets.access
+        )
+        return {"code": 0, "message": "success", "data": {"matched": matched}}
+
+
+class CloseEndpoint(JsonEndpoint):
+    methods = (b"POST",)
+
+    def answer(self, request):
+        body = read_json_object(request, self.max_body)
+        targets = Targets.from_body(body, "conns", "close")
+        matched = self.gateway.close(targets.conn_ids, targets.users, targets.tokens, targets.access)
+        return {"code": 0, "message": "success", "data": {"matched": matched}}
+
+
+class ListEndpoint(JsonEndpoint):
+    methods = (b"GET",)
+
+    def answer(self, request):
+        return {"code": 0, "message": "success", "data": self.gateway.listing()}
+
+
+class JsonNotFound(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return error_response(request, 404, f"no such path: {request.path.decode('utf-8', 'replace')}")
+
+
+class JsonTree(Resource):
+    """
+    A resource whose unknown children answer 404 in JSON.
+    """
+
+    def getChild(self, path, request):
+        return JsonNotFound()
+
+    def render(self, request):
+        return JsonNotFound().render(request)
+
+
+def conn_api(gateway: Gateway, max_body: int) -> Resource:
+    """
+    The C{/tapr/ws/conn} resource with its three endpoints.
+    """
+    conn = JsonTree()
+    conn.putChild(b"send", SendEndpoint(gateway, max_body))
+    conn.putChild(b"close", CloseEndpoint(gateway, max_body))
+    conn.putChild(b"list", ListEndpoint(gateway, max_body))
+    return conn

@@ -1,0 +1,75 @@
+"""
+The gateway's settings, gathered in one immutable record.
+
+Everything that builds a gateway (the ``twist`` plugin, an embedding
+application, the tests) passes a L{Config}; nothing reads the environment
+or the command line below this module.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Tuple
+
+import attr
+
+DEFAULT_LISTEN = "tcp:40010"
+
+
+def app_url_from_olares_env(environ: Mapping[str, str]) -> Optional[str]:
+    """
+    The app URL the Olares platform describes with C{WS_PORT} and C{WS_URL}
+    (the manifest's C{options.websocket.port} and C{.url}), or L{None}.
+    """
+    port = environ.get("WS_PORT", "").strip()
+    if not port:
+        return None
+    path = environ.get("WS_URL", "").strip() or "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    return f"http://127.0.0.1:{port}{path}"
+
+
+@attr.s(frozen=True, slots=True, kw_only=True)
+class Config:
+    """
+    How one gateway behaves.  Times are in seconds, sizes in bytes.
+    """
+
+    #: Twisted server endpoint strings; each serves C{/ws} and the API.
+    listen: Tuple[str, ...] = attr.ib(default=(DEFAULT_LISTEN,), converter=tuple)
+    #: Where lifecycle events are POSTed; L{None} forwards nothing.
+    app_url: Optional[str] = attr.ib(default=None)
+    #: A connection that sends nothing for this long is closed.
+    ping_timeout: float = attr.ib(default=45.0)
+    #: How often the heartbeat sweep looks for silent connections.
+    ping_check_interval: float = attr.ib(default=5.0)
+    #: Give up one attempt at POSTing an event after this long.
+    app_timeout: float = attr.ib(default=10.0)
+    #: Keep retrying a failed event (5xx, 429, connection errors) this long.
+    retry_window: float = attr.ib(default=60.0)
+    #: At most this many event POSTs are in flight at once (all connections).
+    max_in_flight: int = attr.ib(default=64)
+    #: Events waiting for the app, per connection, before the gateway
+    #: stops reading from that client.
+    max_backlog: int = attr.ib(default=1000)
+    #: Largest WebSocket message accepted from a client.
+    max_message_size: int = attr.ib(default=1024 * 1024)
+    #: Largest body accepted by the HTTP API (the original allows 4 MiB).
+    max_api_body: int = attr.ib(default=4 * 1024 * 1024)
+    #: A client must finish the WebSocket handshake within this time.
+    handshake_timeout: float = attr.ib(default=10.0)
+    #: On shutdown, wait this long for close events to reach the app.
+    drain_timeout: float = attr.ib(default=10.0)
+    #: The request header that carries the signed-in user's name.
+    user_header: str = attr.ib(default="X-Bfl-User")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> "Config":
+        """
+        A config whose app URL falls back to the Olares C{WS_PORT}/C{WS_URL}
+        variables when no explicit one is given.
+        """
+        if overrides.get("app_url") is None:
+            overrides["app_url"] = app_url_from_olares_env(environ)
+        return cls(**overrides)

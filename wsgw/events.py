@@ -1,0 +1,89 @@
+"""
+The JSON bodies the gateway POSTs to the app, built as bytes.
+
+A client's JSON message is spliced into the envelope as the client sent it
+(after checking that it is JSON), so a message is parsed once and never
+re-encoded on its way to the app.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Tuple
+
+from .registry import Connection
+
+PONG = b'{"event":"pong"}'
+EMPTY_OBJECT = b"{}"
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def envelope_tail(conn: Connection) -> bytes:
+    """
+    The fields every event of C{conn} ends with, encoded once per connection.
+    """
+    fields = json.dumps(
+        {
+            "user_name": conn.user_name,
+            "conn_id": conn.conn_id,
+            "token": conn.token,
+            "access_public": conn.access_public,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")
+    return b"," + fields[1:]
+
+
+def encode_event(action: bytes, data: bytes, tail: bytes, extra: bytes = b"") -> bytes:
+    """
+    C{{"data": <data>, "action": <action>, <extra>, <tail>}} as bytes.
+
+    C{data} must already be one JSON value; C{extra} is empty or a run of
+    C{,"key":value} members.
+    """
+    return b'{"data":' + data + b',"action":"' + action + b'"' + extra + tail
+
+
+def open_extra(conn: Connection) -> bytes:
+    """
+    Fields beyond the original's that an C{open} event carries: where the
+    client connected from and what it said it is.
+    """
+    return b"," + json.dumps(
+        {"user_agent": conn.user_agent, "remote_addr": conn.remote_addr},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")[1:-1]
+
+
+BINARY_EXTRA = b',"binary":true'
+
+
+def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, bytes]:
+    """
+    Decide what a client's frame is.
+
+    Returns C{(is_ping, data, extra)}: C{data} is the JSON to place in the
+    event's C{data} field and C{extra} the envelope fields it needs.
+
+      - a JSON text whose value is an object with C{"event": "ping"} is a
+        heartbeat (never forwarded);
+      - other JSON text is forwarded as the value the client sent;
+      - text that is not JSON is forwarded as a JSON string;
+      - a binary frame is forwarded as base64 text with C{"binary": true}.
+    """
+    if is_binary:
+        return False, b'"' + base64.b64encode(payload) + b'"', BINARY_EXTRA
+    text = payload.decode("utf-8")
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:
+        return False, json.dumps(text, ensure_ascii=False).encode("utf-8"), b""
+    if isinstance(value, dict) and value.get("event") == "ping":
+        return True, b"", b""
+    return False, payload.strip(), b""

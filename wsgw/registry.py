@@ -1,0 +1,195 @@
+"""
+The open connections, indexed so that C{send}, C{close} and C{list} touch
+only the connections they are about, never every connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import attr
+
+
+class AccessType(enum.IntEnum):
+    """
+    C{users_access_type}: which of a user's connections a C{users} target
+    reaches.
+    """
+
+    ALL = 0
+    PRIVATE = 1
+    PUBLIC = 2
+
+
+@attr.s(slots=True, eq=False, kw_only=True)
+class Connection:
+    """
+    One client connection as the gateway knows it.
+
+    C{channel} is whatever carries frames to the client (the WebSocket
+    protocol in the daemon); the registry never looks inside it.
+    """
+
+    conn_id: str = attr.ib()
+    user_name: str = attr.ib()
+    token: str = attr.ib()
+    access_public: bool = attr.ib()
+    user_agent: str = attr.ib(default="")
+    remote_addr: str = attr.ib(default="")
+    cookie: str = attr.ib(default="", repr=False)
+    channel: Any = attr.ib(default=None, repr=False)
+    #: When the client was last heard from (reactor seconds).
+    last_seen: float = attr.ib(default=0.0)
+    #: Sequence number of this connection's next event to the app.
+    next_seq: int = attr.ib(default=0)
+    #: The fields every event of this connection ends with, pre-encoded.
+    event_tail: bytes = attr.ib(default=b"", repr=False)
+    #: The gateway has begun closing it (it left the indexes already).
+    closing: bool = attr.ib(default=False)
+    #: Its C{close} event has been queued: nothing may follow.
+    ended: bool = attr.ib(default=False)
+
+    def describe(self) -> Dict[str, str]:
+        """
+        This connection as C{/list} shows it.
+        """
+        agent = self.user_agent
+        return {
+            "id": self.conn_id,
+            "token": self.token,
+            "userAgent": agent,
+            "userAgentTag": hashlib.md5(agent.encode("utf-8")).hexdigest() if agent else "",
+            "remoteAddr": self.remote_addr,
+        }
+
+
+def _add(index: Dict[str, Dict[str, Connection]], key: str, conn: Connection) -> None:
+    bucket = index.get(key)
+    if bucket is None:
+        index[key] = {conn.conn_id: conn}
+    else:
+        bucket[conn.conn_id] = conn
+
+
+def _discard(index: Dict[str, Dict[str, Connection]], key: str, conn_id: str) -> None:
+    bucket = index.get(key)
+    if bucket is not None:
+        bucket.pop(conn_id, None)
+        if not bucket:
+            del index[key]
+
+
+@attr.s(slots=True)
+class Registry:
+    """
+    Open connections by conn id, by user name and by token.
+
+    Each index maps to a dict keyed by conn id, so iteration follows the
+    order connections opened and removal is constant time.
+    """
+
+    _by_id: Dict[str, Connection] = attr.ib(factory=dict)
+    _by_user: Dict[str, Dict[str, Connection]] = attr.ib(factory=dict)
+    _by_token: Dict[str, Dict[str, Connection]] = attr.ib(factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self):
+        return iter(list(self._by_id.values()))
+
+    def add(self, conn: Connection) -> None:
+        if conn.conn_id in self._by_id:
+            raise ValueError(f"duplicate conn id {conn.conn_id}")
+        self._by_id[conn.conn_id] = conn
+        _add(self._by_user, conn.user_name, conn)
+        _add(self._by_token, conn.token, conn)
+
+    def remove(self, conn: Connection) -> bool:
+        """
+        Forget C{conn}; L{True} if it was registered.
+        """
+        if self._by_id.pop(conn.conn_id, None) is None:
+            return False
+        _discard(self._by_user, conn.user_name, conn.conn_id)
+        _discard(self._by_token, conn.token, conn.conn_id)
+        return True
+
+    def get(self, conn_id: str) -> Optional[Connection]:
+        return self._by_id.get(conn_id)
+
+    def select(
+        self,
+        conn_ids: Sequence[str] = (),
+        users: Sequence[str] = (),
+        tokens: Sequence[str] = (),
+        access: AccessType = AccessType.ALL,
+    ) -> List[Connection]:
+        """
+        The connections that match every given criterion (the intersection
+        rule of the original gateway).  Empty criteria are absent; with no
+        criterion at all nothing matches.
+
+        C{access} narrows the C{users} criterion to private or public
+        connections, as C{users_access_type} does in the original.
+        """
+        candidates: List[Iterable[Connection]] = []
+        if conn_ids:
+            candidates.append(
+                [c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None]
+            )
+        if users:
+            candidates.append(self._union(self._by_user, users))
+        if tokens:
+            candidates.append(self._union(self._by_token, tokens))
+        if not candidates:
+            return []
+        candidates = [list(c) for c in candidates]
+        candidates.sort(key=len)
+        smallest, others = candidates[0], candidates[1:]
+        other_ids = [{c.conn_id for c in group} for group in others]
+        narrow = bool(users) and access is not AccessType.ALL
+        return [
+            conn
+            for conn in smallest
+            if all(conn.conn_id in ids for ids in other_ids)
+            and not (narrow and not _access_allows(access, conn))
+        ]
+
+    @staticmethod
+    def _union(index: Dict[str, Dict[str, Connection]], keys: Sequence[str]) -> List[Connection]:
+        found: Dict[str, Connection] = {}
+        for key in dict.fromkeys(keys):
+            bucket = index.get(key)
+            if bucket:
+                found.update(bucket)
+        return list(found.values())
+
+    def listing(self) -> List[Dict[str, Any]]:
+        """
+        The C{/list} answer: one entry per user name with open connections.
+        """
+        entries = []
+        for name, bucket in self._by_user.items():
+            private = [c.describe() for c in bucket.values() if not c.access_public]
+            public = [c.describe() for c in bucket.values() if c.access_public]
+            entries.append(
+                {
+                    "name": name,
+                    "conns": private,
+                    "conns_number": len(private),
+                    "public_conns": public,
+                    "public_conns_number": len(public),
+                }
+            )
+        return entries
+
+
+def _access_allows(access: AccessType, conn: Connection) -> bool:
+    if access is AccessType.PRIVATE:
+        return not conn.access_public
+    if access is AccessType.PUBLIC:
+        return conn.access_public
+    return True

@@ -1,0 +1,160 @@
+"""
+Wiring: a gateway from a L{Config}, the web resource that serves it, and
+the Twisted service that listens, runs the heartbeat and shuts down cleanly.
+
+These three functions are the embedding API: an application with its own
+C{Site} mounts L{make_resource}; one with its own C{MultiService} adds
+L{make_service}.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attr
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from .api import JsonTree, conn_api, error_response
+from .appclient import AppClient, build_http_client
+from .config import Config
+from .forwarder import AppForwarder
+from .gateway import Gateway
+from .websocket import GatewayFactory
+
+log = Logger()
+
+
+def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
+    """
+    A L{Gateway} (with its WebSocket factory as C{gateway.factory}) that
+    forwards to C{config.app_url} through C{http_client} (a treq
+    C{HTTPClient}; by default one with a persistent pool).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = GatewayFactory(
+        reactor=reactor,
+        user_header=config.user_header,
+        max_message_size=config.max_message_size,
+        handshake_timeout=config.handshake_timeout,
+    )
+    post = None
+    if config.app_url:
+        if http_client is None:
+            http_client = build_http_client(reactor, config.max_in_flight)
+        post = AppClient(http_client, config.app_url, config.app_timeout)
+    forwarder = AppForwarder(
+        clock=reactor,
+        post=post,
+        max_in_flight=config.max_in_flight,
+        max_backlog=config.max_backlog,
+        retry_window=config.retry_window,
+    )
+    gateway = Gateway(
+        clock=reactor,
+        forwarder=forwarder,
+        ping_timeout=config.ping_timeout,
+        prepare=factory.prepare_text,
+    )
+    factory.gateway = gateway
+    gateway.factory = factory
+    return gateway
+
+
+class WebSocketEntry(Resource):
+    """
+    C{/ws}: WebSocket upgrades go to Autobahn; anything else is told, in
+    JSON, to upgrade (426).
+    """
+
+    isLeaf = True
+
+    def __init__(self, factory: GatewayFactory):
+        super().__init__()
+        self._websocket = WebSocketResource(factory)
+
+    def render(self, request):
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setHeader(b"Upgrade", b"websocket")
+            return error_response(request, 426, "this path takes WebSocket connections only; send Upgrade: websocket")
+        return self._websocket.render(request)
+
+
+def make_resource(gateway: Gateway, config: Config = Config()) -> Resource:
+    """
+    A resource serving C{ws} (the WebSocket) and C{tapr/ws/conn/...} (the
+    API) below wherever it is mounted.
+    """
+    root = JsonTree()
+    root.putChild(b"ws", WebSocketEntry(gateway.factory))
+    tapr = JsonTree()
+    ws = JsonTree()
+    tapr.putChild(b"ws", ws)
+    ws.putChild(b"conn", conn_api(gateway, config.max_api_body))
+    root.putChild(b"tapr", tapr)
+    return root
+
+
+class QuietSite(Site):
+    """
+    A C{Site} that does not write an access-log line per request: at
+    thousands of API calls a second that line costs more than the call.
+    """
+
+    def log(self, request):
+        pass
+
+
+@attr.s(eq=False)
+class GatewayService(Service):
+    """
+    Runs the heartbeat sweep and, on stop, closes every client with 1001
+    and waits (bounded) for their C{close} events to reach the app.
+    """
+
+    gateway: Gateway = attr.ib()
+    check_interval: float = attr.ib()
+    drain_timeout: float = attr.ib()
+    clock = attr.ib()
+    _sweep: Optional[LoopingCall] = attr.ib(default=None, init=False)
+
+    def startService(self):
+        super().startService()
+        self._sweep = LoopingCall(self.gateway.expire_silent)
+        self._sweep.clock = self.clock
+        self._sweep.start(self.check_interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        return self.gateway.shut_down(self.drain_timeout)
+
+
+def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None) -> MultiService:
+    """
+    A service that listens on every C{config.listen} endpoint and runs the
+    gateway; stopping it stops accepting, then drains.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    if gateway is None:
+        gateway = make_gateway(config, reactor)
+    top = MultiService()
+    top.gateway = gateway
+    GatewayService(gateway, config.ping_check_interval, config.drain_timeout, reactor).setServiceParent(top)
+    site = QuietSite(make_resource(gateway, config))
+    # Listeners come after the gateway: MultiService stops children in
+    # reverse order, so they stop accepting before clients are closed.
+    # strports services fail the start when they cannot listen, so
+    # `twist wsgw` exits instead of running deaf.
+    for description in config.listen:
+        strports.service(description, site, reactor=reactor).setServiceParent(top)
+    return top

@@ -1,0 +1,120 @@
+"""
+The C{twist wsgw} command line: options (each also read from a
+C{WSGW_<NAME>} environment variable) and the service they make.
+
+Precedence, highest first: the command line, C{WSGW_*} variables, the
+Olares C{WS_PORT}/C{WS_URL} pair (for the app URL only), the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Mapping, Tuple
+
+from twisted.python import usage
+
+from .config import Config, app_url_from_olares_env
+from .service import make_service
+
+_DEFAULTS = Config()
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+# option name → (Config field, parser, help)
+_SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
+    "app-url": (
+        "app_url",
+        str,
+        "URL that receives open/message/close events as POSTs "
+        "(default: http://127.0.0.1:$WS_PORT$WS_URL when WS_PORT is set, else forward nothing)",
+    ),
+    "ping-timeout": ("ping_timeout", _positive_float, "close a connection silent this many seconds"),
+    "ping-check-interval": ("ping_check_interval", _positive_float, "seconds between heartbeat sweeps"),
+    "app-timeout": ("app_timeout", _positive_float, "seconds before one POST to the app is abandoned (and retried)"),
+    "retry-window": ("retry_window", _positive_float, "seconds to keep retrying an event the app failed"),
+    "max-in-flight": ("max_in_flight", _positive_int, "event POSTs in flight at once, all connections"),
+    "max-backlog": ("max_backlog", _positive_int, "events queued per connection before reading from it pauses"),
+    "max-message-size": ("max_message_size", _positive_int, "largest client message in bytes (larger: close 1009)"),
+    "max-api-body": ("max_api_body", _positive_int, "largest API request body in bytes (larger: 413)"),
+    "handshake-timeout": ("handshake_timeout", _positive_float, "seconds a client has to finish the WebSocket handshake"),
+    "drain-timeout": ("drain_timeout", _positive_float, "seconds to deliver close events on shutdown"),
+    "user-header": ("user_header", str, "request header with the user's name"),
+}
+
+
+def env_name(option: str) -> str:
+    return "WSGW_" + option.upper().replace("-", "_")
+
+
+class Options(usage.Options):
+    """
+    Parses and validates; L{makeService} does the wiring.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "wsgw holds WebSocket clients at /ws, forwards their open/message/close events "
+        "to an app over HTTP, and serves the app's API at /tapr/ws/conn/{send,close,list}. "
+        "Every option can also be set from the environment as WSGW_<OPTION> "
+        "(e.g. WSGW_PING_TIMEOUT=60; WSGW_LISTEN takes endpoints separated by spaces)."
+    )
+    optParameters = [
+        [
+            name,
+            None,
+            None,
+            text
+            + ("" if getattr(_DEFAULTS, field) is None else f" [default: {getattr(_DEFAULTS, field)}]")
+            + f" (env {env_name(name)})",
+        ]
+        for name, (field, _parse, text) in _SETTINGS.items()
+    ]
+
+    def __init__(self, environ: Mapping[str, str] = os.environ):
+        super().__init__()
+        self.environ = environ
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Twisted server endpoint to serve /ws and the API on, e.g. tcp:40010,
+        tcp:40010:interface=127.0.0.1, ssl:443:privateKey=key.pem, unix:/run/wsgw.sock,
+        systemd:domain=INET:index=0; repeatable [default: tcp:40010] (env WSGW_LISTEN)
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        settings = {}
+        listen = self["listen"] or self.environ.get(env_name("listen"), "").split()
+        if listen:
+            settings["listen"] = tuple(listen)
+        for name, (field, parse, _text) in _SETTINGS.items():
+            raw = self[name]
+            if raw is None:
+                raw = self.environ.get(env_name(name)) or None
+            if raw is None:
+                continue
+            try:
+                settings[field] = parse(raw)
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}={raw!r}: {e}")
+        if "app_url" not in settings:
+            settings["app_url"] = app_url_from_olares_env(self.environ)
+        self.config = Config(**settings)
+
+
+def makeService(options: Options, reactor=None):
+    return make_service(options.config, reactor=reactor)
