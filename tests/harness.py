@@ -77,7 +77,8 @@ def _fired(value):
 class RecordingApp(Resource):
     """
     The app: records each event POST with its headers.  C{behaviour(event)}
-    returns C{(status, delay_seconds)} for an answer.
+    returns C{(status, delay)} for an answer; C{delay} is seconds or a
+    L{Deferred} to answer when it fires.
     """
 
     isLeaf = True
@@ -106,7 +107,10 @@ class RecordingApp(Resource):
                 request.finish()
             self.waiters.check()
 
-        reactor.callLater(delay, answer)
+        if isinstance(delay, Deferred):
+            delay.addCallback(lambda _: answer())
+        else:
+            reactor.callLater(delay, answer)
         return NOT_DONE_YET
 
     def of(self, conn_id):

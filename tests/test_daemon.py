@@ -10,6 +10,7 @@ import uuid
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.defer import Deferred
 
 from harness import node_client, py_client, start_app, start_daemon
 
@@ -175,7 +176,8 @@ async def test_silent_client_is_closed_with_code_and_close_event(app, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_slow_app_does_not_stall_others(app, daemon):
     """One connection's events hang at the app; another's flow, pongs and the API answer."""
-    app.behaviour = lambda event: (200, 30 if event["data"] == {"event": "slow"} else 0)
+    release = Deferred()
+    app.behaviour = lambda event: (200, release if event["data"] == {"event": "slow"} else 0)
     slow = await py_client(daemon.ws_url, {"X-Bfl-User": "slow"})
     fast = await py_client(daemon.ws_url, {"X-Bfl-User": "fast"})
     await app.wait_for(lambda: len(app.events) >= 2, "two opens")
@@ -189,6 +191,7 @@ async def test_slow_app_does_not_stall_others(app, daemon):
     assert await slow.next_message() == '{"event":"pong"}'
     status, _ = await api(daemon, "list")
     assert status == 200
+    release.callback(None)
     for client in (slow, fast):
         client.dropConnection(abort=True)
 

@@ -13,8 +13,9 @@ from typing import Optional
 
 import attr
 from autobahn.twisted.resource import WebSocketResource
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -113,6 +114,41 @@ class QuietSite(Site):
 
 
 @attr.s(eq=False)
+class ListenerService(Service):
+    """
+    Listens on one endpoint while running.  C{ready} fires with the
+    listening port, so callers (tests, readiness notification) can learn
+    the address of a C{tcp:0} listener.  Failing to listen fails the start,
+    so `twist wsgw` exits instead of running deaf.
+    """
+
+    description: str = attr.ib()
+    factory = attr.ib()
+    reactor = attr.ib()
+    ready: Deferred = attr.ib(factory=Deferred, init=False)
+    port = attr.ib(default=None, init=False)
+
+    def startService(self):
+        super().startService()
+        endpoint = serverFromString(self.reactor, self.description)
+        failure = []
+        d = endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failure.append)
+        if failure:
+            failure[0].raiseException()
+
+    def _listening(self, port):
+        self.port = port
+        self.ready.callback(port)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+@attr.s(eq=False)
 class GatewayService(Service):
     """
     Runs the heartbeat sweep and, on stop, closes every client with 1001
@@ -142,6 +178,9 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     """
     A service that listens on every C{config.listen} endpoint and runs the
     gateway; stopping it stops accepting, then drains.
+
+    Its C{gateway} attribute is the L{Gateway}; its C{listening} attribute
+    a L{Deferred} that fires with the listening ports once all are up.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -153,8 +192,9 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     site = QuietSite(make_resource(gateway, config))
     # Listeners come after the gateway: MultiService stops children in
     # reverse order, so they stop accepting before clients are closed.
-    # strports services fail the start when they cannot listen, so
-    # `twist wsgw` exits instead of running deaf.
-    for description in config.listen:
-        strports.service(description, site, reactor=reactor).setServiceParent(top)
+    listeners = [ListenerService(description, site, reactor) for description in config.listen]
+    for listener in listeners:
+        listener.setServiceParent(top)
+    top.listening = DeferredList([listener.ready for listener in listeners], fireOnOneErrback=True)
+    top.listening.addCallback(lambda results: [port for _ok, port in results])
     return top

@@ -92,6 +92,9 @@ class GatewayFactory(WebSocketServerFactory):
             openHandshakeTimeout=handshake_timeout,
             closeHandshakeTimeout=2.0,
             autoPingInterval=0,
+            # Tell a misbehaving client why (1009 too big, 1007 bad UTF-8,
+            # 1002 protocol error) instead of silently dropping it.
+            failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
 

@@ -1,0 +1,54 @@
+"""
+One POST attempt: what the app receives, and how its answers are judged.
+"""
+
+import json
+
+import pytest
+from treq.testing import StubTreq
+from twisted.web.resource import Resource
+
+from wsgw.appclient import AppClient, AppRejected, AppUnavailable
+
+
+class App(Resource):
+    isLeaf = True
+
+    def __init__(self, status):
+        super().__init__()
+        self.status = status
+        self.seen = []
+
+    def render_POST(self, request):
+        self.seen.append((request.path, request.requestHeaders, request.content.read()))
+        request.setResponseCode(self.status)
+        return b"ignored"
+
+
+def attempt(status):
+    app = App(status)
+    stub = StubTreq(app)
+    client = AppClient(stub, "http://127.0.0.1:8888/ws/message")
+    d = client(b'{"action":"open"}', {b"Content-Type": [b"application/json"], b"Cookie": [b"auth_token=a"]})
+    stub.flush()
+    return app, d
+
+
+def test_event_posted_with_headers_and_body():
+    app, d = attempt(200)
+    assert d.result == 200
+    [(path, headers, body)] = app.seen
+    assert path == b"/ws/message"
+    assert json.loads(body) == {"action": "open"}
+    assert headers.getRawHeaders(b"cookie") == [b"auth_token=a"]
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"]
+
+
+@pytest.mark.parametrize("status, error", [(500, AppUnavailable), (503, AppUnavailable), (429, AppUnavailable),
+                                           (408, AppUnavailable), (400, AppRejected), (404, AppRejected)])
+def test_failure_kinds(status, error):
+    _, d = attempt(status)
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(error)
+    assert str(status) in failure.getErrorMessage()

@@ -1,0 +1,111 @@
+"""
+The WebSocket protocol, in memory: an Autobahn client talks to the
+gateway's protocol over iosim transports, no sockets.
+"""
+
+import json
+
+import pytest
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.test.iosim import FakeTransport, connect
+
+from fakes import FakeApp
+from wsgw.config import Config
+from wsgw.service import make_gateway
+
+
+class Client(WebSocketClientProtocol):
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.close_info = None
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.close_info = (code, reason)
+
+
+def pair(gateway, headers=None, protocols=None):
+    server = gateway.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+    client_factory = WebSocketClientFactory("ws://127.0.0.1:40010/ws", headers=headers or {}, protocols=protocols)
+    client = Client()
+    client.factory = client_factory
+    pump = connect(
+        server,
+        FakeTransport(server, isServer=True, peerAddress=IPv4Address("TCP", "10.1.2.3", 5555)),
+        client,
+        FakeTransport(client, isServer=False),
+    )
+    return server, client, pump
+
+
+@pytest.fixture
+def app():
+    return FakeApp()
+
+
+@pytest.fixture
+def gateway(app):
+    gw = make_gateway(Config(max_message_size=1000), http_client=None)
+    gw.forwarder.post = app
+    return gw
+
+
+def test_handshake_identifies_and_forwards_open(gateway, app):
+    server, client, pump = pair(gateway, {"X-Bfl-User": "alice", "Cookie": "auth_token=abc"})
+    pump.flush()
+    [(event, headers, _)] = app.attempts
+    assert event["action"] == "open"
+    assert (event["user_name"], event["token"], event["access_public"]) == ("alice", "abc", False)
+    assert event["remote_addr"] == "10.1.2.3"
+    assert headers[b"Cookie"] == [b"auth_token=abc"]
+    assert gateway.registry.get(event["conn_id"]) is server.conn
+
+
+def test_ping_pong_bytes_and_message_forwarding(gateway, app):
+    server, client, pump = pair(gateway)
+    pump.flush()
+    client.sendMessage(b'{"event":"ping","data":{}}')
+    client.sendMessage(b'{"event":"hello","data":{"x":1}}')
+    pump.flush()
+    assert client.received == [b'{"event":"pong"}']
+    app.answer_all()
+    assert [e["data"] for e, _, _ in app.attempts] == [{}, {"event": "hello", "data": {"x": 1}}]
+
+
+def test_one_of_several_subprotocols_is_selected(gateway):
+    server, client, pump = pair(gateway, protocols=["v2.chat", "v1.chat"])
+    pump.flush()
+    assert client.websocket_protocol_in_use == "v2.chat"
+
+
+def test_oversized_message_closes_with_1009_and_close_event(gateway, app):
+    server, client, pump = pair(gateway)
+    pump.flush()
+    client.sendMessage(b'"' + b"x" * 2000 + b'"')
+    pump.flush()
+    assert client.close_info[0] == 1009
+    app.answer_all()
+    assert [e["action"] for e, _, _ in app.attempts] == ["open", "close"]
+    assert len(gateway.registry) == 0
+
+
+def test_send_through_gateway_reaches_client(gateway, app):
+    server, client, pump = pair(gateway, {"X-Bfl-User": "bob"})
+    pump.flush()
+    assert gateway.send(json.dumps({"hi": 1}).encode(), users=["bob"]) == 1
+    pump.flush()
+    assert client.received == [b'{"hi": 1}']
+
+
+def test_pausing_stops_reading(gateway):
+    server = gateway.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+    server.makeConnection(StringTransport())
+    server.pause_reading()
+    assert server.transport.producerState == "paused"
+    server.resume_reading()
+    assert server.transport.producerState == "producing"
