@@ -97,8 +97,8 @@ class RecordingApp(Resource):
             self.events.append(event)
             self.headers.append({k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()})
         request.setResponseCode(status)
+        self.waiters.check()
         if not delay:
-            self.waiters.check()
             return b"{}"
 
         def answer():
@@ -158,8 +158,7 @@ class DaemonProtocol(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason):
-        # "exit 0" or "ended by signal N" (twist re-raises the signal that
-        # stopped it once the service has shut down, as daemons do).
+        # (exit code, None) or (None, the signal that killed it)
         self.status = (reason.value.exitCode, reason.value.signal)
         self.ended.callback(self.status)
 
@@ -340,3 +339,89 @@ def ensure_node_modules():
     """Install the Node `ws` library the tests use, once."""
     if not (NODE_DIR / "node_modules" / "ws").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)
+
+
+class AppProcessProtocol(ProcessProtocol):
+    def __init__(self, sink):
+        self.sink = sink
+        self.buffer = b""
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.buffer += data
+        *complete, self.buffer = self.buffer.split(b"\n")
+        for line in complete:
+            self.sink.received(json.loads(line))
+
+    def errReceived(self, data):
+        sys.stderr.write(data.decode("utf-8", "replace"))
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
+class AppProcess:
+    """
+    The app as a separate process (tests/app_server.py) that can be killed
+    and started again on the same port; events it accepted survive here.
+    """
+
+    def __init__(self):
+        self.events = []  # (event id, event)
+        self.port = None
+        self.process = None
+        self.proto = None
+        self.waiters = Waiters()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/ws/message"
+
+    def received(self, item):
+        if "listening" in item:
+            self.port = item["listening"]
+        else:
+            self.events.append((item["id"], item["event"]))
+        self.waiters.check()
+
+    async def start(self, *args, port=0):
+        self.proto = AppProcessProtocol(self)
+        self.port = None
+        argv = [sys.executable, str(Path(__file__).parent / "app_server.py"), str(port), *args]
+        self.process = reactor.spawnProcess(self.proto, sys.executable, argv, env=dict(os.environ))
+        await self.waiters.wait(lambda: self.port, "the app to listen")
+        return self
+
+    async def kill(self):
+        self.process.signalProcess("KILL")
+        await bounded(self.proto.ended, what="the app to die")
+
+    def wait_for(self, predicate, what, seconds=WAIT):
+        return self.waiters.wait(predicate, what, seconds)
+
+    def unique(self):
+        """Accepted events, first delivery of each event id only, in order."""
+        seen, result = set(), []
+        for event_id, event in self.events:
+            if event_id not in seen:
+                seen.add(event_id)
+                result.append(event)
+        return result
+
+
+def rss_kib(pid):
+    """Resident memory of process C{pid} in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def free_port():
+    """A loopback port nothing listens on (for an app that is down)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

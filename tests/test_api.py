@@ -11,7 +11,7 @@ from treq.testing import StubTreq
 from fakes import FakeApp, make_gateway, open_conn
 from wsgw.config import Config
 from wsgw.gateway import CLOSE_BY_APP
-from wsgw.service import make_resource
+from wsgw.web import make_resource
 
 BASE = "http://127.0.0.1:40010/tapr/ws/conn/"
 

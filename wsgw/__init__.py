@@ -13,7 +13,8 @@ The public surface, for embedding in an existing Twisted application:
 
 from .config import Config
 from .gateway import Gateway
-from .service import make_gateway, make_resource, make_service
+from .service import make_gateway, make_service
+from .web import make_resource
 
 __all__ = ["Config", "Gateway", "make_gateway", "make_resource", "make_service"]
 __version__ = "0.1.0"

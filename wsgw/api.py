@@ -45,6 +45,8 @@ def _refuse_constant(name: str):
 
 
 def read_json_object(request, max_body: int) -> Dict[str, Any]:
+    if getattr(request, "too_large", False):
+        raise ApiError(413, f"request body is over the limit of {max_body} bytes")
     content = request.content
     content.seek(0, 2)
     size = content.tell()

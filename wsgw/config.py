@@ -53,6 +53,14 @@ class Config:
     #: Events waiting for the app, per connection, before the gateway
     #: stops reading from that client.
     max_backlog: int = attr.ib(default=1000)
+    #: The same bound in bytes of event bodies.
+    max_backlog_bytes: int = attr.ib(default=4 * 1024 * 1024)
+    #: Bytes that may wait for a client that does not read, beyond the
+    #: socket's own buffer, before the gateway drops the connection.
+    max_outgoing: int = attr.ib(default=1024 * 1024)
+    #: Open connections allowed in total and per user name (0: no limit).
+    max_connections: int = attr.ib(default=50_000)
+    max_connections_per_user: int = attr.ib(default=1_000)
     #: Largest WebSocket message accepted from a client.
     max_message_size: int = attr.ib(default=1024 * 1024)
     #: Largest body accepted by the HTTP API (the original allows 4 MiB).

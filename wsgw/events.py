@@ -64,6 +64,18 @@ def open_extra(conn: Connection) -> bytes:
 BINARY_EXTRA = b',"binary":true'
 
 
+def close_extra(code, reason: str) -> bytes:
+    """
+    Fields beyond the original's that a C{close} event carries: the
+    WebSocket close code and reason (1006 when the connection just dropped).
+    """
+    return b"," + json.dumps(
+        {"close_code": code if code is not None else 1006, "close_reason": reason},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")[1:-1]
+
+
 def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, bytes]:
     """
     Decide what a client's frame is.

@@ -66,6 +66,8 @@ class EventStream:
 
     conn_id: str = attr.ib()
     pending: Deque[Event] = attr.ib(factory=deque)
+    #: Bytes of the bodies in C{pending}.
+    size: int = attr.ib(default=0)
     #: The gateway stopped reading from the client because of this backlog.
     throttled: bool = attr.ib(default=False)
 
@@ -82,15 +84,16 @@ class AppForwarder:
     failure for one worth retrying.
 
     C{throttle(conn_id, paused)} is told when a connection's backlog
-    reaches C{max_backlog} (C{paused=True}) and when it has fallen to half
-    of that again (C{paused=False}), so the caller can stop reading from
-    that client meanwhile.
+    reaches C{max_backlog} events or C{max_backlog_bytes} (C{paused=True})
+    and when it has fallen to half of both again (C{paused=False}), so the
+    caller can stop reading from that client meanwhile.
     """
 
     clock: IReactorTime = attr.ib()
     post: Optional[Callable[[bytes, Dict[bytes, bytes]], Deferred]] = attr.ib()
     max_in_flight: int = attr.ib(default=64)
     max_backlog: int = attr.ib(default=1000)
+    max_backlog_bytes: int = attr.ib(default=4 * 1024 * 1024)
     retry_window: float = attr.ib(default=60.0)
     backoff: Backoff = attr.ib(factory=Backoff)
     throttle: Callable[[str, bool], None] = attr.ib(default=lambda conn_id, paused: None)
@@ -133,11 +136,15 @@ class AppForwarder:
         if stream is None:
             stream = self._streams[conn_id] = EventStream(conn_id)
             stream.pending.append(event)
+            stream.size = len(event[0])
             self._ready.append(stream)
             self._pump()
             return
         stream.pending.append(event)
-        if not stream.throttled and len(stream.pending) >= self.max_backlog:
+        stream.size += len(event[0])
+        if not stream.throttled and (
+            len(stream.pending) >= self.max_backlog or stream.size >= self.max_backlog_bytes
+        ):
             stream.throttled = True
             log.info(
                 "app backlog of {conn_id} reached {backlog}; pausing the client",
@@ -197,9 +204,14 @@ class AppForwarder:
         self.clock.callLater(delay, self._attempt, stream, first_try, attempt + 1)
 
     def _finish_head(self, stream: EventStream) -> None:
-        stream.pending.popleft()
+        body, _headers = stream.pending.popleft()
+        stream.size -= len(body)
         self._in_flight -= 1
-        if stream.throttled and len(stream.pending) <= self.max_backlog // 2:
+        if (
+            stream.throttled
+            and len(stream.pending) <= self.max_backlog // 2
+            and stream.size <= self.max_backlog_bytes // 2
+        ):
             stream.throttled = False
             self.throttle(stream.conn_id, False)
         if stream.pending:

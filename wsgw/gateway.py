@@ -29,6 +29,8 @@ log = Logger()
 CLOSE_BY_APP = (4000, "closed by app")
 CLOSE_PING_TIMEOUT = (4001, "ping timeout")
 CLOSE_GOING_AWAY = (1001, "going away")
+#: Not sent (the client is not reading): reported to the app in the close event.
+CLOSE_TOO_SLOW = (4002, "client too slow")
 
 _JSON_HEADERS = [b"application/json"]
 
@@ -92,7 +94,7 @@ class Gateway:
         if conn.ended or self._live.get(conn.conn_id) is not conn:
             return
         self.registry.remove(conn)
-        self._forward(conn, b"close", events.EMPTY_OBJECT, b"")
+        self._forward(conn, b"close", events.EMPTY_OBJECT, events.close_extra(code, reason))
         conn.ended = True
         conn.channel = None
         del self._live[conn.conn_id]
@@ -150,9 +152,16 @@ class Gateway:
         """
         if conn.closing or conn.ended:
             return
+        self.forget(conn)
+        conn.channel.close_with(code, reason)
+
+    def forget(self, conn: Connection) -> None:
+        """
+        Take C{conn} out of the indexes because it is being closed: no send,
+        close or list sees it any more.  Its C{close} event still follows.
+        """
         conn.closing = True
         self.registry.remove(conn)
-        conn.channel.close_with(code, reason)
 
     def expire_silent(self) -> int:
         """

@@ -117,6 +117,9 @@ class Registry:
         _discard(self._by_token, conn.token, conn.conn_id)
         return True
 
+    def count_user(self, user_name: str) -> int:
+        return len(self._by_user.get(user_name, ()))
+
     def get(self, conn_id: str) -> Optional[Connection]:
         return self._by_id.get(conn_id)
 

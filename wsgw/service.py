@@ -12,20 +12,16 @@ from __future__ import annotations
 from typing import Optional
 
 import attr
-from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-
-from .api import JsonTree, conn_api, error_response
 from .appclient import AppClient, build_http_client
 from .config import Config
 from .forwarder import AppForwarder
 from .gateway import Gateway
+from .web import GatewaySite, make_resource
 from .websocket import GatewayFactory
 
 log = Logger()
@@ -43,6 +39,7 @@ def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
         reactor=reactor,
         user_header=config.user_header,
         max_message_size=config.max_message_size,
+        max_outgoing=config.max_outgoing,
         handshake_timeout=config.handshake_timeout,
     )
     post = None
@@ -55,6 +52,7 @@ def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
         post=post,
         max_in_flight=config.max_in_flight,
         max_backlog=config.max_backlog,
+        max_backlog_bytes=config.max_backlog_bytes,
         retry_window=config.retry_window,
     )
     gateway = Gateway(
@@ -66,51 +64,6 @@ def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
     factory.gateway = gateway
     gateway.factory = factory
     return gateway
-
-
-class WebSocketEntry(Resource):
-    """
-    C{/ws}: WebSocket upgrades go to Autobahn; anything else is told, in
-    JSON, to upgrade (426).
-    """
-
-    isLeaf = True
-
-    def __init__(self, factory: GatewayFactory):
-        super().__init__()
-        self._websocket = WebSocketResource(factory)
-
-    def render(self, request):
-        upgrade = (request.getHeader(b"upgrade") or b"").lower()
-        if upgrade != b"websocket":
-            request.setHeader(b"Upgrade", b"websocket")
-            return error_response(request, 426, "this path takes WebSocket connections only; send Upgrade: websocket")
-        return self._websocket.render(request)
-
-
-def make_resource(gateway: Gateway, config: Config = Config()) -> Resource:
-    """
-    A resource serving C{ws} (the WebSocket) and C{tapr/ws/conn/...} (the
-    API) below wherever it is mounted.
-    """
-    root = JsonTree()
-    root.putChild(b"ws", WebSocketEntry(gateway.factory))
-    tapr = JsonTree()
-    ws = JsonTree()
-    tapr.putChild(b"ws", ws)
-    ws.putChild(b"conn", conn_api(gateway, config.max_api_body))
-    root.putChild(b"tapr", tapr)
-    return root
-
-
-class QuietSite(Site):
-    """
-    A C{Site} that does not write an access-log line per request: at
-    thousands of API calls a second that line costs more than the call.
-    """
-
-    def log(self, request):
-        pass
 
 
 @attr.s(eq=False)
@@ -189,7 +142,7 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     top = MultiService()
     top.gateway = gateway
     GatewayService(gateway, config.ping_check_interval, config.drain_timeout, reactor).setServiceParent(top)
-    site = QuietSite(make_resource(gateway, config))
+    site = GatewaySite(make_resource(gateway, config), config, reactor=reactor)
     # Listeners come after the gateway: MultiService stops children in
     # reverse order, so they stop accepting before clients are closed.
     listeners = [ListenerService(description, site, reactor) for description in config.listen]

@@ -9,8 +9,11 @@ Olares C{WS_PORT}/C{WS_URL} pair (for the app URL only), the defaults.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable, Dict, Mapping, Tuple
 
+from twisted.application.service import Service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import Config, app_url_from_olares_env
@@ -33,6 +36,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 # option name → (Config field, parser, help)
 _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "app-url": (
@@ -47,6 +57,10 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "retry-window": ("retry_window", _positive_float, "seconds to keep retrying an event the app failed"),
     "max-in-flight": ("max_in_flight", _positive_int, "event POSTs in flight at once, all connections"),
     "max-backlog": ("max_backlog", _positive_int, "events queued per connection before reading from it pauses"),
+    "max-backlog-bytes": ("max_backlog_bytes", _positive_int, "bytes of events queued per connection before reading from it pauses"),
+    "max-outgoing": ("max_outgoing", _positive_int, "bytes waiting for a client that does not read before it is dropped"),
+    "max-connections": ("max_connections", _non_negative_int, "open connections in total (0: no limit; more: 503 at the handshake)"),
+    "max-connections-per-user": ("max_connections_per_user", _non_negative_int, "open connections per user name (0: no limit; more: 429 at the handshake)"),
     "max-message-size": ("max_message_size", _positive_int, "largest client message in bytes (larger: close 1009)"),
     "max-api-body": ("max_api_body", _positive_int, "largest API request body in bytes (larger: 413)"),
     "handshake-timeout": ("handshake_timeout", _positive_float, "seconds a client has to finish the WebSocket handshake"),
@@ -116,5 +130,42 @@ class Options(usage.Options):
         self.config = Config(**settings)
 
 
+log = Logger()
+
+
+class StopOnSignal(Service):
+    """
+    Treats SIGTERM and SIGINT as a requested stop: the reactor stops (the
+    gateway drains) and the process exits 0.  Left alone, `twist` ends a
+    process stopped by a signal by raising that signal again once the
+    reactor stops, which reports a clean, complete drain as a kill.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.stopping = False
+
+    def startService(self):
+        super().startService()
+        # `twist` starts services before the reactor installs its own
+        # handlers; take over once it has.
+        self.reactor.callWhenRunning(self._install)
+
+    def _install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._received)
+
+    def _received(self, signum, frame):
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("received {signal}; closing connections and draining", signal=signal.Signals(signum).name)
+        self.reactor.callFromThread(self.reactor.stop)
+
+
 def makeService(options: Options, reactor=None):
-    return make_service(options.config, reactor=reactor)
+    if reactor is None:
+        from twisted.internet import reactor
+    service = make_service(options.config, reactor=reactor)
+    StopOnSignal(reactor).setServiceParent(service)
+    return service

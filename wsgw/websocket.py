@@ -3,25 +3,47 @@ The client side: Autobahn's WebSocket protocol and factory for C{/ws}.
 
 The protocol stays thin: it turns Autobahn's callbacks into calls on the
 L{Gateway} and offers the gateway a small channel to send, close and pause.
+It also bounds what waits in memory for a client that does not read.
 """
 
 from __future__ import annotations
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.logger import Logger
+from typing import Optional, Tuple
 
-from .gateway import Gateway
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .gateway import CLOSE_TOO_SLOW, Gateway
 from .identity import identify
 
 _log = Logger()
 
 
+@implementer(IPushProducer)
 class GatewayProtocol(WebSocketServerProtocol):
     """
     One client connection at C{/ws}.
+
+    It registers itself as the producer of its transport, so the transport
+    tells it when its write buffer is full (the client is not reading).
+    From then until the buffer drains, frames still sent are counted; past
+    the factory's C{max_outgoing} bytes the connection is aborted rather
+    than buffering without limit.
     """
 
     conn = None
+    #: Bytes written while the transport said its buffer was full.
+    _backlog_bytes: Optional[int] = None
+    #: (code, reason) when the gateway closed this connection.
+    _closed_by_gateway: Optional[Tuple[int, str]] = None
+    _aborted = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        if self.transport is not None:
+            self.transport.registerProducer(self, True)
 
     def onConnect(self, request):
         try:
@@ -41,16 +63,58 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.factory.gateway.received(self.conn, payload, isBinary)
 
     def onClose(self, wasClean, code, reason):
-        if self.conn is not None:
-            self.factory.gateway.closed(self.conn, code, reason or "")
+        if self.conn is None:
+            return
+        # Report the code of whoever closed first: Autobahn passes the
+        # peer's, which for a close we started is only its echo.
+        if self._closed_by_gateway is not None:
+            code, reason = self._closed_by_gateway
+        elif self.closedByMe and self.localCloseCode is not None:
+            code = self.localCloseCode
+            reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+        self.factory.gateway.closed(self.conn, code, reason or "")
+
+    # -- IPushProducer: the transport's word on its write buffer -------------
+
+    def pauseProducing(self):
+        if self._backlog_bytes is None:
+            self._backlog_bytes = 0
+
+    def resumeProducing(self):
+        self._backlog_bytes = None
+
+    def stopProducing(self):
+        self._backlog_bytes = None
 
     # -- the channel the gateway uses ---------------------------------------
 
     def deliver(self, frame) -> None:
-        if self.state == self.STATE_OPEN:
-            self.sendPreparedMessage(frame)
+        if self.state != self.STATE_OPEN or self._aborted:
+            return
+        if self._backlog_bytes is not None:
+            self._backlog_bytes += len(frame.payloadHybi)
+            if self._backlog_bytes > self.factory.max_outgoing:
+                self._abort_too_slow()
+                return
+        self.sendPreparedMessage(frame)
+
+    def _abort_too_slow(self) -> None:
+        code, reason = CLOSE_TOO_SLOW
+        _log.info(
+            "{conn_id} does not read: over {limit} bytes waiting; closing",
+            conn_id=self.conn.conn_id if self.conn else None,
+            limit=self.factory.max_outgoing,
+        )
+        self._closed_by_gateway = CLOSE_TOO_SLOW
+        self._aborted = True
+        # A close frame would wait behind everything the client does not
+        # read; drop what is buffered and the connection with it.
+        self.factory.gateway.forget(self.conn)
+        self.transport.abortConnection()
 
     def close_with(self, code: int, reason: str) -> None:
+        if self._closed_by_gateway is None:
+            self._closed_by_gateway = (code, reason)
         # sendClose() refuses 1001, which a server going away must send.
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
@@ -81,10 +145,18 @@ class GatewayFactory(WebSocketServerFactory):
 
     protocol = GatewayProtocol
 
-    def __init__(self, *, reactor, user_header: str = "X-Bfl-User",
-                 max_message_size: int = 1024 * 1024, handshake_timeout: float = 10.0):
+    def __init__(
+        self,
+        *,
+        reactor,
+        user_header: str = "X-Bfl-User",
+        max_message_size: int = 1024 * 1024,
+        max_outgoing: int = 1024 * 1024,
+        handshake_timeout: float = 10.0,
+    ):
         super().__init__(reactor=reactor)
         self.user_header = user_header
+        self.max_outgoing = max_outgoing
         self.gateway: Gateway = None  # set by whoever wires the gateway
         self.setProtocolOptions(
             maxMessagePayloadSize=max_message_size,
