@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -83,8 +84,10 @@ class RecordingApp(Resource):
 
     isLeaf = True
 
-    def __init__(self):
+    def __init__(self, keep=True):
         super().__init__()
+        self.keep = keep  # False: only count actions (long runs)
+        self.counts = Counter()
         self.events = []
         self.headers = []
         self.behaviour = lambda event: (200, 0)
@@ -94,8 +97,12 @@ class RecordingApp(Resource):
         event = json.loads(request.content.read())
         status, delay = self.behaviour(event)
         if status < 300:
-            self.events.append(event)
-            self.headers.append({k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()})
+            self.counts[event["action"]] += 1
+            if self.keep:
+                self.events.append(event)
+                self.headers.append(
+                    {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+                )
         request.setResponseCode(status)
         self.waiters.check()
         if not delay:
@@ -132,8 +139,8 @@ class RecordingApp(Resource):
         return self.wait_for(found, f"{action} event", seconds)
 
 
-def start_app():
-    app = RecordingApp()
+def start_app(keep=True):
+    app = RecordingApp(keep)
     port = reactor.listenTCP(0, Site(app), interface="127.0.0.1")
     app.port = port
     app.url = f"http://127.0.0.1:{port.getHost().port}/ws/message"

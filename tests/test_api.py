@@ -156,3 +156,18 @@ def test_wrong_method_is_405_json(treq):
 def test_unknown_path_is_404_json(treq):
     status, answer, _ = call(treq, "GET", "nothing")
     assert status == 404 and answer["code"] == 404
+
+
+def test_lone_surrogate_in_payload_is_delivered_not_a_500(treq, gateway):
+    status, answer, _ = call(treq, "POST", "send", raw=b'{"payload":"\\ud800x","conn_id":"a1"}')
+    assert (status, answer["code"]) == (200, 0)
+    assert frames(gateway, "a1") == ["\ud800x"]
+
+
+def test_empty_user_name_is_a_target(treq, gateway):
+    anonymous = open_conn(gateway, "anon", user="")
+    _, answer, _ = call(treq, "POST", "send", {"payload": 1, "users": [""]})
+    assert answer["data"] == {"matched": 1}
+    assert anonymous.channel.frames == [b"1"]
+    status, _, _ = call(treq, "POST", "send", {"payload": 1, "conn_id": ""})
+    assert status == 400

@@ -6,6 +6,8 @@ import json
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from wsgw.appclient import AppClient, AppRejected, AppUnavailable
@@ -28,7 +30,7 @@ class App(Resource):
 def attempt(status):
     app = App(status)
     stub = StubTreq(app)
-    client = AppClient(stub, "http://127.0.0.1:8888/ws/message")
+    client = AppClient(stub, "http://127.0.0.1:8888/ws/message", Clock())
     d = client(b'{"action":"open"}', {b"Content-Type": [b"application/json"], b"Cookie": [b"auth_token=a"]})
     stub.flush()
     return app, d
@@ -52,3 +54,35 @@ def test_failure_kinds(status, error):
     d.addErrback(lambda f: None)
     assert failure.check(error)
     assert str(status) in failure.getErrorMessage()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307])
+def test_redirect_is_an_answer_not_followed(status):
+    app, d = attempt(status)
+    assert d.result == status
+    assert len(app.seen) == 1
+
+
+class StalledClient:
+    """An HTTP client whose app sent headers and then nothing more."""
+
+    def __init__(self):
+        self.requests = []
+
+    def post(self, url, data, headers, allow_redirects):
+        d = Deferred(lambda d: self.requests.append("cancelled"))
+        self.requests.append(url)
+        return d
+
+
+def test_attempt_is_bounded_as_a_whole():
+    clock = Clock()
+    stalled = StalledClient()
+    d = AppClient(stalled, "http://127.0.0.1:8888/ws/message", clock, timeout=2)(b"{}", {})
+    clock.advance(1.9)
+    assert not d.called
+    clock.advance(0.2)
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(Exception)
+    assert stalled.requests[-1] == "cancelled"

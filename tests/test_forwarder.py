@@ -150,3 +150,20 @@ def test_no_app_means_nothing_is_queued():
     fwd.enqueue("a", event("a", 0))
     assert len(fwd) == 0
     assert not fwd.enabled
+
+
+def test_waiting_retries_do_not_hold_slots():
+    """Connections whose app calls fail wait out their back-off without
+    keeping others from the app."""
+    clock = Clock()
+    app = FakeApp()
+    fwd = make(app, clock, max_in_flight=2)
+    fwd.enqueue("a", event("a", 0))
+    fwd.enqueue("b", event("b", 0))
+    fwd.enqueue("c", event("c", 0))
+    for _, _, d in app.pending:
+        d.errback(AppUnavailable("app answered HTTP 503"))
+    assert [e["conn_id"] for e, _, _ in app.pending] == ["c"]
+    app.pending[0][2].callback(200)
+    clock.advance(0.1)
+    assert sorted(e["conn_id"] for e, _, _ in app.pending) == ["a", "b"]

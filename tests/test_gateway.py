@@ -170,3 +170,15 @@ def test_without_app_nothing_is_forwarded_but_clients_are_served():
     gw.received(conn, b"hi", False)
     assert conn.channel.frames == [PONG]
     assert json.loads(json.dumps(gw.listing()))[0]["conns_number"] == 1
+
+
+def test_connection_opening_during_shutdown_is_closed_too():
+    clock, app = Clock(), FakeApp()
+    gw = make_gateway(clock, app)
+    done = gw.shut_down(timeout=10)
+    late = open_conn(gw, "late")  # its handshake finished after the stop began
+    assert late.channel.closed_with == CLOSE_GOING_AWAY
+    gw.closed(late, 1001, "going away")
+    app.answer_all()
+    assert done.called
+    assert [a for _, a, _ in app.summary()] == ["open", "close"]

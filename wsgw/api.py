@@ -14,6 +14,7 @@ import attr
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from .events import to_json
 from .gateway import Gateway
 from .registry import AccessType
 
@@ -33,7 +34,7 @@ _REASONS = {426: b"Upgrade Required"}
 def json_response(request, status: int, body: Dict[str, Any]) -> bytes:
     request.setResponseCode(status, _REASONS.get(status))
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return to_json(body)
 
 
 def error_response(request, status: int, message: str) -> bytes:
@@ -63,13 +64,17 @@ def read_json_object(request, max_body: int) -> Dict[str, Any]:
     return body
 
 
-def string_list(body: Dict[str, Any], field: str) -> List[str]:
+def string_list(body: Dict[str, Any], field: str, drop_empty: bool = False) -> List[str]:
+    """
+    The list of strings in C{field}.  An empty user name is a real target
+    (connections without the user header have it); an empty conn id is not.
+    """
     value = body.get(field)
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ApiError(400, f"{field} must be a list of strings")
-    return [v for v in value if v]
+    return [v for v in value if v] if drop_empty else value
 
 
 def optional_string(body: Dict[str, Any], field: str) -> List[str]:
@@ -100,7 +105,7 @@ class Targets:
     @classmethod
     def from_body(cls, body: Dict[str, Any], conn_field: str, what: str) -> "Targets":
         conn_ids = (
-            string_list(body, conn_field)
+            string_list(body, conn_field, drop_empty=True)
             if conn_field == "conns"
             else optional_string(body, conn_field)
         )
@@ -144,7 +149,7 @@ class JsonEndpoint(Resource):
 
 
 def encode_payload(body: Dict[str, Any]) -> bytes:
-    return json.dumps(body.get("payload"), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return to_json(body.get("payload"))
 
 
 class SendEndpoint(JsonEndpoint):

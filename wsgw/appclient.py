@@ -46,15 +46,21 @@ def build_http_client(reactor, max_connections: int) -> HTTPClient:
 class AppClient:
     """
     Posts event bodies to C{url} with C{client}; see L{AppForwarder.post}.
+
+    C{timeout} bounds the whole attempt, the response body included: an
+    app that sends headers and then stalls must not hold the event forever.
+    Redirects are not followed: any 2xx or 3xx answer means delivered.
     """
 
     client: HTTPClient = attr.ib()
     url: str = attr.ib()
+    clock = attr.ib()
     timeout: float = attr.ib(default=10.0)
 
     def __call__(self, body: bytes, headers: Dict[bytes, bytes]) -> Deferred:
-        d = self.client.post(self.url, data=body, headers=headers, timeout=self.timeout)
+        d = self.client.post(self.url, data=body, headers=headers, allow_redirects=False)
         d.addCallback(self._check)
+        d.addTimeout(self.timeout, self.clock)
         return d
 
     def _check(self, response):

@@ -18,6 +18,19 @@ PONG = b'{"event":"pong"}'
 EMPTY_OBJECT = b"{}"
 
 
+def to_json(value) -> bytes:
+    """
+    Compact UTF-8 JSON.  Text that cannot be UTF-8 (a lone surrogate such
+    as C{"\\ud800"} parsed from an API body) falls back to ASCII escapes,
+    which every JSON parser reads back to the same value.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
@@ -26,16 +39,14 @@ def envelope_tail(conn: Connection) -> bytes:
     """
     The fields every event of C{conn} ends with, encoded once per connection.
     """
-    fields = json.dumps(
+    fields = to_json(
         {
             "user_name": conn.user_name,
             "conn_id": conn.conn_id,
             "token": conn.token,
             "access_public": conn.access_public,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8")
+        }
+    )
     return b"," + fields[1:]
 
 
@@ -54,11 +65,7 @@ def open_extra(conn: Connection) -> bytes:
     Fields beyond the original's that an C{open} event carries: where the
     client connected from and what it said it is.
     """
-    return b"," + json.dumps(
-        {"user_agent": conn.user_agent, "remote_addr": conn.remote_addr},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8")[1:-1]
+    return b"," + to_json({"user_agent": conn.user_agent, "remote_addr": conn.remote_addr})[1:-1]
 
 
 BINARY_EXTRA = b',"binary":true'
@@ -69,11 +76,7 @@ def close_extra(code, reason: str) -> bytes:
     Fields beyond the original's that a C{close} event carries: the
     WebSocket close code and reason (1006 when the connection just dropped).
     """
-    return b"," + json.dumps(
-        {"close_code": code if code is not None else 1006, "close_reason": reason},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8")[1:-1]
+    return b"," + to_json({"close_code": code if code is not None else 1006, "close_reason": reason})[1:-1]
 
 
 def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, bytes]:
@@ -95,7 +98,7 @@ def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, byte
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError:
-        return False, json.dumps(text, ensure_ascii=False).encode("utf-8"), b""
+        return False, to_json(text), b""
     if isinstance(value, dict) and value.get("event") == "ping":
         return True, b"", b""
     return False, payload.strip(), b""

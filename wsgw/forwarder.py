@@ -68,6 +68,9 @@ class EventStream:
     pending: Deque[Event] = attr.ib(factory=deque)
     #: Bytes of the bodies in C{pending}.
     size: int = attr.ib(default=0)
+    #: When the head event was first attempted, and how often it failed.
+    first_try: Optional[float] = attr.ib(default=None)
+    failures: int = attr.ib(default=0)
     #: The gateway stopped reading from the client because of this backlog.
     throttled: bool = attr.ib(default=False)
 
@@ -157,55 +160,60 @@ class AppForwarder:
         while self._ready and self._in_flight < self.max_in_flight:
             stream = self._ready.popleft()
             self._in_flight += 1
-            self._attempt(stream, self.clock.seconds(), 0)
+            self._attempt(stream)
 
-    def _attempt(self, stream: EventStream, first_try: float, attempt: int) -> None:
+    def _attempt(self, stream: EventStream) -> None:
+        if stream.first_try is None:
+            stream.first_try = self.clock.seconds()
         body, headers = stream.pending[0]
         try:
             d = self.post(body, headers)
         except Exception as e:  # a bug in post must not wedge the stream
             d = Deferred()
             d.errback(e)
-        d.addCallbacks(
-            self._delivered,
-            self._failed,
-            callbackArgs=(stream,),
-            errbackArgs=(stream, first_try, attempt),
-        )
+        d.addCallbacks(self._delivered, self._failed, callbackArgs=(stream,), errbackArgs=(stream,))
 
     def _delivered(self, _ignored, stream: EventStream) -> None:
         self.stats.delivered += 1
         self._finish_head(stream)
 
-    def _failed(self, failure, stream: EventStream, first_try: float, attempt: int) -> None:
+    def _failed(self, failure, stream: EventStream) -> None:
         reason = failure.getErrorMessage() or failure.type.__name__
-        elapsed = self.clock.seconds() - first_try
+        elapsed = self.clock.seconds() - stream.first_try
+        stream.failures += 1
         permanent = failure.check(AppRejected) is not None
         if permanent or elapsed >= self.retry_window:
             self.stats.dropped += 1
             log.warn(
                 "gave up an event of {conn_id} after {attempts} attempt(s): {reason}",
                 conn_id=stream.conn_id,
-                attempts=attempt + 1,
+                attempts=stream.failures,
                 reason=reason,
             )
             self._finish_head(stream)
             return
         self.stats.retried += 1
-        delay = min(self.backoff.delay(attempt), max(0.0, self.retry_window - elapsed))
+        delay = min(self.backoff.delay(stream.failures - 1), max(0.0, self.retry_window - elapsed))
         log.info(
             "app unavailable for {conn_id} ({reason}); retrying in {delay:.2f}s",
             conn_id=stream.conn_id,
             reason=reason,
             delay=delay,
         )
-        # The slot stays taken while we wait: a down app is not flooded by
-        # other connections' first attempts either.
-        self.clock.callLater(delay, self._attempt, stream, first_try, attempt + 1)
+        # Give the slot back while waiting: other connections go on.
+        self._in_flight -= 1
+        self.clock.callLater(delay, self._retry, stream)
+        self._pump()
+
+    def _retry(self, stream: EventStream) -> None:
+        self._ready.append(stream)
+        self._pump()
 
     def _finish_head(self, stream: EventStream) -> None:
         body, _headers = stream.pending.popleft()
         stream.size -= len(body)
+        stream.first_try = None
+        stream.failures = 0
         self._in_flight -= 1
         if (
             stream.throttled

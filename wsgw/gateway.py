@@ -55,6 +55,7 @@ class Gateway:
     _live: dict = attr.ib(factory=dict, init=False)
     _all_closed: List[Deferred] = attr.ib(factory=list, init=False)
     _pong: Any = attr.ib(default=None, init=False)
+    _shutting_down: bool = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self):
         self.forwarder.throttle = self._throttle
@@ -75,6 +76,8 @@ class Gateway:
             remote_addr=conn.remote_addr,
         )
         self._forward(conn, b"open", events.EMPTY_OBJECT, events.open_extra(conn))
+        if self._shutting_down:  # its handshake was already under way
+            self.close_connection(conn, *CLOSE_GOING_AWAY)
 
     def received(self, conn: Connection, payload: bytes, is_binary: bool) -> None:
         conn.last_seen = self.clock.seconds()
@@ -185,6 +188,7 @@ class Gateway:
         Close every connection with 1001 Going Away and wait, at most
         C{timeout} seconds, until their C{close} events reached the app.
         """
+        self._shutting_down = True
         log.info("shutting down: closing {count} connection(s)", count=len(self._live))
         for conn in list(self._live.values()):
             try:

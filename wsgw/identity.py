@@ -29,6 +29,18 @@ def cookie_value(cookie_header: str, name: str) -> Optional[str]:
     return None
 
 
+def _header(headers: Mapping[str, str], name: str) -> str:
+    """
+    A header's value as the client meant it: Autobahn decodes header bytes
+    as ISO-8859-1; browsers send UTF-8 (a user name, a cookie value).
+    """
+    value = headers.get(name, "")
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
 def new_conn_id() -> str:
     return str(uuid.uuid4())
 
@@ -46,16 +58,16 @@ def identify(
     the token from the C{auth_token} cookie, or, with none, a fresh UUID
     that marks the connection public.
     """
-    cookie = headers.get("cookie", "")
+    cookie = _header(headers, "cookie")
     token = cookie_value(cookie, AUTH_COOKIE) if cookie else None
     public = not token
-    forwarded = headers.get("x-original-forwarded-for", "").strip()
+    forwarded = _header(headers, "x-original-forwarded-for").strip()
     return Connection(
         conn_id=new_conn_id(),
-        user_name=headers.get(user_header.lower(), "").strip(),
+        user_name=_header(headers, user_header.lower()).strip(),
         token=str(uuid.uuid4()) if public else token,
         access_public=public,
-        user_agent=headers.get("user-agent", ""),
+        user_agent=_header(headers, "user-agent"),
         remote_addr=forwarded or peer,
         cookie=cookie,
     )

@@ -46,7 +46,7 @@ def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
     if config.app_url:
         if http_client is None:
             http_client = build_http_client(reactor, config.max_in_flight)
-        post = AppClient(http_client, config.app_url, config.app_timeout)
+        post = AppClient(http_client, config.app_url, reactor, config.app_timeout)
     forwarder = AppForwarder(
         clock=reactor,
         post=post,
