@@ -1,6 +1,18 @@
+import sys
+
 import pytest
+from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
 from harness import ensure_node_modules
+
+# Twisted buffers up to 65,536 log events until logging begins; begin it, so
+# in-process tests show warnings and errors (pytest captures stderr) and
+# memory measured in-process is not the buffer's.
+globalLogBeginner.beginLoggingTo(
+    [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])],
+    discardBuffer=True,
+    redirectStandardIO=False,
+)
 
 
 @pytest.fixture(scope="session")

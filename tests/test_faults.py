@@ -153,12 +153,22 @@ async def test_paused_client_is_not_expired_for_missed_pings(tmp_path):
     )
     try:
         client = await py_client(daemon.ws_url)
-        pinger = LoopingCall(client.send_text, '{"event":"ping"}')
+        pings = []
+
+        def ping():
+            pings.append(1)
+            client.send_text('{"event":"ping"}')
+
+        pinger = LoopingCall(ping)
         pinger.start(0.3)
         for n in range(5):
             client.send_text(json.dumps({"n": n}))
         await app.wait_for(lambda: len(app.events) >= 6, "open and five messages", seconds=20)
         pinger.stop()
+        # Pings wait in the socket while reading is paused; each is
+        # answered once it is read.
+        for _ in pings:
+            assert await client.next_message() == '{"event":"pong"}'
         client.sendClose(1000)
         await app.wait_for_action("close")
         close = app.events[-1]
