@@ -58,7 +58,7 @@ def read_json_object(request, max_body: int) -> Dict[str, Any]:
     try:
         body = json.loads(raw, parse_constant=_refuse_constant) if raw.strip() else {}
     except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}")
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body

@@ -124,7 +124,7 @@ class Options(usage.Options):
             try:
                 settings[field] = parse(raw)
             except ValueError as e:
-                raise usage.UsageError(f"--{name}={raw!r}: {e}")
+                raise usage.UsageError(f"--{name}={raw!r}: {e}") from None
         if "app_url" not in settings:
             settings["app_url"] = app_url_from_olares_env(self.environ)
         self.config = Config(**settings)
