@@ -60,6 +60,8 @@ def test_every_option_has_an_environment_variable():
     assert config.listen == ("tcp:1", "tcp:2")
     assert (config.ping_timeout, config.max_in_flight, config.user_header) == (12.0, 3, "X-User")
     for name, (field, parse_value, _) in _SETTINGS.items():
+        if name == "admin-token-file":
+            continue  # below, with a real file
         value = "http://127.0.0.1:5/x" if parse_value is str else "7"
         assert getattr(parse([], {"WSGW_" + name.upper().replace("-", "_"): value}), field) == parse_value(value)
 
@@ -78,7 +80,7 @@ def test_twist_help_lists_every_option(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, result.stderr
-    for name in list(_SETTINGS) + ["listen"]:
+    for name in list(_SETTINGS) + ["listen", "admin-listen", "allowed-origin", "require-user", "admin-allow-remote"]:
         assert f"--{name}" in result.stdout
     assert "WSGW_LISTEN" in result.stdout
 
@@ -100,3 +102,33 @@ def test_bind_failure_exits_non_zero(tmp_path):
         taken.close()
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_repeatable_options_and_flags():
+    config = parse(["--allowed-origin", "https://*.example.com", "--allowed-origin", "https://a.test",
+                    "--admin-listen", "tcp:9:interface=127.0.0.1", "--require-user"])
+    assert config.allowed_origins == ("https://*.example.com", "https://a.test")
+    assert config.admin_listen == ("tcp:9:interface=127.0.0.1",)
+    assert config.require_user is True
+    env = {"WSGW_ALLOWED_ORIGIN": "https://x.test https://y.test", "WSGW_REQUIRE_USER": "1"}
+    config = parse([], env)
+    assert config.allowed_origins == ("https://x.test", "https://y.test")
+    assert config.require_user is True
+    assert parse([], {"WSGW_REQUIRE_USER": "0"}).require_user is False
+
+
+def test_admin_token_from_file(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    assert parse(["--admin-token-file", str(token_file)]).admin_token == "s3cret"
+    assert parse([], {"WSGW_ADMIN_TOKEN_FILE": str(token_file)}).admin_token == "s3cret"
+    with pytest.raises(UsageError) as e:
+        parse(["--admin-token-file", str(tmp_path / "missing")])
+    assert "cannot read" in str(e.value)
+
+
+def test_remote_api_callers_need_a_token():
+    with pytest.raises(UsageError) as e:
+        parse(["--admin-allow-remote"])
+    assert "token" in str(e.value)
+    assert parse(["--admin-allow-remote", "--admin-token", "t"]).admin_allow_remote is True

@@ -71,6 +71,24 @@ class Config:
     drain_timeout: float = attr.ib(default=10.0)
     #: The request header that carries the signed-in user's name.
     user_header: str = attr.ib(default="X-Bfl-User")
+    #: Refuse handshakes without the user header (401).
+    require_user: bool = attr.ib(default=False)
+    #: Origins allowed besides same-origin and none (fnmatch patterns such
+    #: as C{https://*.example.com}).
+    allowed_origins: Tuple[str, ...] = attr.ib(default=(), converter=tuple)
+    #: Endpoints that serve the API alone; when set, C{listen} serves only C{/ws}.
+    admin_listen: Tuple[str, ...] = attr.ib(default=(), converter=tuple)
+    #: A bearer token the API requires, when set.
+    admin_token: Optional[str] = attr.ib(default=None, repr=False)
+    #: Let API callers other than loopback in (a token is then required).
+    admin_allow_remote: bool = attr.ib(default=False)
+    #: Requests (handshakes and API calls) per second allowed from one peer
+    #: address, 0 for no limit; bursts up to twice that.
+    rate_limit: float = attr.ib(default=0.0)
+
+    def __attrs_post_init__(self):
+        if self.admin_allow_remote and not self.admin_token:
+            raise ValueError("admin_allow_remote needs an admin_token: the API would be open to anyone")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> "Config":

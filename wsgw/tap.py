@@ -43,6 +43,24 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    if not token:
+        raise ValueError("the file is empty")
+    return token
+
+
 # option name → (Config field, parser, help)
 _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "app-url": (
@@ -63,9 +81,34 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "max-connections-per-user": ("max_connections_per_user", _non_negative_int, "open connections per user name (0: no limit; more: 429 at the handshake)"),
     "max-message-size": ("max_message_size", _positive_int, "largest client message in bytes (larger: close 1009)"),
     "max-api-body": ("max_api_body", _positive_int, "largest API request body in bytes (larger: 413)"),
-    "handshake-timeout": ("handshake_timeout", _positive_float, "seconds a client has to finish the WebSocket handshake"),
+    "handshake-timeout": ("handshake_timeout", _positive_float, "seconds a new connection has to send its first complete request (handshake or API call)"),
     "drain-timeout": ("drain_timeout", _positive_float, "seconds to deliver close events on shutdown"),
     "user-header": ("user_header", str, "request header with the user's name"),
+    "admin-token": ("admin_token", str, "bearer token the API requires (Authorization: Bearer ...)"),
+    "admin-token-file": ("admin_token", _read_token_file, "file holding the API's bearer token"),
+    "rate-limit": ("rate_limit", _non_negative_float, "requests per second per peer address, bursts of twice that (0: off; more: 429)"),
+}
+
+# option name → (Config field, help); each may be given several times.
+_REPEATABLE: Dict[str, Tuple[str, str]] = {
+    "listen": (
+        "listen",
+        "Twisted server endpoint to serve /ws (and the API unless --admin-listen is given) on, "
+        "e.g. tcp:40010, tcp:40010:interface=127.0.0.1, ssl:443:privateKey=key.pem:certKey=cert.pem, "
+        "unix:/run/wsgw.sock, systemd:domain=INET:index=0 [default: tcp:40010]",
+    ),
+    "admin-listen": ("admin_listen", "endpoint that serves the API alone; /ws is then not served there"),
+    "allowed-origin": (
+        "allowed_origins",
+        "Origin pattern (fnmatch, e.g. https://*.example.com) a browser handshake may come from, "
+        "besides same-origin pages and clients that send no Origin",
+    ),
+}
+
+# flag name → (Config field, help)
+_FLAGS: Dict[str, Tuple[str, str]] = {
+    "require-user": ("require_user", "refuse handshakes without the user header (401)"),
+    "admin-allow-remote": ("admin_allow_remote", "let API callers other than loopback in (needs an admin token)"),
 }
 
 
@@ -85,6 +128,7 @@ class Options(usage.Options):
         "Every option can also be set from the environment as WSGW_<OPTION> "
         "(e.g. WSGW_PING_TIMEOUT=60; WSGW_LISTEN takes endpoints separated by spaces)."
     )
+    optFlags = [[name, None, f"{text} (env {env_name(name)}=1)"] for name, (_field, text) in _FLAGS.items()]
     optParameters = [
         [
             name,
@@ -100,34 +144,47 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] = os.environ):
         super().__init__()
         self.environ = environ
-        self["listen"] = []
-
-    def opt_listen(self, description: str) -> None:
-        """
-        Twisted server endpoint to serve /ws and the API on, e.g. tcp:40010,
-        tcp:40010:interface=127.0.0.1, ssl:443:privateKey=key.pem, unix:/run/wsgw.sock,
-        systemd:domain=INET:index=0; repeatable [default: tcp:40010] (env WSGW_LISTEN)
-        """
-        self["listen"].append(description)
+        for name in _REPEATABLE:
+            self[name] = []
 
     def postOptions(self) -> None:
         settings = {}
-        listen = self["listen"] or self.environ.get(env_name("listen"), "").split()
-        if listen:
-            settings["listen"] = tuple(listen)
+        for name, (field, _text) in _REPEATABLE.items():
+            values = self[name] or self.environ.get(env_name(name), "").split()
+            if values:
+                settings[field] = tuple(values)
+        for name, (field, _text) in _FLAGS.items():
+            if self[name] or self.environ.get(env_name(name), "").lower() in ("1", "true", "yes", "on"):
+                settings[field] = True
         for name, (field, parse, _text) in _SETTINGS.items():
             raw = self[name]
             if raw is None:
                 raw = self.environ.get(env_name(name)) or None
-            if raw is None:
+            if raw is None or field in settings:
                 continue
             try:
                 settings[field] = parse(raw)
             except ValueError as e:
-                raise usage.UsageError(f"--{name}={raw!r}: {e}") from None
+                shown = "…" if field == "admin_token" else repr(raw)
+                raise usage.UsageError(f"--{name}={shown}: {e}") from None
         if "app_url" not in settings:
             settings["app_url"] = app_url_from_olares_env(self.environ)
-        self.config = Config(**settings)
+        try:
+            self.config = Config(**settings)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _repeatable_option(name: str, text: str):
+    def opt(self, value: str) -> None:
+        self[name].append(value)
+
+    opt.__doc__ = f"{text}; repeatable (env {env_name(name)}, separated by spaces)"
+    return opt
+
+
+for _name, (_field, _text) in _REPEATABLE.items():
+    setattr(Options, "opt_" + _name.replace("-", "_"), _repeatable_option(_name, _text))
 
 
 log = Logger()

@@ -11,6 +11,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
 from .api import JsonTree, conn_api, error_response
 from .config import Config
 from .gateway import Gateway
@@ -20,8 +21,8 @@ log = Logger()
 
 class WebSocketEntry(Resource):
     """
-    C{/ws}: WebSocket upgrades go to Autobahn, once the connection limits
-    allow; anything else is told, in JSON, to upgrade (426).
+    C{/ws}: WebSocket upgrades go to Autobahn once the origin, identity and
+    connection limits allow; anything else is told, in JSON, to upgrade (426).
     """
 
     isLeaf = True
@@ -31,6 +32,8 @@ class WebSocketEntry(Resource):
         self._gateway = gateway
         self._websocket = WebSocketResource(gateway.factory)
         self._user_header = config.user_header.encode("ascii")
+        self._require_user = config.require_user
+        self._origins = OriginPolicy(config.allowed_origins)
         self._max_total = config.max_connections
         self._max_per_user = config.max_connections_per_user
 
@@ -39,7 +42,7 @@ class WebSocketEntry(Resource):
         if upgrade != b"websocket":
             request.setHeader(b"Upgrade", b"websocket")
             return error_response(request, 426, "this path takes WebSocket connections only; send Upgrade: websocket")
-        refusal = self._over_limit(request)
+        refusal = self._refusal(request)
         if refusal is not None:
             status, message = refusal
             log.info("handshake refused: {message}", message=message)
@@ -54,29 +57,81 @@ class WebSocketEntry(Resource):
             channel.transport.unregisterProducer()
         return self._websocket.render(request)
 
-    def _over_limit(self, request):
+    def _refusal(self, request):
+        origin = request.getHeader(b"origin")
+        hosts = [
+            (request.getHeader(name) or b"").decode("latin-1")
+            for name in (b"host", b"x-forwarded-host")
+        ]
+        if not self._origins.allows(origin.decode("latin-1") if origin is not None else None, hosts):
+            return 403, "this page's origin may not open WebSockets here (see --allowed-origin)"
+        user = (request.getHeader(self._user_header) or b"").decode("utf-8", "replace").strip()
+        if self._require_user and not user:
+            return 401, f"sign in first: the {self._user_header.decode()} header is missing"
         registry = self._gateway.registry
         if self._max_total and len(registry) >= self._max_total:
             return 503, f"the gateway holds its limit of {self._max_total} connections; try again later"
-        if self._max_per_user:
-            user = (request.getHeader(self._user_header) or b"").decode("utf-8", "replace").strip()
-            if registry.count_user(user) >= self._max_per_user:
-                return 429, f"this user holds its limit of {self._max_per_user} connections"
+        if self._max_per_user and registry.count_user(user) >= self._max_per_user:
+            return 429, f"this user holds its limit of {self._max_per_user} connections"
         return None
 
 
-def make_resource(gateway: Gateway, config: Config = Config()) -> Resource:
+class GuardedApi(Resource):
+    """
+    The API behind its door (L{ApiAccess}): a refused caller gets 401 or
+    403 in JSON whatever path below it asked for.
+    """
+
+    def __init__(self, api: Resource, access: ApiAccess):
+        super().__init__()
+        self._api = api
+        self._access = access
+
+    def getChildWithDefault(self, name, request):
+        refusal = self._access.refusal(request)
+        if refusal is not None:
+            return Refusal(*refusal)
+        return self._api.getChildWithDefault(name, request)
+
+    def render(self, request):
+        refusal = self._access.refusal(request)
+        if refusal is not None:
+            return Refusal(*refusal).render(request)
+        return self._api.render(request)
+
+
+class Refusal(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, message: str):
+        super().__init__()
+        self.status = status
+        self.message = message
+
+    def render(self, request):
+        log.info("refused {method} {path} from {peer}: {message}", method=request.method, path=request.path,
+                 peer=str(request.getClientAddress()), message=self.message)
+        if self.status == 401:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="wsgw"')
+        return error_response(request, self.status, self.message)
+
+
+def make_resource(gateway: Gateway, config: Config = Config(), *, websocket: bool = True, api: bool = True) -> Resource:
     """
     A resource serving C{ws} (the WebSocket) and C{tapr/ws/conn/...} (the
-    API) below wherever it is mounted.
+    API, guarded as C{config} says) below wherever it is mounted; either
+    part can be left out, to serve them on separate listeners.
     """
     root = JsonTree()
-    root.putChild(b"ws", WebSocketEntry(gateway, config))
-    tapr = JsonTree()
-    ws = JsonTree()
-    tapr.putChild(b"ws", ws)
-    ws.putChild(b"conn", conn_api(gateway, config.max_api_body))
-    root.putChild(b"tapr", tapr)
+    if websocket:
+        root.putChild(b"ws", WebSocketEntry(gateway, config))
+    if api:
+        tapr = JsonTree()
+        ws = JsonTree()
+        tapr.putChild(b"ws", ws)
+        access = ApiAccess(config.admin_token, config.admin_allow_remote)
+        ws.putChild(b"conn", GuardedApi(conn_api(gateway, config.max_api_body), access))
+        root.putChild(b"tapr", tapr)
     return root
 
 
@@ -154,6 +209,14 @@ class GatewaySite(Site):
         super().__init__(resource, timeout=60, reactor=reactor)
         self.max_body = config.max_api_body
         self.handshake_timeout = config.handshake_timeout
+        self.rate_limiter = PeerRateLimiter(self.reactor, config.rate_limit) if config.rate_limit else None
+
+    def getResourceFor(self, request):
+        if self.rate_limiter is not None:
+            host = peer_host(request.getClientAddress())
+            if host is not None and not self.rate_limiter.allow(host):
+                return Refusal(429, "too many requests from this address; slow down")
+        return super().getResourceFor(request)
 
     def log(self, request):
         pass
