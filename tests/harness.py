@@ -189,13 +189,18 @@ class Daemon:
         return bounded(self.proto.ended, 30, "the daemon to exit")
 
 
-async def start_daemon(*args, env=None, cwd):
+async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info"):
+    """
+    `twist wsgw ARGS` on an ephemeral loopback port (unless ARGS give
+    --listen); waits until C{listeners} ports listen.  C{Daemon.ports}
+    holds them in the order they started, C{Daemon.port} the first.
+    """
     proto = DaemonProtocol()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
     # The daemon runs the same wsgw as the tests import, installed or not.
     environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
     environment.update(env or {})
-    argv = [sys.executable, "-m", "twisted", "--log-format=text", "--log-level=info", "wsgw"]
+    argv = [sys.executable, "-m", "twisted", "--log-format=text", f"--log-level={log_level}", "wsgw"]
     if not any(a.startswith("--listen") for a in args):
         argv += ["--listen", "tcp:0:interface=127.0.0.1"]
     argv += list(args)
@@ -203,23 +208,22 @@ async def start_daemon(*args, env=None, cwd):
     pattern = re.compile(r"starting on (\d+)")
 
     def listening():
-        for line in proto.lines:
-            m = pattern.search(line)
-            if m:
-                return int(m.group(1))
-        return None
+        ports = [int(m.group(1)) for m in map(pattern.search, proto.lines) if m]
+        return ports if len(ports) >= listeners else None
 
     def died():
         return proto.status is not None
 
     try:
-        port = await proto.waiters.wait(lambda: listening() or (died() and -1), "the daemon to listen", 30)
+        ports = await proto.waiters.wait(lambda: listening() or (died() and -1), "the daemon to listen", 30)
     except Exception:
         process.signalProcess("KILL")
         raise
-    if port == -1:
+    if ports == -1:
         raise AssertionError("daemon exited before listening:\n" + "\n".join(proto.lines))
-    return Daemon(process, proto, port)
+    daemon = Daemon(process, proto, ports[0])
+    daemon.ports = ports
+    return daemon
 
 
 class PyClient(WebSocketClientProtocol):
@@ -251,10 +255,10 @@ class PyClient(WebSocketClientProtocol):
         self.sendMessage(text.encode("utf-8"))
 
 
-async def py_client(url, headers=None, protocols=None):
+async def py_client(url, headers=None, protocols=None, origin=None):
     headers = dict(headers or {})
     agent = headers.pop("User-Agent", "wsgw-tests")
-    factory = WebSocketClientFactory(url, headers=headers, protocols=protocols, useragent=agent)
+    factory = WebSocketClientFactory(url, headers=headers, protocols=protocols, useragent=agent, origin=origin)
     factory.protocol = PyClient
     host, port = re.match(r"ws://([^:/]+):(\d+)", url).groups()
     connected = Deferred()
@@ -324,10 +328,10 @@ class NodeClient:
         return bounded(self.proto.ended, what="node to exit")
 
 
-async def node_client(url, headers=None):
+async def node_client(url, headers=None, env=None):
     proto = NodeProtocol()
     argv = ["node", str(NODE_DIR / "client.js"), url, json.dumps(headers or {})]
-    process = reactor.spawnProcess(proto, _node(), argv, env=dict(os.environ), path=str(NODE_DIR))
+    process = reactor.spawnProcess(proto, _node(), argv, env={**os.environ, **(env or {})}, path=str(NODE_DIR))
     client = NodeClient(process, proto)
     first = await client.wait(lambda events: events[0] if events else None, "node client to open")
     if "open" not in first:
@@ -432,3 +436,20 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def upgrade_request(base, user="", headers=None):
+    """
+    A WebSocket upgrade request that is expected to be refused: returns the
+    HTTP status and the JSON body.
+    """
+    import treq
+
+    response = await treq.get(
+        base + "/ws",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade", "X-Bfl-User": user,
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13",
+                 **(headers or {})},
+    )
+    assert response.code != 101, "the upgrade was accepted"
+    return response.code, await treq.json_content(response)

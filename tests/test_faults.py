@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
-from harness import AppProcess, bounded, free_port, py_client, rss_kib, start_app, start_daemon
+from harness import AppProcess, bounded, free_port, py_client, rss_kib, start_app, start_daemon, upgrade_request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,27 +237,16 @@ async def test_client_flood_is_throttled_not_buffered_and_nothing_lost(tmp_path)
         app.port.stopListening()
 
 
-async def upgrade_request(daemon, user):
-    """A raw WebSocket upgrade request; returns the HTTP status and JSON body."""
-    response = await treq.get(
-        daemon.ws_url.replace("ws://", "http://"),
-        headers={"Upgrade": "websocket", "Connection": "Upgrade", "X-Bfl-User": user,
-                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"},
-    )
-    body = await treq.json_content(response) if response.code != 101 else None
-    return response.code, body
-
-
 @pytest_twisted.ensureDeferred
 async def test_connection_limits_refuse_handshake_with_json(tmp_path):
     daemon = await start_daemon("--max-connections", "3", "--max-connections-per-user", "2", cwd=tmp_path)
     try:
         await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
         await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
-        status, body = await upgrade_request(daemon, "alice")
+        status, body = await upgrade_request(daemon.base, "alice")
         assert status == 429 and body["code"] == 429 and "limit" in body["message"]
         await py_client(daemon.ws_url, {"X-Bfl-User": "bob"})
-        status, body = await upgrade_request(daemon, "carol")
+        status, body = await upgrade_request(daemon.base, "carol")
         assert status == 503 and body["code"] == 503 and "limit" in body["message"]
     finally:
         await daemon.terminate()

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from . import events
 from .forwarder import AppForwarder
+from .identity import shortened
 from .registry import AccessType, Connection, Registry
 
 log = Logger()
@@ -75,6 +76,7 @@ class Gateway:
             access_public=conn.access_public,
             remote_addr=conn.remote_addr,
         )
+        log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=shortened(conn.token))
         self._forward(conn, b"open", events.EMPTY_OBJECT, events.open_extra(conn))
         if self._shutting_down:  # its handshake was already under way
             self.close_connection(conn, *CLOSE_GOING_AWAY)

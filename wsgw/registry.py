@@ -34,7 +34,7 @@ class Connection:
 
     conn_id: str = attr.ib()
     user_name: str = attr.ib()
-    token: str = attr.ib()
+    token: str = attr.ib(repr=False)
     access_public: bool = attr.ib()
     user_agent: str = attr.ib(default="")
     remote_addr: str = attr.ib(default="")

@@ -129,8 +129,9 @@ class GatewayService(Service):
 
 def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None) -> MultiService:
     """
-    A service that listens on every C{config.listen} endpoint and runs the
-    gateway; stopping it stops accepting, then drains.
+    A service that listens on every C{config.listen} (and
+    C{config.admin_listen}) endpoint and runs the gateway; stopping it stops
+    accepting, then drains.
 
     Its C{gateway} attribute is the L{Gateway}; its C{listening} attribute
     a L{Deferred} that fires with the listening ports once all are up.
@@ -142,10 +143,15 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     top = MultiService()
     top.gateway = gateway
     GatewayService(gateway, config.ping_check_interval, config.drain_timeout, reactor).setServiceParent(top)
-    site = GatewaySite(make_resource(gateway, config), config, reactor=reactor)
+    # With --admin-listen the API is served there alone and /ws elsewhere.
+    separate_api = bool(config.admin_listen)
+    site = GatewaySite(make_resource(gateway, config, api=not separate_api), config, reactor=reactor)
+    listeners = [ListenerService(description, site, reactor) for description in config.listen]
+    if separate_api:
+        admin_site = GatewaySite(make_resource(gateway, config, websocket=False), config, reactor=reactor)
+        listeners += [ListenerService(description, admin_site, reactor) for description in config.admin_listen]
     # Listeners come after the gateway: MultiService stops children in
     # reverse order, so they stop accepting before clients are closed.
-    listeners = [ListenerService(description, site, reactor) for description in config.listen]
     for listener in listeners:
         listener.setServiceParent(top)
     top.listening = DeferredList([listener.ready for listener in listeners], fireOnOneErrback=True)

@@ -9,9 +9,12 @@ const [url, headersJson] = process.argv.slice(2);
 const headers = headersJson ? JSON.parse(headersJson) : {};
 const protocols = headers['Sec-WebSocket-Protocol'];
 delete headers['Sec-WebSocket-Protocol'];
+const options = { headers };
+// WS_CA_FILE: a PEM certificate to trust for wss:// (tests make their own).
+if (process.env.WS_CA_FILE) options.ca = require('fs').readFileSync(process.env.WS_CA_FILE);
 const ws = protocols
-  ? new WebSocket(url, protocols.split(',').map((p) => p.trim()), { headers })
-  : new WebSocket(url, { headers });
+  ? new WebSocket(url, protocols.split(',').map((p) => p.trim()), options)
+  : new WebSocket(url, options);
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
 
 ws.on('open', () => out({ open: ws.protocol }));
