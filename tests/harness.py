@@ -453,3 +453,51 @@ async def upgrade_request(base, user="", headers=None):
     )
     assert response.code != 101, "the upgrade was accepted"
     return response.code, await treq.json_content(response)
+
+
+class SyncDaemon:
+    """
+    `twist wsgw` for tests that talk to it with plain blocking sockets
+    (raw frames, property-based tests); a context manager.  Its log goes to
+    a file, so a chatty daemon never blocks on a full pipe.
+    """
+
+    def __init__(self, *args, cwd):
+        self.args = args
+        self.log_path = Path(cwd) / "daemon.log"
+        self.cwd = cwd
+
+    def __enter__(self):
+        import time
+
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
+        environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", "wsgw",
+                "--listen", "tcp:0:interface=127.0.0.1", *self.args]
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(argv, cwd=self.cwd, env=environment, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.alive():
+            match = re.search(rb"starting on (\d+)", self.log_path.read_bytes())
+            if match:
+                self.port = int(match.group(1))
+                return self
+            time.sleep(0.05)  # polling a file the daemon writes, bounded above
+        self.__exit__()
+        raise AssertionError("daemon did not start:\n" + self.log_path.read_text(errors="replace"))
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def __exit__(self, *exc_info):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.log_file.close()
