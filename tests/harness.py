@@ -501,3 +501,20 @@ class SyncDaemon:
             self.process.kill()
             self.process.wait(timeout=10)
         self.log_file.close()
+
+
+async def eventually(check, what, seconds=WAIT, every=0.1):
+    """
+    Re-run the async C{check} until it returns something true, at most
+    C{seconds}: for state only visible by asking (a metrics page).
+    """
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + seconds
+    while True:
+        result = await check()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+        await deferLater(reactor, every, lambda: None)

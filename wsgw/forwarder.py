@@ -46,15 +46,31 @@ class Backoff:
         return ceiling / 2 + self.rng() * ceiling / 2
 
 
+#: Upper bounds (seconds) of the app-latency histogram's buckets.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @attr.s(slots=True)
 class ForwardStats:
     """
-    Counters an operator watches.
+    Counters an operator watches (read by the metrics collector at scrape
+    time, so counting costs an integer addition).
     """
 
     delivered: int = attr.ib(default=0)
     retried: int = attr.ib(default=0)
     dropped: int = attr.ib(default=0)
+    #: Attempts per latency bucket (the last counts those over every bound).
+    latency_counts: list = attr.ib(factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = attr.ib(default=0.0)
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_counts[index] += 1
+                return
+        self.latency_counts[-1] += 1
 
 
 @attr.s(slots=True, eq=False)
@@ -71,6 +87,8 @@ class EventStream:
     #: When the head event was first attempted, and how often it failed.
     first_try: Optional[float] = attr.ib(default=None)
     failures: int = attr.ib(default=0)
+    #: When the attempt in flight began.
+    attempt_started: float = attr.ib(default=0.0)
     #: The gateway stopped reading from the client because of this backlog.
     throttled: bool = attr.ib(default=False)
 
@@ -102,6 +120,8 @@ class AppForwarder:
     throttle: Callable[[str, bool], None] = attr.ib(default=lambda conn_id, paused: None)
     stats: ForwardStats = attr.ib(factory=ForwardStats)
 
+    #: What the last answer said of the app: "unknown", "up" or "down".
+    app_state: str = attr.ib(default="unknown", init=False)
     _streams: Dict[str, EventStream] = attr.ib(factory=dict, init=False)
     _ready: Deque[EventStream] = attr.ib(factory=deque, init=False)
     _in_flight: int = attr.ib(default=0, init=False)
@@ -124,6 +144,10 @@ class AppForwarder:
         How many connections have events not yet delivered.
         """
         return len(self._streams)
+
+    def backlog_total(self) -> int:
+        """Events waiting for the app, all connections together."""
+        return sum(len(stream.pending) for stream in self._streams.values())
 
     def is_throttled(self, conn_id: str) -> bool:
         stream = self._streams.get(conn_id)
@@ -163,8 +187,9 @@ class AppForwarder:
             self._attempt(stream)
 
     def _attempt(self, stream: EventStream) -> None:
+        stream.attempt_started = self.clock.seconds()
         if stream.first_try is None:
-            stream.first_try = self.clock.seconds()
+            stream.first_try = stream.attempt_started
         body, headers = stream.pending[0]
         try:
             d = self.post(body, headers)
@@ -175,13 +200,17 @@ class AppForwarder:
 
     def _delivered(self, _ignored, stream: EventStream) -> None:
         self.stats.delivered += 1
+        self.stats.observe(self.clock.seconds() - stream.attempt_started)
+        self.app_state = "up"
         self._finish_head(stream)
 
     def _failed(self, failure, stream: EventStream) -> None:
+        self.stats.observe(self.clock.seconds() - stream.attempt_started)
         reason = failure.getErrorMessage() or failure.type.__name__
         elapsed = self.clock.seconds() - stream.first_try
         stream.failures += 1
         permanent = failure.check(AppRejected) is not None
+        self.app_state = "up" if permanent else "down"
         if permanent or elapsed >= self.retry_window:
             self.stats.dropped += 1
             log.warn(

@@ -12,7 +12,7 @@ with what happened, and a connection's C{channel} carries frames out:
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -35,6 +35,43 @@ CLOSE_TOO_SLOW = (4002, "client too slow")
 
 _JSON_HEADERS = [b"application/json"]
 
+#: Close codes by the reason an operator counts them under.
+_CLOSE_REASONS = {
+    1000: "client",
+    1001: "going_away",
+    1002: "protocol_error",
+    1005: "client",
+    1006: "dropped",
+    1007: "protocol_error",
+    1009: "too_big",
+    CLOSE_BY_APP[0]: "app",
+    CLOSE_PING_TIMEOUT[0]: "ping_timeout",
+    CLOSE_TOO_SLOW[0]: "too_slow",
+}
+
+
+def close_reason_label(code: Optional[int]) -> str:
+    return _CLOSE_REASONS.get(code if code is not None else 1006, "client")
+
+
+@attr.s(slots=True)
+class GatewayStats:
+    """
+    Counters an operator watches, read by the metrics collector at scrape
+    time; counting costs an integer addition on the hot paths.
+    """
+
+    opened: int = attr.ib(default=0)
+    closed: Dict[str, int] = attr.ib(factory=dict)
+    refused: Dict[str, int] = attr.ib(factory=dict)
+    frames_in: int = attr.ib(default=0)
+    bytes_in: int = attr.ib(default=0)
+    frames_out: int = attr.ib(default=0)
+    bytes_out: int = attr.ib(default=0)
+
+    def count(self, counter: Dict[str, int], label: str) -> None:
+        counter[label] = counter.get(label, 0) + 1
+
 
 @attr.s(eq=False)
 class Gateway:
@@ -51,6 +88,9 @@ class Gateway:
     registry: Registry = attr.ib(factory=Registry)
     #: The WebSocket factory whose protocols report here, when there is one.
     factory: Any = attr.ib(default=None)
+    stats: GatewayStats = attr.ib(factory=GatewayStats)
+    #: Every listener is up (set by the service that owns the listeners).
+    accepting: bool = attr.ib(default=False)
 
     #: Connections open or closing whose C{close} event is not queued yet.
     _live: dict = attr.ib(factory=dict, init=False)
@@ -69,6 +109,7 @@ class Gateway:
         conn.event_tail = events.envelope_tail(conn)
         self.registry.add(conn)
         self._live[conn.conn_id] = conn
+        self.stats.opened += 1
         log.info(
             "open {conn_id} user={user_name!r} public={access_public} from {remote_addr}",
             conn_id=conn.conn_id,
@@ -81,13 +122,22 @@ class Gateway:
         if self._shutting_down:  # its handshake was already under way
             self.close_connection(conn, *CLOSE_GOING_AWAY)
 
+    def heard_from(self, conn: Connection) -> None:
+        """The client sent something that is not a message (a ping frame)."""
+        conn.last_seen = self.clock.seconds()
+
     def received(self, conn: Connection, payload: bytes, is_binary: bool) -> None:
         conn.last_seen = self.clock.seconds()
+        stats = self.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(payload)
         if conn.ended:
             return
         is_ping, data, extra = events.classify_message(payload, is_binary)
         if is_ping:
             conn.channel.deliver(self._pong)
+            stats.frames_out += 1
+            stats.bytes_out += len(events.PONG)
             return
         self._forward(conn, b"message", data, extra)
 
@@ -103,6 +153,7 @@ class Gateway:
         conn.ended = True
         conn.channel = None
         del self._live[conn.conn_id]
+        self.stats.count(self.stats.closed, close_reason_label(code))
         log.info("close {conn_id} code={code} reason={reason!r}", conn_id=conn.conn_id, code=code, reason=reason)
         if not self._live:
             waiters, self._all_closed = self._all_closed, []
@@ -128,6 +179,8 @@ class Gateway:
             frame = self.prepare(payload)
             for conn in targets:
                 conn.channel.deliver(frame)
+            self.stats.frames_out += len(targets)
+            self.stats.bytes_out += len(payload) * len(targets)
         return len(targets)
 
     def close(

@@ -156,4 +156,10 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
         listener.setServiceParent(top)
     top.listening = DeferredList([listener.ready for listener in listeners], fireOnOneErrback=True)
     top.listening.addCallback(lambda results: [port for _ok, port in results])
+
+    def accepting(ports):
+        gateway.accepting = True
+        return ports
+
+    top.listening.addCallback(accepting)
     return top

@@ -15,8 +15,12 @@ from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
 from .api import JsonTree, conn_api, error_response
 from .config import Config
 from .gateway import Gateway
+from .metrics import Health, MetricsPage, Readiness
 
 log = Logger()
+
+
+_REFUSAL_LABELS = {403: "origin", 401: "no_user", 503: "max_connections", 429: "max_connections_per_user"}
 
 
 class WebSocketEntry(Resource):
@@ -46,6 +50,7 @@ class WebSocketEntry(Resource):
         if refusal is not None:
             status, message = refusal
             log.info("handshake refused: {message}", message=message)
+            self._gateway.stats.count(self._gateway.stats.refused, _REFUSAL_LABELS[status])
             return error_response(request, status, message)
         # The connection leaves twisted.web for good: stop the HTTP
         # channel's idle timer (it would fire hours later on a channel that
@@ -118,11 +123,14 @@ class Refusal(Resource):
 
 def make_resource(gateway: Gateway, config: Config = Config(), *, websocket: bool = True, api: bool = True) -> Resource:
     """
-    A resource serving C{ws} (the WebSocket) and C{tapr/ws/conn/...} (the
-    API, guarded as C{config} says) below wherever it is mounted; either
-    part can be left out, to serve them on separate listeners.
+    A resource serving C{ws} (the WebSocket), C{tapr/ws/conn/...} and
+    C{metrics} (the API and its metrics, guarded as C{config} says), and
+    C{healthz}/C{readyz} below wherever it is mounted; the WebSocket or the
+    API can be left out, to serve them on separate listeners.
     """
     root = JsonTree()
+    root.putChild(b"healthz", Health())
+    root.putChild(b"readyz", Readiness(gateway))
     if websocket:
         root.putChild(b"ws", WebSocketEntry(gateway, config))
     if api:
@@ -132,6 +140,7 @@ def make_resource(gateway: Gateway, config: Config = Config(), *, websocket: boo
         access = ApiAccess(config.admin_token, config.admin_allow_remote)
         ws.putChild(b"conn", GuardedApi(conn_api(gateway, config.max_api_body), access))
         root.putChild(b"tapr", tapr)
+        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway), access))
     return root
 
 

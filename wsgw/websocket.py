@@ -62,6 +62,12 @@ class GatewayProtocol(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         self.factory.gateway.received(self.conn, payload, isBinary)
 
+    def onPing(self, payload):
+        # A WebSocket-level ping (Node's ws.ping()) is a sign of life too.
+        super().onPing(payload)
+        if self.conn is not None:
+            self.factory.gateway.heard_from(self.conn)
+
     def onClose(self, wasClean, code, reason):
         if self.conn is None:
             return
@@ -72,6 +78,10 @@ class GatewayProtocol(WebSocketServerProtocol):
         elif self.closedByMe and self.localCloseCode is not None:
             code = self.localCloseCode
             reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+        elif code is None:
+            # 1005: the client closed properly but gave no code;
+            # 1006: the connection just ended.
+            code = 1005 if wasClean else 1006
         self.factory.gateway.closed(self.conn, code, reason or "")
 
     # -- IPushProducer: the transport's word on its write buffer -------------

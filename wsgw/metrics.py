@@ -1,0 +1,123 @@
+"""
+What an operator watches: Prometheus metrics, and health and readiness.
+
+The gateway and forwarder keep plain integer counters; the collector turns
+them into metric families only when Prometheus scrapes, so the hot paths
+pay nothing for metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+from .api import json_response
+from .forwarder import LATENCY_BUCKETS
+from .gateway import Gateway
+
+
+class GatewayCollector:
+    """A Prometheus collector reading one gateway's counters."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def collect(self):
+        gateway, stats = self.gateway, self.gateway.stats
+        forwarder = gateway.forwarder
+        fstats = forwarder.stats
+
+        public = sum(1 for conn in gateway.registry if conn.access_public)
+        connections = GaugeMetricFamily("wsgw_connections", "Open client connections.", labels=["access"])
+        connections.add_metric(["private"], len(gateway.registry) - public)
+        connections.add_metric(["public"], public)
+        yield connections
+
+        yield CounterMetricFamily("wsgw_connections_opened", "Client connections opened.", value=stats.opened)
+        closed = CounterMetricFamily("wsgw_connections_closed", "Client connections closed, by reason.",
+                                     labels=["reason"])
+        for reason, count in sorted(stats.closed.items()):
+            closed.add_metric([reason], count)
+        yield closed
+        refused = CounterMetricFamily("wsgw_handshakes_refused", "Handshakes refused, by reason.", labels=["reason"])
+        for reason, count in sorted(stats.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+
+        for name, text, value in (
+            ("wsgw_frames_received", "WebSocket messages received from clients (pings included).", stats.frames_in),
+            ("wsgw_bytes_received", "Bytes of messages received from clients.", stats.bytes_in),
+            ("wsgw_frames_sent", "WebSocket messages sent to clients (pongs included).", stats.frames_out),
+            ("wsgw_bytes_sent", "Bytes of messages sent to clients.", stats.bytes_out),
+            ("wsgw_app_events_delivered", "Events the app accepted.", fstats.delivered),
+            ("wsgw_app_retries", "Event POSTs retried after a transient failure.", fstats.retried),
+            ("wsgw_app_events_dropped", "Events given up (retry window over, or refused by the app).",
+             fstats.dropped),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+
+        buckets, cumulative = [], 0
+        for bound, count in zip(LATENCY_BUCKETS, fstats.latency_counts):
+            cumulative += count
+            buckets.append((repr(bound), cumulative))
+        cumulative += fstats.latency_counts[-1]
+        buckets.append(("+Inf", cumulative))
+        yield HistogramMetricFamily("wsgw_app_request_seconds", "Time per event POST attempt.",
+                                    buckets=buckets, sum_value=fstats.latency_sum)
+
+        yield GaugeMetricFamily("wsgw_app_backlog_events", "Events waiting for the app.",
+                                value=forwarder.backlog_total())
+        yield GaugeMetricFamily("wsgw_app_requests_in_flight", "Event POSTs in flight.", value=forwarder.in_flight)
+
+
+class MetricsPage(Resource):
+    """C{GET /metrics} in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway):
+        super().__init__()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(gateway))
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
+class Health(Resource):
+    """C{GET /healthz}: the process answers."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return json_response(request, 200, {"code": 0, "message": "ok"})
+
+
+class Readiness(Resource):
+    """
+    C{GET /readyz}: ready once every listener is up and the app is
+    reachable (or none is configured); 503 otherwise, saying which.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway):
+        super().__init__()
+        self.gateway = gateway
+
+    def render_GET(self, request):
+        forwarder = self.gateway.forwarder
+        app = forwarder.app_state if forwarder.enabled else "not configured"
+        listening = self.gateway.accepting
+        ready = listening and app != "down"
+        body = {
+            "code": 0 if ready else 503,
+            "message": "ready" if ready else ("not listening yet" if not listening else "the app is unreachable"),
+            "listening": listening,
+            "app": app,
+            "connections": len(self.gateway.registry),
+        }
+        return json_response(request, 200 if ready else 503, body)
