@@ -80,19 +80,32 @@ class ListenerService(Service):
     reactor = attr.ib()
     ready: Deferred = attr.ib(factory=Deferred, init=False)
     port = attr.ib(default=None, init=False)
+    _failure = attr.ib(default=None, init=False)
 
     def startService(self):
         super().startService()
         endpoint = serverFromString(self.reactor, self.description)
-        failure = []
-        d = endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, failure.append)
-        if failure:
-            failure[0].raiseException()
+        endpoint.listen(self.factory).addCallbacks(self._listening, self._failed)
+        if self._failure is not None:
+            self._failure.raiseException()
 
     def _listening(self, port):
         self.port = port
         self.ready.callback(port)
+
+    def _failed(self, failure):
+        self._failure = failure
+        hint = ""
+        if "in use" in failure.getErrorMessage():
+            hint = (
+                " Another process holds the port. Ports from 32768 to 60999 (40010 among them) are"
+                " Linux's ephemeral range, where the system's own outgoing connections can take a"
+                " port first: reserve it (sysctl -w net.ipv4.ip_local_reserved_ports=40010) or use"
+                " socket activation (systemd/wsgw.socket)."
+            )
+        log.critical("cannot listen on {endpoint}: {error}.{hint}", endpoint=self.description,
+                     error=failure.getErrorMessage(), hint=hint)
+        self.ready.errback(failure)
 
     def stopService(self):
         super().stopService()
@@ -154,7 +167,9 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     # reverse order, so they stop accepting before clients are closed.
     for listener in listeners:
         listener.setServiceParent(top)
-    top.listening = DeferredList([listener.ready for listener in listeners], fireOnOneErrback=True)
+    top.listening = DeferredList(
+        [listener.ready for listener in listeners], fireOnOneErrback=True, consumeErrors=True
+    )
     top.listening.addCallback(lambda results: [port for _ok, port in results])
 
     def accepting(ports):

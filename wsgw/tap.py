@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from .config import Config, app_url_from_olares_env
 from .service import make_service
+from .systemd import SystemdNotifier
 
 _DEFAULTS = Config()
 
@@ -225,4 +226,5 @@ def makeService(options: Options, reactor=None):
         from twisted.internet import reactor
     service = make_service(options.config, reactor=reactor)
     StopOnSignal(reactor).setServiceParent(service)
+    SystemdNotifier(service.listening, reactor, options.environ).setServiceParent(service)
     return service
