@@ -189,7 +189,7 @@ class Daemon:
         return bounded(self.proto.ended, 30, "the daemon to exit")
 
 
-async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info"):
+async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_format="text"):
     """
     `twist wsgw ARGS` on an ephemeral loopback port (unless ARGS give
     --listen); waits until C{listeners} ports listen.  C{Daemon.ports}
@@ -200,7 +200,7 @@ async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info"):
     # The daemon runs the same wsgw as the tests import, installed or not.
     environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
     environment.update(env or {})
-    argv = [sys.executable, "-m", "twisted", "--log-format=text", f"--log-level={log_level}", "wsgw"]
+    argv = [sys.executable, "-m", "twisted", f"--log-format={log_format}", f"--log-level={log_level}", "wsgw"]
     if not any(a.startswith("--listen") for a in args):
         argv += ["--listen", "tcp:0:interface=127.0.0.1"]
     argv += list(args)

@@ -115,3 +115,23 @@ async def test_retries_drops_backlog_and_readiness_when_the_app_is_down(tmp_path
         client.dropConnection(abort=True)
     finally:
         await daemon.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_logs_carry_fields(tmp_path):
+    app = start_app()
+    daemon = await start_daemon("--app-url", app.url, cwd=tmp_path, log_format="json")
+    try:
+        client = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
+        opened = await app.wait_for_action("open")
+        client.sendClose(1000, "bye")
+        await app.wait_for_action("close")
+    finally:
+        await daemon.terminate()
+        app.port.stopListening()
+    # Every line is one JSON object (after the RFC 7464 record separator).
+    events = [json.loads(line.lstrip("\x1e")) for line in daemon.log_lines() if line.strip("\x1e ")]
+    opens = [e for e in events if e.get("log_format", "").startswith("open ")]
+    closes = [e for e in events if e.get("log_format", "").startswith("close ")]
+    assert opens[0]["conn_id"] == opened["conn_id"] and opens[0]["user_name"] == "alice"
+    assert (closes[0]["conn_id"], closes[0]["code"], closes[0]["reason"]) == (opened["conn_id"], 1000, "bye")
