@@ -3,7 +3,7 @@ import sys
 import pytest
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver
 
-from harness import ensure_node_modules
+from harness import ensure_node_modules, start_app
 
 # Twisted buffers up to 65,536 log events until logging begins; begin it, so
 # in-process tests show warnings and errors (pytest captures stderr) and
@@ -19,3 +19,11 @@ globalLogBeginner.beginLoggingTo(
 def node_ws():
     """The Node `ws` library, installed from npm on first use."""
     ensure_node_modules()
+
+
+@pytest.fixture
+def app():
+    """A real app HTTP server on an ephemeral loopback port, recording events."""
+    app = start_app()
+    yield app
+    app.port.stopListening()

@@ -7,19 +7,11 @@ import json
 import signal
 import uuid
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
 
-from harness import node_client, py_client, start_app, start_daemon
-
-
-@pytest.fixture
-def app():
-    app = start_app()
-    yield app
-    app.port.stopListening()
+from harness import node_client, py_client, start_daemon
 
 
 @pytest_twisted.async_yield_fixture

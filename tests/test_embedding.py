@@ -5,7 +5,6 @@ service to its own MultiService.
 
 import json
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.application.service import MultiService
@@ -13,7 +12,7 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from harness import py_client, start_app
+from harness import py_client
 from wsgw import Config, make_gateway, make_resource, make_service
 
 
@@ -24,13 +23,6 @@ class Page(Resource):
 
     def render_GET(self, request):
         return b"existing page"
-
-
-@pytest.fixture
-def app():
-    app = start_app()
-    yield app
-    app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

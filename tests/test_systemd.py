@@ -88,7 +88,7 @@ def test_socket_activation_serves_an_inherited_socket(tmp_path):
             connection = socket.create_connection(("127.0.0.1", port), timeout=20)
         except OSError:
             process.wait(timeout=30)
-            raise AssertionError(log_path.read_text())
+            raise AssertionError(log_path.read_text()) from None
         connection.settimeout(20)
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = b""
