@@ -135,10 +135,6 @@ class AppForwarder:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def backlog(self, conn_id: str) -> int:
-        stream = self._streams.get(conn_id)
-        return len(stream.pending) if stream else 0
-
     def __len__(self) -> int:
         """
         How many connections have events not yet delivered.
@@ -160,13 +156,9 @@ class AppForwarder:
         if self.post is None:
             return
         stream = self._streams.get(conn_id)
-        if stream is None:
+        idle = stream is None
+        if idle:
             stream = self._streams[conn_id] = EventStream(conn_id)
-            stream.pending.append(event)
-            stream.size = len(event[0])
-            self._ready.append(stream)
-            self._pump()
-            return
         stream.pending.append(event)
         stream.size += len(event[0])
         if not stream.throttled and (
@@ -174,11 +166,14 @@ class AppForwarder:
         ):
             stream.throttled = True
             log.info(
-                "app backlog of {conn_id} reached {backlog}; pausing the client",
+                "app backlog of {conn_id} reached {backlog} events; pausing the client",
                 conn_id=conn_id,
                 backlog=len(stream.pending),
             )
             self.throttle(conn_id, True)
+        if idle:
+            self._ready.append(stream)
+            self._pump()
 
     def _pump(self) -> None:
         while self._ready and self._in_flight < self.max_in_flight:
