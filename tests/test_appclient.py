@@ -86,3 +86,32 @@ def test_attempt_is_bounded_as_a_whole():
     d.addErrback(lambda f: None)
     assert failure.check(Exception)
     assert stalled.requests[-1] == "cancelled"
+
+
+def test_app_connections_turn_nagle_off():
+    """Headers and body go out in separate writes; with Nagle on, every
+    event would wait for the app's delayed ACK."""
+    from twisted.internet.interfaces import ITCPTransport
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import StringTransport
+    from zope.interface import implementer
+
+    from wsgw.appclient import _NoDelayEndpoint
+
+    @implementer(ITCPTransport)
+    class TCPTransport(StringTransport):
+        no_delay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.no_delay = enabled
+
+    class Endpoint:
+        def connect(self, factory):
+            protocol = Protocol()
+            protocol.makeConnection(TCPTransport())
+            from twisted.internet.defer import succeed
+
+            return succeed(protocol)
+
+    protocol = _NoDelayEndpoint(Endpoint()).connect(None).result
+    assert protocol.transport.no_delay is True
