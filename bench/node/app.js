@@ -1,0 +1,234 @@
+'use strict';
+/*
+ * The benchmark's app: a minimal, fast HTTP server standing in for the
+ * application behind each server under test, so that the figures measure the
+ * server, not a slow app.
+ *
+ * One process serves the three dialects, by path:
+ *   /wsgw/...     wsgw's event POSTs (JSON {action, conn_id, data, ...});
+ *   /pushpin/...  Pushpin's WebSocket-over-HTTP requests (application/websocket-events);
+ *   /nchan/...    nchan's publisher upstream requests (the client's message as the body).
+ *
+ * In "count" mode it counts client messages and checks their order per client
+ * (the messages carry {c: client, s: sequence}); in "echo" mode it sends each
+ * message straight back to the connection it came from through the server's
+ * own push API, as a real app answering a request would.
+ *
+ * Control: POST /control {"mode": "count"|"echo"} resets the counters;
+ * GET /stats returns them.  Configuration is one JSON argument:
+ * {"port", "wsgwSend", "pushpinPublish", "nchanPublish"}.
+ */
+
+const http = require('http');
+const { performance } = require('perf_hooks');
+
+const config = JSON.parse(process.argv[2]);
+const now = () => performance.timeOrigin + performance.now();
+const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+
+let mode = 'count';
+let stats;
+let clients;
+
+function reset(newMode) {
+  mode = newMode || mode;
+  clients = new Map(); // client index -> {seen: Set of sequence numbers, max}
+  stats = { mode, requests: 0, open: 0, close: 0, messages: 0, pings: 0, unique: 0, dup: 0, reordered: 0,
+    firstAt: null, lastAt: null, echoes: 0, echoErrors: 0, unparsed: 0 };
+}
+reset('count');
+
+/** Count one client message {c, s} and check it against that client's earlier ones. */
+function track(message) {
+  const t = now();
+  stats.messages++;
+  if (stats.firstAt === null) stats.firstAt = t;
+  stats.lastAt = t;
+  let seq = clients.get(message.c);
+  if (!seq) {
+    seq = { seen: new Set(), max: -1 };
+    clients.set(message.c, seq);
+  }
+  if (seq.seen.has(message.s)) {
+    stats.dup++;
+    return;
+  }
+  seq.seen.add(message.s);
+  stats.unique++;
+  if (message.s < seq.max) stats.reordered++;
+  else seq.max = message.s;
+}
+
+/** One POST; resolves when it is answered (or failed), counting the outcome. */
+function postOut(url, body) {
+  return new Promise((resolve) => {
+    const req = http.request(url, {
+      method: 'POST',
+      agent,
+      headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) },
+    }, (res) => {
+      if (res.statusCode >= 300) stats.echoErrors++;
+      else stats.echoes++;
+      res.resume();
+      res.on('end', resolve);
+    });
+    req.on('error', () => {
+      stats.echoErrors++;
+      resolve();
+    });
+    req.end(body);
+  });
+}
+
+/**
+ * Echo to one connection after its previous echo was answered: the pool's
+ * parallel connections would otherwise let two answers to one client pass
+ * each other before they reach the server, and W4's order check would
+ * measure the app instead of the server.
+ */
+const echoChains = new Map(); // connection key -> promise of its last echo
+function echo(key, url, body) {
+  const previous = echoChains.get(key) || Promise.resolve();
+  const next = previous.then(() => postOut(url, body));
+  echoChains.set(key, next);
+  next.then(() => {
+    if (echoChains.get(key) === next) echoChains.delete(key);
+  });
+}
+
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    stats.unparsed++;
+    return null;
+  }
+}
+
+// -- wsgw ---------------------------------------------------------------------
+
+function wsgw(body, res) {
+  const event = parseJson(body.toString());
+  res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': 2 });
+  res.end('{}');
+  if (!event) return;
+  if (event.action === 'open') stats.open++;
+  else if (event.action === 'close') stats.close++;
+  else if (event.action === 'message') {
+    if (mode === 'echo') echo(event.conn_id, config.wsgwSend, JSON.stringify({ payload: event.data, conn_id: event.conn_id }));
+    else track(event.data);
+  }
+}
+
+// -- Pushpin (GRIP WebSocket-over-HTTP) ------------------------------------------
+
+/** The events of an application/websocket-events body: "TYPE[ hexlen]\r\n[content\r\n]" each. */
+function parseWsEvents(buf) {
+  const events = [];
+  let pos = 0;
+  while (pos < buf.length) {
+    const eol = buf.indexOf('\r\n', pos);
+    if (eol < 0) break;
+    const line = buf.toString('latin1', pos, eol);
+    const space = line.indexOf(' ');
+    pos = eol + 2;
+    let content = null;
+    if (space >= 0) {
+      const length = parseInt(line.slice(space + 1), 16);
+      content = buf.subarray(pos, pos + length);
+      pos += length + 2;
+    }
+    events.push({ type: space < 0 ? line : line.slice(0, space), content });
+  }
+  return events;
+}
+
+function wsEvent(type, content) {
+  if (content === undefined) return Buffer.from(`${type}\r\n`);
+  const bytes = Buffer.isBuffer(content) ? content : Buffer.from(content);
+  return Buffer.concat([Buffer.from(`${type} ${bytes.length.toString(16)}\r\n`), bytes, Buffer.from('\r\n')]);
+}
+
+const PONG = '{"event":"pong"}';
+
+function pushpin(req, body, res) {
+  const connId = req.headers['connection-id'];
+  // A connection listens on the channel its URL names (?ch=), else on its own.
+  const channel = new URL(req.url, 'http://x').searchParams.get('ch') || `conn-${connId}`;
+  const out = [];
+  const headers = { 'Content-Type': 'application/websocket-events' };
+  for (const event of parseWsEvents(body)) {
+    if (event.type === 'OPEN') {
+      stats.open++;
+      headers['Sec-WebSocket-Extensions'] = 'grip';
+      out.push(wsEvent('OPEN'));
+      out.push(wsEvent('TEXT', 'c:' + JSON.stringify({ type: 'subscribe', channel })));
+    } else if (event.type === 'TEXT') {
+      const text = event.content.toString();
+      const message = parseJson(text);
+      if (message && message.event === 'ping') {
+        stats.pings++;
+        // The heartbeat, answered by the app (Pushpin has no such feature);
+        // with GRIP on, text for the client carries the "m:" prefix.
+        out.push(wsEvent('TEXT', 'm:' + PONG));
+      } else if (message && mode === 'echo') {
+        echo(connId, config.pushpinPublish, JSON.stringify({ items: [{ channel: `conn-${connId}`, formats: { 'ws-message': { content: text } } }] }));
+      } else if (message) {
+        track(message);
+      }
+    } else if (event.type === 'CLOSE') {
+      stats.close++;
+      out.push(wsEvent('CLOSE', event.content || Buffer.alloc(0)));
+    } else if (event.type === 'DISCONNECT') {
+      stats.close++;
+    }
+  }
+  const payload = Buffer.concat(out);
+  headers['Content-Length'] = payload.length;
+  res.writeHead(200, headers);
+  res.end(payload);
+}
+
+// -- nchan (publisher upstream request) --------------------------------------------
+
+function nchan(body, res) {
+  // 204: nchan does not publish the client's message; the app decides what goes out.
+  res.writeHead(204);
+  res.end();
+  const text = body.toString();
+  const message = parseJson(text);
+  if (!message) return;
+  if (mode === 'echo') echo(message.c, `${config.nchanPublish}?id=c${message.c}`, text);
+  else track(message);
+}
+
+// -- the server ------------------------------------------------------------------
+
+const server = http.createServer((req, res) => {
+  const chunks = [];
+  req.on('data', (c) => chunks.push(c));
+  req.on('end', () => {
+    const body = Buffer.concat(chunks);
+    stats.requests++;
+    if (req.url === '/stats') {
+      res.writeHead(200, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify(stats));
+    } else if (req.url === '/control') {
+      reset((parseJson(body.toString()) || {}).mode);
+      res.writeHead(200, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify({ mode }));
+    } else if (req.url.startsWith('/wsgw')) {
+      wsgw(body, res);
+    } else if (req.url.startsWith('/pushpin')) {
+      pushpin(req, body, res);
+    } else if (req.url.startsWith('/nchan')) {
+      nchan(body, res);
+    } else {
+      res.writeHead(404);
+      res.end();
+    }
+  });
+});
+server.keepAliveTimeout = 120000;
+server.headersTimeout = 125000;
+server.listen(config.port, '127.0.0.1', () => process.stdout.write(JSON.stringify({ listening: config.port }) + '\n'));
