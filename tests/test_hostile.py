@@ -256,7 +256,7 @@ def test_half_closed_client_is_cleaned_up(daemon):
 
 
 def test_handshake_flood_from_one_peer_is_limited(tmp_path):
-    with SyncDaemon("--rate-limit", "20", cwd=tmp_path) as daemon:
+    with SyncDaemon("--rate-limit", "5", cwd=tmp_path) as daemon:
         refused = 0
         for _ in range(100):
             source = socket.create_connection(("127.0.0.1", daemon.port), timeout=10, source_address=("127.0.0.2", 0))
@@ -265,7 +265,9 @@ def test_handshake_flood_from_one_peer_is_limited(tmp_path):
             status = source.recv(64)
             refused += status.startswith(b"HTTP/1.1 429")
             source.close()
-        assert refused >= 50
+        # A burst of 10, then 5 a second: however slowly this machine sends
+        # the 100 handshakes (under 10 s), most are refused.
+        assert refused >= 40
         client = Raw(daemon.port)  # another peer (127.0.0.1) is served
         assert client.ping() == (1, b'{"event":"pong"}')
         client.close()

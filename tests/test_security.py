@@ -179,8 +179,9 @@ def get_status(port, source):
 async def test_rate_limit_degrades_only_the_flooding_peer(tmp_path):
     daemon = await start_daemon("--rate-limit", "5", cwd=tmp_path)
     try:
-        flood = [get_status(daemon.port, "127.0.0.2") for _ in range(40)]
-        assert flood.count(429) >= 25  # a burst of 10, then 5 a second
+        flood = [get_status(daemon.port, "127.0.0.2") for _ in range(60)]
+        # A burst of 10, then 5 a second: even spread over 6 s, 20 are refused.
+        assert flood.count(429) >= 20
         assert flood[:5] == [200] * 5
         assert get_status(daemon.port, "127.0.0.3") == 200
         assert get_status(daemon.port, "127.0.0.1") == 200
