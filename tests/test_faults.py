@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
-from harness import AppProcess, bounded, free_port, py_client, rss_kib, start_app, start_daemon, upgrade_request
+from harness import AppProcess, bounded, free_port, py_client, rss_kib, start_daemon, upgrade_request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,8 +112,7 @@ async def test_app_answering_500_then_recovering_gets_everything_once_accepted(t
 
 
 @pytest_twisted.ensureDeferred
-async def test_app_answering_in_5s_is_used_in_parallel_and_blocks_nobody(tmp_path):
-    app = start_app()
+async def test_app_answering_in_5s_is_used_in_parallel_and_blocks_nobody(app, tmp_path):
     in_flight = []
     answers = []
 
@@ -140,12 +139,10 @@ async def test_app_answering_in_5s_is_used_in_parallel_and_blocks_nobody(tmp_pat
             if call.active():
                 call.cancel()
         await daemon.terminate()
-        app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
-async def test_paused_client_is_not_expired_for_missed_pings(tmp_path):
-    app = start_app()
+async def test_paused_client_is_not_expired_for_missed_pings(app, tmp_path):
     app.behaviour = lambda event: (200, 0.6)
     daemon = await start_daemon(
         "--app-url", app.url, "--max-backlog", "2", "--ping-timeout", "1", "--ping-check-interval", "0.1",
@@ -176,12 +173,10 @@ async def test_paused_client_is_not_expired_for_missed_pings(tmp_path):
         assert [e["data"] for e in app.events[1:-1]] == [{"n": n} for n in range(5)]
     finally:
         await daemon.terminate()
-        app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_that_never_reads_is_dropped_and_others_get_everything(tmp_path):
-    app = start_app()
+async def test_client_that_never_reads_is_dropped_and_others_get_everything(app, tmp_path):
     daemon = await start_daemon("--app-url", app.url, "--max-outgoing", "262144", cwd=tmp_path)
     try:
         stalled = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
@@ -216,12 +211,10 @@ async def test_client_that_never_reads_is_dropped_and_others_get_everything(tmp_
         assert grown < 15, f"gateway grew by {grown:.1f} MiB"
     finally:
         await daemon.terminate()
-        app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_flood_is_throttled_not_buffered_and_nothing_lost(tmp_path):
-    app = start_app()
+async def test_client_flood_is_throttled_not_buffered_and_nothing_lost(app, tmp_path):
     daemon = await start_daemon("--app-url", app.url, "--max-backlog-bytes", "1000000", cwd=tmp_path)
     try:
         client = await py_client(daemon.ws_url)
@@ -239,7 +232,6 @@ async def test_client_flood_is_throttled_not_buffered_and_nothing_lost(tmp_path)
         await client.closed
     finally:
         await daemon.terminate()
-        app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -258,8 +250,7 @@ async def test_connection_limits_refuse_handshake_with_json(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversized_api_body_is_413_and_message_too_big_is_1009(tmp_path):
-    app = start_app()
+async def test_oversized_api_body_is_413_and_message_too_big_is_1009(app, tmp_path):
     daemon = await start_daemon("--app-url", app.url, "--max-api-body", "1000", "--max-message-size", "2000",
                                 cwd=tmp_path)
     try:
@@ -275,7 +266,6 @@ async def test_oversized_api_body_is_413_and_message_too_big_is_1009(tmp_path):
         assert close["close_code"] == 1009
     finally:
         await daemon.terminate()
-        app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from twisted.internet.task import LoopingCall
 
-from harness import eventually, free_port, py_client, start_app, start_daemon, upgrade_request
+from harness import eventually, free_port, py_client, start_daemon, upgrade_request
 
 
 async def scrape(daemon):
@@ -27,8 +27,7 @@ async def scrape(daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_metrics_move_when_they_should(tmp_path):
-    app = start_app()
+async def test_metrics_move_when_they_should(app, tmp_path):
     daemon = await start_daemon("--app-url", app.url, "--ping-timeout", "1", "--ping-check-interval", "0.1",
                                 "--allowed-origin", "https://ok.example", cwd=tmp_path)
     try:
@@ -79,7 +78,6 @@ async def test_metrics_move_when_they_should(tmp_path):
         assert after["wsgw_connections|access=private"] == 0
     finally:
         await daemon.terminate()
-        app.port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -118,8 +116,7 @@ async def test_retries_drops_backlog_and_readiness_when_the_app_is_down(tmp_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_json_logs_carry_fields(tmp_path):
-    app = start_app()
+async def test_json_logs_carry_fields(app, tmp_path):
     daemon = await start_daemon("--app-url", app.url, cwd=tmp_path, log_format="json")
     try:
         client = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
@@ -128,7 +125,6 @@ async def test_json_logs_carry_fields(tmp_path):
         await app.wait_for_action("close")
     finally:
         await daemon.terminate()
-        app.port.stopListening()
     # Every line is one JSON object (after the RFC 7464 record separator).
     events = [json.loads(line.lstrip("\x1e")) for line in daemon.log_lines() if line.strip("\x1e ")]
     opens = [e for e in events if e.get("log_format", "").startswith("open ")]

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from harness import node_client, py_client, start_app, start_daemon, upgrade_request
+from harness import node_client, py_client, start_daemon, upgrade_request
 
 
 @pytest_twisted.ensureDeferred
@@ -103,9 +103,8 @@ def make_certificate(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_listener_serves_node_clients(tmp_path, node_ws):
+async def test_tls_listener_serves_node_clients(app, tmp_path, node_ws):
     key_path, cert_path = make_certificate(tmp_path)
-    app = start_app()
     daemon = await start_daemon(
         "--listen", f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
         "--app-url", app.url, cwd=tmp_path,
@@ -122,7 +121,6 @@ async def test_tls_listener_serves_node_clients(tmp_path, node_ws):
         await client.stop()
     finally:
         await daemon.terminate()
-        app.port.stopListening()
 
 
 SECRETS = ["TOKENSECRET0123456789", "SESSIONSECRET987", "MESSAGEBODYSECRET", "PAYLOADSECRET"]
@@ -148,14 +146,12 @@ async def exchange_secrets(daemon, app):
 
 @pytest.mark.parametrize("level", ["info", "debug"])
 @pytest_twisted.ensureDeferred
-async def test_logs_hold_no_secrets(tmp_path, level):
-    app = start_app()
+async def test_logs_hold_no_secrets(app, tmp_path, level):
     daemon = await start_daemon("--app-url", app.url, cwd=tmp_path, log_level=level)
     try:
         await exchange_secrets(daemon, app)
     finally:
         await daemon.terminate()
-        app.port.stopListening()
     log = "\n".join(daemon.log_lines())
     assert "open " in log and "close " in log  # the log did record the connection
     for secret in SECRETS:

@@ -14,7 +14,7 @@ import attr
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from .events import to_json
+from .events import refuse_constant, to_json
 from .gateway import Gateway
 from .registry import AccessType
 
@@ -41,9 +41,6 @@ def error_response(request, status: int, message: str) -> bytes:
     return json_response(request, status, {"code": status, "message": message})
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not allowed in JSON")
-
 
 def read_json_object(request, max_body: int) -> Dict[str, Any]:
     if getattr(request, "too_large", False):
@@ -56,7 +53,7 @@ def read_json_object(request, max_body: int) -> Dict[str, Any]:
     content.seek(0)
     raw = content.read()
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant) if raw.strip() else {}
+        body = json.loads(raw, parse_constant=refuse_constant) if raw.strip() else {}
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

@@ -31,7 +31,11 @@ def to_json(value) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
-def _refuse_constant(name: str):
+def refuse_constant(name: str):
+    """
+    For C{json.loads}: Python accepts NaN and Infinity, which are not JSON
+    and which the app's or a client's parser would reject.
+    """
     raise ValueError(f"{name} is not JSON")
 
 
@@ -96,7 +100,7 @@ def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, byte
         return False, b'"' + base64.b64encode(payload) + b'"', BINARY_EXTRA
     text = payload.decode("utf-8")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=refuse_constant)
     except ValueError:
         return False, to_json(text), b""
     if isinstance(value, dict) and value.get("event") == "ping":

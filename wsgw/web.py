@@ -52,12 +52,10 @@ class WebSocketEntry(Resource):
             log.info("handshake refused: {message}", message=message)
             self._gateway.stats.count(self._gateway.stats.refused, _REFUSAL_LABELS[status])
             return error_response(request, status, message)
-        # The connection leaves twisted.web for good: stop the HTTP
-        # channel's idle timer (it would fire hours later on a channel that
-        # no longer owns the socket) and let the WebSocket protocol be the
-        # transport's producer in its place.
+        # The connection leaves twisted.web for good (the HTTP channel
+        # already stopped its idle timer for this request): let the
+        # WebSocket protocol be the transport's producer in its place.
         channel = request.channel
-        channel.setTimeout(None)
         if channel.transport is not None:
             channel.transport.unregisterProducer()
         return self._websocket.render(request)
