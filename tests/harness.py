@@ -518,3 +518,58 @@ async def eventually(check, what, seconds=WAIT, every=0.1):
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {seconds}s waiting for {what}")
         await deferLater(reactor, every, lambda: None)
+
+
+class RedisProtocol(ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.waiters = Waiters()
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+        self.waiters.check()
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+        self.waiters.check()
+
+
+class RedisServer:
+    """
+    A private `redis-server` on a loopback port, without persistence, so a
+    restart comes back empty (as a Redis that lost its data does).
+    """
+
+    def __init__(self, port):
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proto = None
+        self.process = None
+
+    async def start(self):
+        from shutil import which
+
+        self.proto = proto = RedisProtocol()
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no"]
+        self.process = reactor.spawnProcess(proto, which("redis-server") or "/usr/bin/redis-server", argv,
+                                            env={}, path="/")
+        ready = await proto.waiters.wait(
+            lambda: b"Ready to accept connections" in proto.output or proto.ended.called, "redis-server to start")
+        if proto.ended.called:
+            raise AssertionError("redis-server exited:\n" + proto.output.decode("utf-8", "replace"))
+        return ready
+
+    def stop(self):
+        if not self.proto.ended.called:
+            self.process.signalProcess("TERM")
+        return bounded(self.proto.ended, 30, "redis-server to exit")
+
+
+async def start_redis():
+    server = RedisServer(free_port())
+    await server.start()
+    return server

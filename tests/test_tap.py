@@ -62,7 +62,7 @@ def test_every_option_has_an_environment_variable():
     for name, (field, parse_value, _) in _SETTINGS.items():
         if name == "admin-token-file":
             continue  # below, with a real file
-        value = "http://127.0.0.1:5/x" if parse_value is str else "7"
+        value = {"engine": "redis"}.get(name, "http://127.0.0.1:5/x" if parse_value is str else "7")
         assert getattr(parse([], {"WSGW_" + name.upper().replace("-", "_"): value}), field) == parse_value(value)
 
 
@@ -71,6 +71,20 @@ def test_bad_values_are_usage_errors(argv):
     with pytest.raises(UsageError) as e:
         parse(argv)
     assert argv[0] in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--engine", "etcd"], "engine must be one of memory, redis"),
+        (["--engine", "redis", "--redis-url", "http://:secret@h"], "redis_url is not usable: the scheme"),
+        (["--node-id", "has space"], "node_id must be"),
+    ],
+)
+def test_cluster_options_are_checked(argv, message):
+    with pytest.raises(UsageError, match=message) as e:
+        parse(argv)
+    assert "secret" not in str(e.value)
 
 
 def test_twist_help_lists_every_option(tmp_path):

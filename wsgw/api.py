@@ -11,8 +11,10 @@ import json
 from typing import Any, Dict, List, Sequence
 
 import attr
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from .events import refuse_constant, to_json
 from .gateway import Gateway
@@ -111,6 +113,9 @@ class Targets:
             raise ApiError(400, f"{what} target is nil: give {conn_field}, users or tokens")
         return targets
 
+    def criteria(self) -> tuple:
+        return self.conn_ids, self.users, self.tokens, self.access
+
 
 class JsonEndpoint(Resource):
     """
@@ -133,20 +138,53 @@ class JsonEndpoint(Resource):
                 request, 405, f"method {request.method.decode('ascii', 'replace')} not allowed; use {self.methods[0].decode()}"
             )
         try:
-            return json_response(request, 200, self.answer(request))
+            answer = self.answer(request)
         except ApiError as e:
-            log.info("API {path} refused: {message}", path=request.path, message=e.message)
-            return error_response(request, e.status, e.message)
+            return self.refused(request, e)
         except Exception:
             log.failure("API {path} failed", path=request.path)
             return error_response(request, 500, "internal error; see the gateway's log")
+        if isinstance(answer, Deferred):
+            # A cluster-wide answer: the other nodes are asked through Redis.
+            answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+            return NOT_DONE_YET
+        return json_response(request, 200, answer)
 
-    def answer(self, request) -> Dict[str, Any]:
+    def refused(self, request, e: ApiError) -> bytes:
+        log.info("API {path} refused: {message}", path=request.path, message=e.message)
+        return error_response(request, e.status, e.message)
+
+    def _answered(self, answer, request) -> None:
+        if not request.channel:  # the caller hung up meanwhile
+            return
+        request.write(json_response(request, 200, answer))
+        request.finish()
+
+    def _failed(self, failure, request) -> None:
+        log.failure("API {path} failed", failure, path=request.path)
+        if request.channel:
+            request.write(error_response(request, 500, "internal error; see the gateway's log"))
+            request.finish()
+
+    def answer(self, request):
+        """The answer's body, or a L{Deferred} of it."""
         raise NotImplementedError
 
 
 def encode_payload(body: Dict[str, Any]) -> bytes:
     return to_json(body.get("payload"))
+
+
+def reach_answer(matched: int, partial: bool = False) -> Dict[str, Any]:
+    data: Dict[str, Any] = {"matched": matched}
+    if partial:
+        # Some node was not reached (Redis down, a node not answering).
+        data["partial"] = True
+    return {"code": 0, "message": "success", "data": data}
+
+
+def _reached(reach) -> Dict[str, Any]:
+    return reach_answer(reach.matched, reach.partial)
 
 
 class SendEndpoint(JsonEndpoint):
@@ -155,10 +193,11 @@ class SendEndpoint(JsonEndpoint):
     def answer(self, request):
         body = read_json_object(request, self.max_body)
         targets = Targets.from_body(body, "conn_id", "send message")
-        matched = self.gateway.send(
-            encode_payload(body), targets.conn_ids, targets.users, targets.tokens, targets.access
-        )
-        return {"code": 0, "message": "success", "data": {"matched": matched}}
+        payload = encode_payload(body)
+        cluster = self.gateway.cluster
+        if cluster is None:
+            return reach_answer(self.gateway.send(payload, *targets.criteria()))
+        return cluster.send(payload, *targets.criteria()).addCallback(_reached)
 
 
 class CloseEndpoint(JsonEndpoint):
@@ -167,15 +206,28 @@ class CloseEndpoint(JsonEndpoint):
     def answer(self, request):
         body = read_json_object(request, self.max_body)
         targets = Targets.from_body(body, "conns", "close")
-        matched = self.gateway.close(targets.conn_ids, targets.users, targets.tokens, targets.access)
-        return {"code": 0, "message": "success", "data": {"matched": matched}}
+        cluster = self.gateway.cluster
+        if cluster is None:
+            return reach_answer(self.gateway.close(*targets.criteria()))
+        return cluster.close(*targets.criteria()).addCallback(_reached)
+
+
+def _listed(result) -> Dict[str, Any]:
+    entries, partial = result
+    answer: Dict[str, Any] = {"code": 0, "message": "success", "data": entries}
+    if partial:
+        answer["partial"] = True
+    return answer
 
 
 class ListEndpoint(JsonEndpoint):
     methods = (b"GET",)
 
     def answer(self, request):
-        return {"code": 0, "message": "success", "data": self.gateway.listing()}
+        cluster = self.gateway.cluster
+        if cluster is None:
+            return {"code": 0, "message": "success", "data": self.gateway.listing()}
+        return cluster.listing().addCallback(_listed)
 
 
 class JsonNotFound(Resource):

@@ -9,11 +9,70 @@ or the command line below this module.
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping, Optional, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attr
 
 DEFAULT_LISTEN = "tcp:40010"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ENGINES = ("memory", "redis")
+_NODE_ID = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
+
+
+@attr.s(frozen=True, slots=True)
+class RedisAddress:
+    """Where Redis is and how to sign in, from a C{redis://} URL."""
+
+    host: str = attr.ib(default="127.0.0.1")
+    port: int = attr.ib(default=6379)
+    path: Optional[str] = attr.ib(default=None)
+    tls: bool = attr.ib(default=False)
+    db: int = attr.ib(default=0)
+    username: Optional[str] = attr.ib(default=None)
+    password: Optional[str] = attr.ib(default=None, repr=False)
+
+    def shown(self) -> str:
+        """The address for logs, without the password."""
+        where = f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """
+    C{redis://[[user]:password@]host[:port][/db]}, C{rediss://} for TLS, or
+    C{unix:///path/to/redis.sock[?db=N]}; raises L{ValueError} saying what
+    is wrong.
+    """
+    parts = urlsplit(url)
+    try:
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("a unix:// URL needs a socket path")
+            db = int(parse_qs(parts.query).get("db", ["0"])[0])
+            return RedisAddress(path=parts.path, db=db, username=username, password=password)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("the scheme must be redis://, rediss:// or unix://")
+        if not parts.hostname:
+            raise ValueError("it names no host")
+        db_text = parts.path.strip("/")
+        return RedisAddress(
+            host=parts.hostname,
+            port=parts.port or 6379,
+            tls=parts.scheme == "rediss",
+            db=int(db_text) if db_text else 0,
+            username=username,
+            password=password,
+        )
+    except ValueError as e:
+        # urlsplit's own messages (a bad port) are clear; int()'s are not.
+        message = str(e)
+        if message.startswith("invalid literal"):
+            message = "the database must be a number"
+        raise ValueError(message) from None
 
 
 def app_url_from_olares_env(environ: Mapping[str, str]) -> Optional[str]:
@@ -85,10 +144,38 @@ class Config:
     #: Requests (handshakes and API calls) per second allowed from one peer
     #: address, 0 for no limit; bursts up to twice that.
     rate_limit: float = attr.ib(default=0.0)
+    #: C{memory}: one process is the whole gateway.  C{redis}: this process
+    #: is one node of a gateway that shares its connections through Redis.
+    engine: str = attr.ib(default="memory")
+    redis_url: str = attr.ib(default=DEFAULT_REDIS_URL, repr=False)
+    #: Prefix of every Redis key and channel: nodes with the same prefix
+    #: (and Redis) form one gateway.
+    redis_prefix: str = attr.ib(default="wsgw")
+    #: This node's name in the cluster; by default the host name and the
+    #: first listen endpoint.  It must be unique, and stable across restarts.
+    node_id: Optional[str] = attr.ib(default=None)
+    #: A node that stops refreshing its presence leaves C{/list} after this.
+    presence_ttl: float = attr.ib(default=15.0)
+    #: How long a cluster-wide send/close/list waits for the other nodes.
+    cluster_timeout: float = attr.ib(default=2.0)
 
     def __attrs_post_init__(self):
         if self.admin_allow_remote and not self.admin_token:
             raise ValueError("admin_allow_remote needs an admin_token: the API would be open to anyone")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.engine == "redis":
+            try:
+                self.redis_address()
+            except ValueError as e:
+                raise ValueError(f"redis_url is not usable: {e}") from None
+        if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
+            raise ValueError("node_id must be 1 to 200 printable ASCII characters without spaces")
+        if not _NODE_ID.fullmatch(self.redis_prefix):
+            raise ValueError("redis_prefix must be 1 to 200 printable ASCII characters without spaces")
+
+    def redis_address(self) -> RedisAddress:
+        return parse_redis_url(self.redis_url)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> "Config":

@@ -91,6 +91,9 @@ class Gateway:
     stats: GatewayStats = attr.ib(factory=GatewayStats)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
+    #: The L{wsgw.cluster.Cluster} this gateway is a node of, if any: it is
+    #: told of every connection that joins or leaves the registry.
+    cluster: Any = attr.ib(default=None)
 
     #: Connections open or closing whose C{close} event is not queued yet.
     _live: dict = attr.ib(factory=dict, init=False)
@@ -108,6 +111,8 @@ class Gateway:
         conn.last_seen = self.clock.seconds()
         conn.event_tail = events.envelope_tail(conn)
         self.registry.add(conn)
+        if self.cluster is not None:
+            self.cluster.joined(conn)
         self._live[conn.conn_id] = conn
         self.stats.opened += 1
         log.info(
@@ -148,7 +153,7 @@ class Gateway:
         """
         if conn.ended or self._live.get(conn.conn_id) is not conn:
             return
-        self.registry.remove(conn)
+        self._unregister(conn)
         self._forward(conn, b"close", events.EMPTY_OBJECT, events.close_extra(code, reason))
         conn.ended = True
         conn.channel = None
@@ -219,7 +224,7 @@ class Gateway:
         close or list sees it any more.  Its C{close} event still follows.
         """
         conn.closing = True
-        self.registry.remove(conn)
+        self._unregister(conn)
 
     def expire_silent(self) -> int:
         """
@@ -280,6 +285,10 @@ class Gateway:
         return d
 
     # -- internals -------------------------------------------------------------
+
+    def _unregister(self, conn: Connection) -> None:
+        if self.registry.remove(conn) and self.cluster is not None:
+            self.cluster.left(conn)
 
     def _forward(self, conn: Connection, action: bytes, data: bytes, extra: bytes) -> None:
         if not self.forwarder.enabled:

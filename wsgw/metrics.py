@@ -71,6 +71,25 @@ class GatewayCollector:
                                 value=forwarder.backlog_total())
         yield GaugeMetricFamily("wsgw_app_requests_in_flight", "Event POSTs in flight.", value=forwarder.in_flight)
 
+        cluster = gateway.cluster
+        if cluster is not None:
+            cstats = cluster.stats
+            yield GaugeMetricFamily("wsgw_redis_up", "1 while Redis is reachable (--engine redis).",
+                                    value=int(cluster.up))
+            yield GaugeMetricFamily("wsgw_cluster_nodes", "Live nodes at the last presence refresh.",
+                                    value=cstats.nodes)
+            for name, text, value in (
+                ("wsgw_cluster_commands_published", "send/close commands published to the other nodes.",
+                 cstats.published),
+                ("wsgw_cluster_commands_applied", "send/close commands from other nodes applied here.",
+                 cstats.applied),
+                ("wsgw_cluster_messages_malformed", "Messages and presence records from Redis skipped as malformed.",
+                 cstats.malformed),
+                ("wsgw_cluster_partial_answers", "send/close answers some node did not contribute to.",
+                 cstats.partial),
+            ):
+                yield CounterMetricFamily(name, text, value=value)
+
 
 class MetricsPage(Resource):
     """C{GET /metrics} in the Prometheus text format."""
@@ -100,6 +119,10 @@ class Readiness(Resource):
     """
     C{GET /readyz}: ready once every listener is up and the app is
     reachable (or none is configured); 503 otherwise, saying which.
+
+    A cluster node whose Redis is down is ready but degraded: it serves its
+    own connections, and taking every node out of a load balancer because
+    Redis is down would turn a partial outage into a full one.
     """
 
     isLeaf = True
@@ -120,4 +143,10 @@ class Readiness(Resource):
             "app": app,
             "connections": len(self.gateway.registry),
         }
+        cluster = self.gateway.cluster
+        if cluster is not None:
+            body["redis"] = "up" if cluster.up else "down"
+            body["nodes"] = cluster.stats.nodes
+            if ready and not cluster.up:
+                body["message"] = "ready, degraded: redis is unreachable, so send, close and list reach this node only"
         return json_response(request, 200 if ready else 503, body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import attr
 
@@ -174,20 +174,28 @@ class Registry:
         """
         The C{/list} answer: one entry per user name with open connections.
         """
-        entries = []
-        for name, bucket in self._by_user.items():
-            private = [c.describe() for c in bucket.values() if not c.access_public]
-            public = [c.describe() for c in bucket.values() if c.access_public]
-            entries.append(
-                {
-                    "name": name,
-                    "conns": private,
-                    "conns_number": len(private),
-                    "public_conns": public,
-                    "public_conns_number": len(public),
-                }
-            )
-        return entries
+        return group_listing((c.user_name, c.access_public, c.describe()) for c in self._by_id.values())
+
+
+def group_listing(described: Iterable[Tuple[str, bool, Dict[str, str]]]) -> List[Dict[str, Any]]:
+    """
+    C{/list} entries from C{(user name, public, described connection)}
+    triples: one entry per user, in the order users first appear.
+    """
+    users: Dict[str, Tuple[List[Dict[str, str]], List[Dict[str, str]]]] = {}
+    for name, public, conn in described:
+        private_conns, public_conns = users.setdefault(name, ([], []))
+        (public_conns if public else private_conns).append(conn)
+    return [
+        {
+            "name": name,
+            "conns": private_conns,
+            "conns_number": len(private_conns),
+            "public_conns": public_conns,
+            "public_conns_number": len(public_conns),
+        }
+        for name, (private_conns, public_conns) in users.items()
+    ]
 
 
 def _access_allows(access: AccessType, conn: Connection) -> bool:

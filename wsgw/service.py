@@ -32,6 +32,9 @@ def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
     A L{Gateway} (with its WebSocket factory as C{gateway.factory}) that
     forwards to C{config.app_url} through C{http_client} (a treq
     C{HTTPClient}; by default one with a persistent pool).
+
+    With C{config.engine} C{"redis"}, C{gateway.cluster} is its
+    L{wsgw.cluster.Cluster}, a service that L{make_service} runs.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -63,6 +66,10 @@ def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
     )
     factory.gateway = gateway
     gateway.factory = factory
+    if config.engine == "redis":
+        from .cluster import make_cluster  # needs the optional txredisapi
+
+        make_cluster(gateway, config, reactor)
     return gateway
 
 
@@ -155,6 +162,9 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
         gateway = make_gateway(config, reactor)
     top = MultiService()
     top.gateway = gateway
+    if gateway.cluster is not None:
+        # First in, last out: the node leaves the cluster after its drain.
+        gateway.cluster.setServiceParent(top)
     GatewayService(gateway, config.ping_check_interval, config.drain_timeout, reactor).setServiceParent(top)
     # With --admin-listen the API is served there alone and /ws elsewhere.
     separate_api = bool(config.admin_listen)

@@ -51,6 +51,15 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _engine(value: str) -> str:
+    if value == "redis":
+        try:
+            import txredisapi  # noqa: F401
+        except ImportError:
+            raise ValueError("needs the txredisapi package: pip install 'wsgw[redis]'") from None
+    return value
+
+
 def _read_token_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -88,6 +97,12 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "admin-token": ("admin_token", str, "bearer token the API requires (Authorization: Bearer ...)"),
     "admin-token-file": ("admin_token", _read_token_file, "file holding the API's bearer token"),
     "rate-limit": ("rate_limit", _non_negative_float, "requests per second per peer address, bursts of twice that (0: off; more: 429)"),
+    "engine": ("engine", _engine, "memory (this process is the whole gateway) or redis (one node of several sharing Redis)"),
+    "redis-url": ("redis_url", str, "Redis for --engine redis: redis://[[user]:password@]host[:port][/db], rediss:// (TLS) or unix:///path"),
+    "redis-prefix": ("redis_prefix", str, "prefix of the Redis keys and channels; nodes sharing it form one gateway"),
+    "node-id": ("node_id", str, "this node's unique, stable name in the cluster [default: host name/first --listen]"),
+    "presence-ttl": ("presence_ttl", _positive_float, "seconds after which a node that stopped refreshing leaves /list"),
+    "cluster-timeout": ("cluster_timeout", _positive_float, "seconds a send/close waits for the other nodes' counts"),
 }
 
 # option name → (Config field, help); each may be given several times.

@@ -1,0 +1,377 @@
+"""
+Several nodes as one gateway (--engine redis): a real redis-server, three
+`twist wsgw` processes, one app, and clients spread over the nodes.
+"""
+
+import json
+import re
+import signal
+
+import pytest_twisted
+import treq
+from twisted.internet.defer import Deferred, gatherResults
+
+from harness import eventually, node_client, py_client, start_daemon, start_redis
+
+PRESENCE_TTL = 2.0
+
+
+async def start_node(redis, app, tmp_path, name, *extra):
+    node = await start_daemon(
+        "--app-url", app.url, "--engine", "redis", "--redis-url", redis.url, "--node-id", name,
+        "--presence-ttl", str(PRESENCE_TTL), *extra, cwd=tmp_path,
+    )
+    node.name = name
+    await until_redis(node, "up")
+    return node
+
+
+async def until_redis(node, state):
+    async def check():
+        response = await treq.get(node.base + "/readyz")
+        body = await treq.json_content(response)
+        return body.get("redis") == state and body
+
+    return await eventually(check, f"{node.name} to see redis {state}", seconds=20)
+
+
+@pytest_twisted.async_yield_fixture
+async def redis():
+    server = await start_redis()
+    yield server
+    await server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def nodes(redis, app, tmp_path):
+    started = await gatherResults(
+        [Deferred.fromCoroutine(start_node(redis, app, tmp_path, f"node{i}")) for i in (1, 2, 3)],
+        consumeErrors=True,
+    )
+    # Each node counts the others once it has refreshed after they joined.
+    await gatherResults([Deferred.fromCoroutine(until_nodes(node, 3)) for node in started])
+    yield started
+    await gatherResults([node.terminate() for node in started], consumeErrors=True)
+
+
+async def until_nodes(node, count):
+    async def check():
+        return (await metric(node, "wsgw_cluster_nodes")) == count
+
+    await eventually(check, f"{node.name} to count {count} nodes")
+
+
+async def api(node, path, body=None):
+    if body is None:
+        response = await treq.get(node.base + "/tapr/ws/conn/" + path)
+    else:
+        response = await treq.post(node.base + "/tapr/ws/conn/" + path, data=json.dumps(body).encode())
+    return response.code, await treq.json_content(response)
+
+
+async def metric(node, name):
+    response = await treq.get(node.base + "/metrics")
+    text = (await treq.content(response)).decode()
+    match = re.search(rf"^{name}(?:_total)? (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+async def listed_ids(node):
+    status, answer = await api(node, "list")
+    assert status == 200 and answer["code"] == 0
+    return {
+        entry["name"]: sorted(c["id"] for c in entry["conns"] + entry["public_conns"])
+        for entry in answer["data"]
+    }, answer.get("partial", False)
+
+
+async def opened_conn(app, user, seen):
+    """The conn id of the next connection of C{user} the app heard open."""
+    event = await app.wait_for(
+        lambda: next((e for e in app.events if e["action"] == "open" and e["user_name"] == user
+                      and e["conn_id"] not in seen), None),
+        f"open of {user}",
+    )
+    seen.add(event["conn_id"])
+    return event["conn_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_to_a_user_reaches_each_connection_once_on_every_node(nodes, app, node_ws):
+    """
+    Alice has a Node `ws` client on each node, Bob one on the second: a
+    send to Alice, from any node, reaches each of hers exactly once, in
+    order, and none of Bob's; C{matched} counts them all.
+    """
+    alice = [await node_client(node.ws_url, {"X-Bfl-User": "alice"}) for node in nodes]
+    bob = await node_client(nodes[1].ws_url, {"X-Bfl-User": "bob"})
+    try:
+        sent = []
+        for i in range(30):
+            origin = nodes[i % 3]
+            status, answer = await api(origin, "send", {"users": ["alice"], "payload": {"n": i}})
+            assert (status, answer["data"]) == (200, {"matched": 3})
+            sent.append({"n": i})
+        for client in alice:
+            received = await client.wait_messages(30)
+            assert [json.loads(m) for m in received] == sent
+        # A last message to everyone: anything duplicated would be before it.
+        status, answer = await api(nodes[2], "send", {"users": ["alice", "bob"], "payload": "end"})
+        assert answer["data"] == {"matched": 4}
+        for client in alice:
+            received = await client.wait_messages(31)
+            assert [json.loads(m) for m in received] == sent + ["end"]
+        assert [json.loads(m) for m in await bob.wait_messages(1)] == ["end"]
+    finally:
+        for client in alice + [bob]:
+            await client.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_matching_rules_hold_across_nodes(nodes, app):
+    """
+    Conn ids, tokens and users_access_type select the same connections
+    whichever node is asked and whichever node holds them.
+    """
+    seen = set()
+    private = await py_client(nodes[0].ws_url, {"X-Bfl-User": "carol", "Cookie": "auth_token=t-carol"})
+    private_id = await opened_conn(app, "carol", seen)
+    public = await py_client(nodes[1].ws_url, {"X-Bfl-User": "carol"})
+    public_id = await opened_conn(app, "carol", seen)
+    other = await py_client(nodes[2].ws_url, {"X-Bfl-User": "dave", "Cookie": "auth_token=t-dave"})
+    other_id = await opened_conn(app, "dave", seen)
+
+    # By conn id, asked on a node that does not hold it.
+    status, answer = await api(nodes[2], "send", {"conn_id": private_id, "payload": "one"})
+    assert answer["data"] == {"matched": 1}
+    assert await private.next_message() == '"one"'
+    # Public connections of a user only.
+    status, answer = await api(nodes[0], "send", {"users": ["carol"], "users_access_type": 2, "payload": "pub"})
+    assert answer["data"] == {"matched": 1}
+    assert await public.next_message() == '"pub"'
+    # Private ones only.
+    status, answer = await api(nodes[1], "send", {"users": ["carol"], "users_access_type": 1, "payload": "priv"})
+    assert answer["data"] == {"matched": 1}
+    assert await private.next_message() == '"priv"'
+    # Token and user together: the intersection (Dave's token is not Carol's).
+    status, answer = await api(nodes[0], "send", {"users": ["carol"], "tokens": ["t-dave"], "payload": "none"})
+    assert answer["data"] == {"matched": 0}
+    status, answer = await api(nodes[0], "send", {"tokens": ["t-dave", "t-carol"], "payload": "both"})
+    assert answer["data"] == {"matched": 2}
+    assert await private.next_message() == '"both"'
+    assert await other.next_message() == '"both"'
+    # Nothing else arrived anywhere.
+    for client in (private, public, other):
+        assert client.messages.pending == []
+    # An unknown conn id matches nothing, wherever it is asked.
+    status, answer = await api(nodes[1], "send", {"conn_id": "no-such-conn", "payload": "x"})
+    assert (status, answer["data"]) == (200, {"matched": 0})
+    assert other_id and public_id
+    for client in (private, public, other):
+        client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_shows_the_whole_gateway_on_every_node(nodes, app):
+    seen = set()
+    clients, expected = [], {}
+    for i, (node, user, cookie) in enumerate([
+        (nodes[0], "erin", "auth_token=e1"), (nodes[1], "erin", ""), (nodes[2], "frank", "auth_token=f1"),
+        (nodes[2], "erin", "auth_token=e2"),
+    ]):
+        headers = {"X-Bfl-User": user, "User-Agent": f"agent-{i}"}
+        if cookie:
+            headers["Cookie"] = cookie
+        clients.append(await py_client(node.ws_url, headers))
+        expected.setdefault(user, []).append(await opened_conn(app, user, seen))
+    expected = {user: sorted(ids) for user, ids in expected.items()}
+    for node in nodes:
+        listed, partial = await listed_ids(node)
+        assert (listed, partial) == (expected, False)
+    # The entries have the original's shape, with public and private apart.
+    status, answer = await api(nodes[1], "list")
+    [erin] = [entry for entry in answer["data"] if entry["name"] == "erin"]
+    assert erin["conns_number"] == 2 and erin["public_conns_number"] == 1
+    assert {c["userAgent"] for c in erin["conns"]} == {"agent-0", "agent-3"}
+    assert {c["token"] for c in erin["conns"]} == {"e1", "e2"}
+    for client in clients:
+        client.transport.loseConnection()
+    # Closed connections leave every node's list.
+    for node in nodes:
+        await eventually(lambda: _empty(node), f"{node.name}'s list to empty")
+
+
+async def _empty(node):
+    listed, _partial = await listed_ids(node)
+    return listed == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_reaches_every_node_and_each_node_reports_its_own(nodes, app):
+    """
+    A close by user, asked on one node, closes that user's connections on
+    all nodes with 4000; each close event reaches the app once.
+    """
+    seen = set()
+    clients = [await py_client(node.ws_url, {"X-Bfl-User": "gina"}) for node in nodes]
+    ids = [await opened_conn(app, "gina", seen) for _ in nodes]
+    status, answer = await api(nodes[0], "close", {"users": ["gina"]})
+    assert (status, answer["data"]) == (200, {"matched": 3})
+    for client in clients:
+        code, _reason = await client.closed
+        assert code == 4000
+    for conn_id in ids:
+        await app.wait_for_action("close", conn_id)
+        assert app.actions(conn_id) == ["open", "close"]
+    status, answer = await api(nodes[1], "close", {"users": ["gina"]})
+    assert answer["data"] == {"matched": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_node_leaves_the_list_and_a_restart_leaves_no_ghosts(nodes, app, redis, tmp_path):
+    seen = set()
+    survivor = await py_client(nodes[0].ws_url, {"X-Bfl-User": "hank"})
+    survivor_id = await opened_conn(app, "hank", seen)
+    doomed = [await py_client(nodes[2].ws_url, {"X-Bfl-User": "hank"}) for _ in range(2)]
+    for _ in doomed:
+        await opened_conn(app, "hank", seen)
+    listed, _ = await listed_ids(nodes[0])
+    assert len(listed["hank"]) == 3
+
+    # SIGKILL: no goodbye.  Sends stop counting it at once (its subscription
+    # is gone), and its connections leave /list within the presence TTL.
+    await nodes[2].terminate(signal.SIGKILL)
+    started = app_clock()
+    status, answer = await api(nodes[1], "send", {"users": ["hank"], "payload": "still here"})
+    assert answer["data"] == {"matched": 1}
+
+    async def only_survivor():
+        listed, _ = await listed_ids(nodes[1])
+        return listed == {"hank": [survivor_id]}
+
+    await eventually(only_survivor, "the dead node to leave /list", seconds=PRESENCE_TTL + 5)
+    assert app_clock() - started < PRESENCE_TTL + 2
+
+    # Its connections appear again, but only those of the restarted node.
+    restarted = await start_node(redis, app, tmp_path, "node3")
+    listed, _ = await listed_ids(nodes[0])
+    assert listed == {"hank": [survivor_id]}
+    fresh = await py_client(restarted.ws_url, {"X-Bfl-User": "hank"})
+    fresh_id = await opened_conn(app, "hank", seen)
+    listed, _ = await listed_ids(nodes[1])
+    assert listed == {"hank": sorted([survivor_id, fresh_id])}
+    status, answer = await api(nodes[0], "send", {"users": ["hank"], "payload": "hi"})
+    assert answer["data"] == {"matched": 2}
+    assert await fresh.next_message() == '"hi"'
+    fresh.transport.loseConnection()
+    survivor.transport.loseConnection()
+    await restarted.terminate()
+
+
+def app_clock():
+    from twisted.internet import reactor
+
+    return reactor.seconds()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_each_node_serves_its_own_and_recovers(nodes, app, redis):
+    seen = set()
+    near = await py_client(nodes[0].ws_url, {"X-Bfl-User": "ivy"})
+    near_id = await opened_conn(app, "ivy", seen)
+    far = await py_client(nodes[1].ws_url, {"X-Bfl-User": "ivy"})
+    far_id = await opened_conn(app, "ivy", seen)
+
+    await redis.stop()
+    ready = await until_redis(nodes[0], "down")
+    assert ready["code"] == 0 and "degraded" in ready["message"]
+    assert await metric(nodes[0], "wsgw_redis_up") == 0
+
+    # Local send, close and list go on; the answers say they are partial.
+    for i in range(5):
+        status, answer = await api(nodes[0], "send", {"users": ["ivy"], "payload": i})
+        assert (status, answer["data"]) == (200, {"matched": 1, "partial": True})
+        assert await near.next_message() == str(i)
+    listed, partial = await listed_ids(nodes[0])
+    assert (listed, partial) == ({"ivy": [near_id]}, True)
+    # A client connecting meanwhile is served, and listed once Redis is back.
+    late = await py_client(nodes[2].ws_url, {"X-Bfl-User": "ivy"})
+    late_id = await opened_conn(app, "ivy", seen)
+    # Said once, not once per send.
+    unreachable = [line for line in nodes[0].log_lines() if "unreachable" in line]
+    assert len(unreachable) == 1
+
+    # Redis comes back empty: every node writes its presence again.
+    await redis.start()
+    for node in nodes:
+        await until_redis(node, "up")
+    expected = {"ivy": sorted([near_id, far_id, late_id])}
+
+    async def whole():
+        listed, partial = await listed_ids(nodes[0])
+        return (listed, partial) == (expected, False)
+
+    await eventually(whole, "the list to be whole again")
+    status, answer = await api(nodes[0], "send", {"users": ["ivy"], "payload": "back"})
+    assert answer["data"] == {"matched": 3}
+    for client in (near, far, late):
+        # Far missed what was sent while Redis was down: documented.
+        assert await client.next_message() == '"back"'
+    assert len([line for line in nodes[0].log_lines() if "reachable again" in line]) == 1
+    for client in (near, far, late):
+        client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_messages_from_redis_are_counted_and_skipped(nodes, app, redis):
+    """
+    A node applies only well-formed commands from the channel; everything
+    else is counted, logged at most once a minute, and skipped.
+    """
+    import txredisapi
+
+    client = await py_client(nodes[0].ws_url, {"X-Bfl-User": "jack"})
+    await opened_conn(app, "jack", set())
+    publisher = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+    try:
+        bad = [
+            "not json",
+            "[1,2]",
+            json.dumps({"v": 2, "from": "x", "id": "1", "op": "send", "users": ["jack"], "payload": "1"}),
+            json.dumps({"v": 1, "from": "x", "id": "2", "op": "explode", "users": ["jack"]}),
+            json.dumps({"v": 1, "from": "x", "id": "3", "op": "send", "users": "jack", "payload": "1"}),
+            json.dumps({"v": 1, "from": "x", "id": "4", "op": "send", "users": ["jack"], "payload": "{oops"}),
+            json.dumps({"v": 1, "from": "x", "id": "5", "op": "send", "users": ["jack"], "payload": 7}),
+            json.dumps({"v": 1, "from": "x", "id": "6", "op": "close", "access": True, "users": ["jack"]}),
+            json.dumps({"v": 1, "from": "", "id": "7", "op": "close", "users": ["jack"]}),
+            json.dumps({"v": 1, "from": "x", "id": "8", "op": "close"}),
+        ]
+        for raw in bad:
+            await publisher.publish("wsgw:commands", raw)
+        await publisher.publish("wsgw:replies:node1", '{"v":1,"from":"x","id":"9","matched":-1}')
+        # A well-formed command from a node the test plays is applied and answered.
+        good = {"v": 1, "from": "tester", "id": "10", "op": "send", "conn_ids": [], "users": ["jack"],
+                "tokens": [], "access": 0, "payload": '{"ok":true}'}
+        await publisher.publish("wsgw:commands", json.dumps(good))
+        assert await client.next_message() == '{"ok":true}'
+
+        async def counted():
+            return await metric(nodes[0], "wsgw_cluster_messages_malformed") == len(bad) + 1
+
+        await eventually(counted, "malformed messages to be counted")
+        assert len([line for line in nodes[0].log_lines() if "malformed" in line]) == 1
+        # A malformed presence record of a live node is skipped by /list.
+        await publisher.set("wsgw:alive:ghost", "x", expire=30)
+        await publisher.sadd("wsgw:nodes", "ghost")
+        await publisher.hset("wsgw:conns:ghost", "c1", "{not a record")
+        await publisher.hset("wsgw:conns:ghost", "c2", json.dumps({"name": "jack", "public": "no", "conn": {}}))
+        listed, partial = await listed_ids(nodes[1])
+        assert len(listed["jack"]) == 1 and not partial
+        # Every node still serves.
+        for node in nodes:
+            status, answer = await api(node, "send", {"users": ["jack"], "payload": node.name})
+            assert answer["data"]["matched"] == 1
+            assert await client.next_message() == json.dumps(node.name)
+    finally:
+        await publisher.disconnect()
+        client.transport.loseConnection()
