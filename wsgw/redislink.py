@@ -188,11 +188,16 @@ class RedisLink(Service):
     # fires with the protocol itself, the one whose connectionLost reports.
 
     def _commands_ready(self, proxy):
+        # A PING first: a Redis that is stopped (not gone) still completes
+        # TCP handshakes, and must not count as back until it answers.
+        def ping(protocol):
+            return protocol.ping().addCallback(lambda _: protocol)
+
         def ready(protocol):
             self._commands = protocol
             self._update()
 
-        return proxy.whenConnected().addCallback(ready)
+        return proxy.whenConnected().addCallback(ping).addCallback(ready)
 
     def _subscriber_ready(self, proxy):
         def subscribe(protocol):
