@@ -12,6 +12,7 @@ import treq
 from twisted.internet.defer import Deferred, gatherResults
 
 from harness import eventually, node_client, py_client, start_daemon, start_redis
+from test_cli import ctl
 
 PRESENCE_TTL = 2.0
 
@@ -294,6 +295,12 @@ async def test_redis_down_each_node_serves_its_own_and_recovers(nodes, app, redi
         assert await near.next_message() == str(i)
     listed, partial = await listed_ids(nodes[0])
     assert (listed, partial) == ({"ivy": [near_id]}, True)
+    # wsgw-ctl says so too.
+    result = await ctl(nodes[0], "send", "5", "--user", "ivy")
+    assert result.stdout.strip() == "send: 1 connection(s) matched (partial: some nodes were not reached (is Redis down?))"
+    assert await near.next_message() == "5"
+    result = await ctl(nodes[0], "list")
+    assert "ivy" in result.stdout and "partial" in result.stderr
     # A client connecting meanwhile is served, and listed once Redis is back.
     late = await py_client(nodes[2].ws_url, {"X-Bfl-User": "ivy"})
     late_id = await opened_conn(app, "ivy", seen)

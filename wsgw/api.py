@@ -140,7 +140,8 @@ class JsonEndpoint(Resource):
         try:
             answer = self.answer(request)
         except ApiError as e:
-            return self.refused(request, e)
+            log.info("API {path} refused: {message}", path=request.path, message=e.message)
+            return error_response(request, e.status, e.message)
         except Exception:
             log.failure("API {path} failed", path=request.path)
             return error_response(request, 500, "internal error; see the gateway's log")
@@ -149,10 +150,6 @@ class JsonEndpoint(Resource):
             answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
             return NOT_DONE_YET
         return json_response(request, 200, answer)
-
-    def refused(self, request, e: ApiError) -> bytes:
-        log.info("API {path} refused: {message}", path=request.path, message=e.message)
-        return error_response(request, e.status, e.message)
 
     def _answered(self, answer, request) -> None:
         if not request.channel:  # the caller hung up meanwhile

@@ -98,12 +98,18 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+#: What a cluster node says when some node could not be asked.
+PARTIAL = "partial: some nodes were not reached (is Redis down?)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "list":
             answer = call(args.url, "list", None, args.admin_token)
             print(json.dumps(answer, indent=2) if args.json else show_list(answer))
+            if answer.get("partial") and not args.json:
+                print(f"wsgw-ctl: {PARTIAL}", file=sys.stderr)
             return 0
         body = targets(args)
         if args.command == "send":
@@ -124,8 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.conn:
             body["conns"] = args.conn
         answer = call(args.url, args.command, body, args.admin_token)
-        matched = answer.get("data", {}).get("matched")
-        print(json.dumps(answer, indent=2) if args.json else f"{args.command}: {matched} connection(s) matched")
+        data = answer.get("data", {})
+        summary = f"{args.command}: {data.get('matched')} connection(s) matched"
+        if data.get("partial"):
+            summary += f" ({PARTIAL})"
+        print(json.dumps(answer, indent=2) if args.json else summary)
         return 0
     except ApiFailure as e:
         print(f"wsgw-ctl: {e}", file=sys.stderr)
