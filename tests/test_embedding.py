@@ -67,3 +67,56 @@ async def test_added_to_an_existing_multiservice(app):
     await parent.stopService()  # closes the client with 1001 and drains
     assert (await client.closed)[0] == 1001
     assert [e["action"] for e in app.events] == ["open", "close"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_embedded_gateways_are_one_cluster(app):
+    """
+    Two applications in one process, each with its own wsgw on the Redis
+    engine, act as one gateway; one that stops leaves the cluster at once
+    rather than when its presence expires.
+    """
+    from harness import eventually, start_redis
+
+    redis = await start_redis()
+    parent = MultiService()
+    services = []
+    for name in ("left", "right"):
+        config = Config(listen=["tcp:0:interface=127.0.0.1"], app_url=app.url, engine="redis",
+                        redis_url=redis.url, node_id=name)
+        service = make_service(config, reactor)
+        service.setServiceParent(parent)
+        services.append(service)
+    parent.startService()
+    try:
+        bases = []
+        for service in services:
+            [port] = await service.listening
+            bases.append(f"127.0.0.1:{port.getHost().port}")
+        await eventually(lambda: _all_up(services), "both nodes to reach redis")
+        client = await py_client(f"ws://{bases[1]}/ws", {"X-Bfl-User": "carol"})
+        await app.wait_for_action("open")
+        response = await treq.post(f"http://{bases[0]}/tapr/ws/conn/send",
+                                   data=json.dumps({"payload": "across", "users": ["carol"]}).encode())
+        assert (await treq.json_content(response))["data"] == {"matched": 1}
+        assert await client.next_message() == '"across"'
+
+        await services[1].stopService()  # drains, then leaves the cluster
+        assert (await client.closed)[0] == 1001
+        answer = await treq.json_content(await treq.get(f"http://{bases[0]}/tapr/ws/conn/list"))
+        assert answer == {"code": 0, "message": "success", "data": []}
+        import txredisapi
+
+        direct = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+        try:
+            assert await direct.smembers("wsgw:nodes") == {"left"}
+            assert await direct.exists("wsgw:alive:right") == 0
+        finally:
+            await direct.disconnect()
+    finally:
+        await parent.stopService()
+        await redis.stop()
+
+
+async def _all_up(services):
+    return all(service.gateway.cluster.up for service in services)

@@ -79,6 +79,7 @@ def test_bad_values_are_usage_errors(argv):
         (["--engine", "etcd"], "engine must be one of memory, redis"),
         (["--engine", "redis", "--redis-url", "http://:secret@h"], "redis_url is not usable: the scheme"),
         (["--node-id", "has space"], "node_id must be"),
+        (["--presence-ttl", "0.5"], "presence_ttl must be at least 1 second"),
     ],
 )
 def test_cluster_options_are_checked(argv, message):

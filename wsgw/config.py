@@ -171,6 +171,8 @@ class Config:
                 raise ValueError(f"redis_url is not usable: {e}") from None
         if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
             raise ValueError("node_id must be 1 to 200 printable ASCII characters without spaces")
+        if self.presence_ttl < 1:
+            raise ValueError("presence_ttl must be at least 1 second: a node refreshes its presence every third of it")
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ValueError("redis_prefix must be 1 to 200 printable ASCII characters without spaces")
 
