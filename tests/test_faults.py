@@ -180,9 +180,11 @@ async def test_client_that_never_reads_is_dropped_and_others_get_everything(app,
     daemon = await start_daemon("--app-url", app.url, "--max-outgoing", "262144", cwd=tmp_path)
     try:
         stalled = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
+        # Its open event first: opens of different connections are forwarded
+        # in parallel, so the app may hear of a second one before the first.
+        stalled_id = (await app.wait_for_action("open"))["conn_id"]
         reader = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
         await app.wait_for(lambda: len(app.events) >= 2, "two opens")
-        stalled_id = app.events[0]["conn_id"]
         # Stop reading, with a small receive buffer: Linux may otherwise
         # grow it to tens of MB (net.ipv4.tcp_rmem) and absorb the test.
         stalled.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
