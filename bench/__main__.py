@@ -37,6 +37,8 @@ def parse(argv):
                         help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)")
     parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample wsgw with py-spy during each measured stretch; raw stacks go to DIR")
     return parser.parse_args(argv)
 
 
@@ -99,7 +101,10 @@ def main(argv=None) -> int:
     log(f"mode {'quick' if args.quick else 'full'}, servers {names}, work folder {workdir}")
     started = time.monotonic()
     try:
-        Runner(params, servers, workdir, results, log).run(only)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            procs.py_spy()  # fail now, not in the middle of a run
+        Runner(params, servers, workdir, results, log, args.profile).run(only)
     finally:
         if args.keep or results.failures:
             log(f"configs and logs kept in {workdir}")
