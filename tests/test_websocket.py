@@ -109,3 +109,41 @@ def test_pausing_stops_reading(gateway):
     assert server.transport.producerState == "paused"
     server.resume_reading()
     assert server.transport.producerState == "producing"
+
+
+def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gateway, monkeypatch):
+    """Autobahn pretty-prints every setting of every new connection for a
+    debug line; the gateway's protocol copies the settings itself and
+    skips that, yet ends up configured exactly as the factory says."""
+    import autobahn.websocket.protocol as autobahn_protocol
+
+    printed = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value) or "")
+    server, client, pump = pair(gateway)
+    pump.flush()
+    assert server.state == server.STATE_OPEN
+    # (The test's client is Autobahn's too, and prints its own settings.)
+    assert not [value for value in printed if "GatewayFactory" in repr(value)]
+    factory = gateway.factory
+    for name in ("maxMessagePayloadSize", "openHandshakeTimeout", "autoPingInterval", "failByDrop",
+                 "perMessageCompressionAccept", "tcpNoDelay"):
+        assert getattr(server, name) == getattr(factory, name), name
+
+
+def test_frames_sent_directly_keep_their_order_behind_queued_ones(gateway):
+    """A frame goes straight to the transport only when Autobahn has
+    nothing queued; otherwise it queues behind, so order holds."""
+    server, client, pump = pair(gateway, {"X-Bfl-User": "carol"})
+    pump.flush()
+    first = gateway.factory.prepare_text(b'"first"').payloadHybi
+    # As a chopped or synced send leaves it: queued, its next write scheduled.
+    server.send_queue.append((first, False))
+    server.triggered = True
+    gateway.send(b'"second"', users=["carol"])
+    second = gateway.factory.prepare_text(b'"second"').payloadHybi
+    assert list(server.send_queue) == [(first, False), (second, False)]
+    server.send_queue.clear()
+    server.triggered = False
+    gateway.send(b'"third"', users=["carol"])
+    pump.flush()
+    assert client.received == [b'"third"']
