@@ -40,3 +40,29 @@ def test_form_labelled_json_body_is_read_as_sent_not_parsed_as_a_form():
     assert recorder.seen == [({}, body)]
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     channel.connectionLost(None)
+
+
+def test_websocket_handshake_through_the_site_sets_no_autobahn_timer():
+    """Behind the site the upgrade request arrives whole and is answered at
+    once; the site's own deadline bounds it, so Autobahn's handshake timer
+    is not armed (and cancelled) for every connection."""
+    from wsgw.service import make_gateway
+    from wsgw.web import make_resource
+
+    clock = Clock()
+    config = Config()
+    gateway = make_gateway(config, reactor=clock)
+    site = GatewaySite(make_resource(gateway, config), config, reactor=clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    transport.protocol = channel  # as a TCP transport has it; Autobahn takes it over
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert b"101 Switching Protocols" in transport.value()
+    protocol = transport.protocol
+    assert protocol.state == protocol.STATE_OPEN
+    assert protocol.openHandshakeTimeout == 0
+    assert len(gateway.registry) == 1
