@@ -39,7 +39,8 @@ class WebSocketEntry(Resource):
         # is answered in the same call; the site's first-request deadline
         # already bounds the handshake.  Autobahn's own timer would be set
         # and cancelled on every connection for nothing (6% of a handshake).
-        gateway.factory.setProtocolOptions(openHandshakeTimeout=0)
+        if gateway.factory is not None:
+            gateway.factory.setProtocolOptions(openHandshakeTimeout=0)
         self._user_header = config.user_header.encode("ascii")
         self._require_user = config.require_user
         self._origins = OriginPolicy(config.allowed_origins)
