@@ -343,13 +343,6 @@ class AppPool:
         self.forget(key, connection)
         connection.transport.loseConnection()
 
-    def close(self) -> None:
-        """Close every idle connection (for tests and shutdown)."""
-        for key, idle in list(self._idle.items()):
-            for connection in list(idle):
-                self.forget(key, connection)
-                connection.transport.loseConnection()
-
 
 @attr.s(frozen=True)
 class _Target:
