@@ -14,6 +14,7 @@ missing.  The peers need root only to be installed (apt-get).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -37,6 +38,10 @@ def parse(argv):
                         help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)")
     parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
+    parser.add_argument("--w1-sizes", metavar="N,N",
+                        help="W1 connection counts to run instead of the mode's (e.g. 10000)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample wsgw with py-spy during each measured stretch; raw stacks go to DIR")
     return parser.parse_args(argv)
 
 
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
     loadgen.ensure_node_modules()
     limit = procs.raise_nofile(65536)
     params = QUICK if args.quick else FULL
+    if args.w1_sizes:
+        params = dataclasses.replace(params, w1_sizes=tuple(int(n) for n in args.w1_sizes.split(",") if n.strip()))
     # Each process (server, load generator) holds one descriptor per connection.
     if limit < max(max(params.w1_sizes), max(params.w5_background) + 100) + 1000:
         log(f"open-file limit is {limit}: the largest runs may fail")
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
     log(f"mode {'quick' if args.quick else 'full'}, servers {names}, work folder {workdir}")
     started = time.monotonic()
     try:
-        Runner(params, servers, workdir, results, log).run(only)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            procs.py_spy()  # fail now, not in the middle of a run
+        Runner(params, servers, workdir, results, log, args.profile).run(only)
     finally:
         if args.keep or results.failures:
             log(f"configs and logs kept in {workdir}")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -144,6 +146,42 @@ class CpuMeter:
         return result
 
 
+class ProfiledMeter(CpuMeter):
+    """
+    A L{CpuMeter} that also samples one process with py-spy over the same
+    stretch, so a profile covers exactly what the figures cover.  The
+    sampler runs on the load core and is left out of the groups measured.
+    Its output is py-spy's "raw" format: one collapsed stack per line with
+    its sample count, for flame graphs or a quick sort.
+    """
+
+    def __init__(self, roots: Dict[str, int], target: int, out: Path, py_spy: str):
+        super().__init__(roots)
+        self.target = target
+        self.out = out
+        self.py_spy = py_spy
+        self._sampler: Optional[subprocess.Popen] = None
+
+    def start(self) -> "ProfiledMeter":
+        log = open(self.out.with_suffix(".log"), "ab")
+        try:
+            self._sampler = subprocess.Popen(
+                pinned(LOAD_CORE, [self.py_spy, "record", "--pid", str(self.target), "--rate", "250",
+                                   "--nonblocking", "--format", "raw", "--output", str(self.out)]),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        finally:
+            log.close()
+        time.sleep(0.3)  # attached before the measured stretch begins
+        return super().start()
+
+    def stop(self) -> Dict[str, float]:
+        result = super().stop()
+        # SIGINT makes py-spy write its output and exit.
+        stop(self._sampler, timeout=30, sig=signal.SIGINT)
+        return result
+
+
 def stop(proc: Optional[subprocess.Popen], timeout: float = 15.0, sig=signal.SIGTERM) -> None:
     """
     Stop a process we started and every descendant it left, each by its own
@@ -217,6 +255,15 @@ def wait_http(url: str, timeout: float, proc: Optional[subprocess.Popen] = None,
             last = e
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {timeout}s (last: {last})")
+
+
+def py_spy() -> str:
+    """The py-spy next to this Python (a venv's bin), else the one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if not found:
+        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+    return found
 
 
 def raise_nofile(wanted: int = 65536) -> int:

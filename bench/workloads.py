@@ -76,8 +76,10 @@ class Session:
     started on entry, every process stopped by PID on exit, whatever happened.
     """
 
-    def __init__(self, server_cls, workdir: Path, ports: procs.Ports):
+    def __init__(self, server_cls, workdir: Path, ports: procs.Ports, profile: Optional[Path] = None):
         self.workdir = workdir
+        self.profile = profile
+        self._measured = 0
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.server: Server = server_cls(workdir, ports)
         self.app_port = ports.take()
@@ -110,6 +112,10 @@ class Session:
         roots = {"server": self.server.pid, "loadgen": self.load.pid}
         if self.app:
             roots["app"] = self.app.pid
+        if self.profile is not None and self.server.name == "wsgw":
+            self._measured += 1
+            out = self.profile / f"{self.workdir.name}-{self._measured}.txt"
+            return procs.ProfiledMeter(roots, self.server.pid, out, procs.py_spy())
         return procs.CpuMeter(roots)
 
     def settle(self, timeout: float = 60.0, window: float = 0.5, threshold: float = 5.0) -> float:
@@ -160,8 +166,10 @@ def render(template: str, payload) -> str:
 class Runner:
     """Runs the workloads over the servers and files the figures in L{Results}."""
 
-    def __init__(self, params: Params, servers: Sequence, workdir: Path, results: Results, log: Callable[[str], None]):
+    def __init__(self, params: Params, servers: Sequence, workdir: Path, results: Results, log: Callable[[str], None],
+                 profile: Optional[Path] = None):
         self.params = params
+        self.profile = profile
         self.servers = servers
         self.workdir = workdir
         self.results = results
@@ -171,7 +179,7 @@ class Runner:
 
     def session(self, server_cls) -> Session:
         self._sessions += 1
-        return Session(server_cls, self.workdir / f"{self._sessions:02d}-{server_cls.name}", self.ports)
+        return Session(server_cls, self.workdir / f"{self._sessions:02d}-{server_cls.name}", self.ports, self.profile)
 
     def each_server(self, workload: str, label: str, metrics: Sequence[tuple], body: Callable) -> None:
         """

@@ -69,7 +69,7 @@ class StalledClient:
     def __init__(self):
         self.requests = []
 
-    def post(self, url, data, headers, allow_redirects):
+    def post(self, url, data, headers, **options):
         d = Deferred(lambda d: self.requests.append("cancelled"))
         self.requests.append(url)
         return d
@@ -115,3 +115,61 @@ def test_app_connections_turn_nagle_off():
 
     protocol = _NoDelayEndpoint(Endpoint()).connect(None).result
     assert protocol.transport.no_delay is True
+
+
+class CookieSetter(App):
+    def render_POST(self, request):
+        request.addCookie(b"session", b"app-secret", path=b"/")
+        return super().render_POST(request)
+
+
+def test_cookies_the_app_sets_are_never_sent_with_later_events():
+    """A Set-Cookie answered to one connection's event must not ride along
+    with the events of connections that sent no cookie of their own."""
+    from treq.testing import RequestTraversalAgent
+
+    from wsgw.appclient import http_client_for
+
+    app = CookieSetter(200)
+    agent = RequestTraversalAgent(app)
+    client = AppClient(http_client_for(agent), "http://127.0.0.1:8888/ws/message", Clock())
+    first = client(b"{}", {b"Cookie": [b"auth_token=a"]})
+    agent.flush()
+    second = client(b"{}", {})
+    agent.flush()
+    assert (first.result, second.result) == (200, 200)
+    assert app.seen[0][1].getRawHeaders(b"cookie") == [b"auth_token=a"]
+    assert app.seen[1][1].getRawHeaders(b"cookie") is None
+
+
+@pytest.mark.parametrize("url, host", [
+    ("http://127.0.0.1:8888/ws/message", b"127.0.0.1:8888"),
+    ("http://app.example/ws/message", b"app.example"),
+    ("https://app.example:443/ws", b"app.example"),
+])
+def test_host_header_names_the_app(url, host):
+    """The Host header is computed once from the URL, as the agent would."""
+    from treq.testing import RequestTraversalAgent
+
+    from wsgw.appclient import http_client_for
+
+    app = App(200)
+    agent = RequestTraversalAgent(app)
+    d = AppClient(http_client_for(agent), url, Clock())(b"{}", {})
+    agent.flush()
+    assert d.result == 200
+    assert app.seen[0][1].getRawHeaders(b"host") == [host]
+
+
+def test_body_is_written_in_one_call_with_its_length():
+    """No cooperator task per request: the whole body goes out at once."""
+    from twisted.internet.testing import StringTransport
+
+    from wsgw.appclient import BytesBody
+
+    body = BytesBody(b'{"action":"open"}')
+    consumer = StringTransport()
+    d = body.startProducing(consumer)
+    assert body.length == 17
+    assert consumer.value() == b'{"action":"open"}'
+    assert d.called

@@ -109,3 +109,121 @@ def test_pausing_stops_reading(gateway):
     assert server.transport.producerState == "paused"
     server.resume_reading()
     assert server.transport.producerState == "producing"
+
+
+def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gateway, monkeypatch):
+    """Autobahn pretty-prints every setting of every new connection for a
+    debug line; the gateway's protocol copies the settings itself and
+    skips that, yet ends up configured exactly as the factory says."""
+    import autobahn.websocket.protocol as autobahn_protocol
+
+    printed = []
+    monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value) or "")
+    server, client, pump = pair(gateway)
+    pump.flush()
+    assert server.state == server.STATE_OPEN
+    # (The test's client is Autobahn's too, and prints its own settings.)
+    assert not [value for value in printed if "GatewayFactory" in repr(value)]
+    factory = gateway.factory
+    for name in ("maxMessagePayloadSize", "openHandshakeTimeout", "autoPingInterval", "failByDrop",
+                 "perMessageCompressionAccept", "tcpNoDelay"):
+        assert getattr(server, name) == getattr(factory, name), name
+
+
+def test_frames_sent_directly_keep_their_order_behind_queued_ones(gateway):
+    """A frame goes straight to the transport only when Autobahn has
+    nothing queued; otherwise it queues behind, so order holds."""
+    server, client, pump = pair(gateway, {"X-Bfl-User": "carol"})
+    pump.flush()
+    first = gateway.factory.prepare_text(b'"first"').payloadHybi
+    # As a chopped or synced send leaves it: queued, its next write scheduled.
+    server.send_queue.append((first, False))
+    server.triggered = True
+    gateway.send(b'"second"', users=["carol"])
+    second = gateway.factory.prepare_text(b'"second"').payloadHybi
+    assert list(server.send_queue) == [(first, False), (second, False)]
+    server.send_queue.clear()
+    server.triggered = False
+    gateway.send(b'"third"', users=["carol"])
+    pump.flush()
+    assert client.received == [b'"third"']
+
+
+class _Port:
+    _realPortNumber = 40010
+
+
+def _tcp_pair():
+    """A real TCP transport (Twisted's) over one end of a socket pair, on a
+    memory reactor, and the other end to read what it sends."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactor
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 5555), _Port(), 1, reactor)
+    return transport, theirs, reactor
+
+
+def test_frames_go_out_at_once_when_nothing_waits():
+    """With nothing buffered, a frame is sent during the call, without the
+    reactor watching the socket for writing."""
+    from wsgw.websocket import _write_now
+
+    transport, peer, reactor = _tcp_pair()
+    _write_now(transport, b"frame-1")
+    assert peer.recv(100) == b"frame-1"
+    assert transport not in reactor.getWriters()
+    transport.socket.close()
+    peer.close()
+
+
+def test_frames_queue_behind_buffered_bytes():
+    """Bytes already buffered by the transport go first: a frame written
+    after them waits behind them, in order."""
+    from wsgw.websocket import _write_now
+
+    transport, peer, reactor = _tcp_pair()
+    transport.write(b"buffered;")
+    _write_now(transport, b"frame-2")
+    import socket as _socket
+
+    try:
+        early = peer.recv(100)
+    except (BlockingIOError, _socket.error):
+        early = b""
+    assert early == b""
+    assert transport in reactor.getWriters()
+    transport.doWrite()
+    assert peer.recv(100) == b"buffered;frame-2"
+    transport.socket.close()
+    peer.close()
+
+
+def test_what_the_socket_does_not_take_is_buffered_in_order():
+    """A frame larger than the socket takes at once: the rest is buffered
+    and follows, before anything written later."""
+    from wsgw.websocket import _write_now
+
+    transport, peer, reactor = _tcp_pair()
+    big = bytes(range(256)) * 40000  # ~10 MB: more than a socket pair buffers
+    _write_now(transport, big)
+    _write_now(transport, b"after")
+    assert transport in reactor.getWriters()
+    received = bytearray()
+    while len(received) < len(big) + 5:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            chunk = b""
+        received += chunk
+        if not chunk:
+            transport.doWrite()
+    assert bytes(received) == big + b"after"
+    transport.socket.close()
+    peer.close()

@@ -39,6 +39,11 @@ def refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+#: One decoder for every client message: C{json.loads} with an option
+#: builds a new decoder (and its scanner) per call.
+_decode = json.JSONDecoder(parse_constant=refuse_constant).decode
+
+
 def envelope_tail(conn: Connection) -> bytes:
     """
     The fields every event of C{conn} ends with, encoded once per connection.
@@ -100,7 +105,7 @@ def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, byte
         return False, b'"' + base64.b64encode(payload) + b'"', BINARY_EXTRA
     text = payload.decode("utf-8")
     try:
-        value = json.loads(text, parse_constant=refuse_constant)
+        value = _decode(text)
     except ValueError:
         return False, to_json(text), b""
     if isinstance(value, dict) and value.get("event") == "ping":
