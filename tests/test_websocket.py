@@ -227,3 +227,18 @@ def test_what_the_socket_does_not_take_is_buffered_in_order():
     assert bytes(received) == big + b"after"
     transport.socket.close()
     peer.close()
+
+
+def test_a_transport_without_the_expected_fields_takes_the_ordinary_path():
+    """The fast path reads private fields of Twisted's TCP transport; one
+    that lacks them (another Twisted release) is not idle, so frames go
+    through write() instead of failing."""
+    from types import SimpleNamespace
+
+    from wsgw.websocket import _idle
+
+    transport, peer, reactor = _tcp_pair()
+    assert _idle(transport)
+    assert not _idle(SimpleNamespace(TLS=False, connected=True, disconnecting=False))
+    transport.socket.close()
+    peer.close()

@@ -7,6 +7,7 @@ knock (a per-address token bucket).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hmac
 import ipaddress
 from typing import Dict, Optional, Sequence, Tuple
@@ -32,8 +33,12 @@ def is_local(address) -> bool:
     if isinstance(address, UNIXAddress):
         return True
     host = peer_host(address)
-    if host is None:
-        return False
+    return host is not None and _loopback(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _loopback(host: str) -> bool:
+    # Cached: every API call asks, and callers are a handful of addresses.
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -7,7 +7,6 @@ also carries the matching HTTP status and names what was wrong.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, List, Sequence
 
 import attr
@@ -16,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .events import refuse_constant, to_json
+from .events import decode_json, to_json
 from .gateway import Gateway
 from .registry import AccessType
 
@@ -55,7 +54,7 @@ def read_json_object(request, max_body: int) -> Dict[str, Any]:
     content.seek(0)
     raw = content.read()
     try:
-        body = json.loads(raw, parse_constant=refuse_constant) if raw.strip() else {}
+        body = decode_json(raw.decode("utf-8")) if raw.strip() else {}
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

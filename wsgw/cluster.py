@@ -36,7 +36,6 @@ exactly these shapes is counted, logged (at most once a minute) and skipped.
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -47,7 +46,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .events import refuse_constant, to_json
+from .events import decode_json, to_json
 from .gateway import Gateway
 from .config import Config, RedisAddress
 from .redislink import RedisLink
@@ -153,7 +152,7 @@ def _json_object(raw) -> Dict[str, Any]:
     if not isinstance(raw, str):
         raise Malformed("not text")
     try:
-        value = json.loads(raw, parse_constant=refuse_constant)
+        value = decode_json(raw)
     except (ValueError, RecursionError):
         raise Malformed("not JSON") from None
     if not isinstance(value, dict):
@@ -199,7 +198,7 @@ def parse_command(raw) -> Command:
         if not isinstance(text, str):
             raise Malformed("payload must be a string")
         try:
-            json.loads(text, parse_constant=refuse_constant)
+            decode_json(text)
             payload = text.encode("utf-8")
         except (ValueError, RecursionError, UnicodeEncodeError):
             raise Malformed("payload is not JSON text") from None

@@ -39,9 +39,10 @@ def refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-#: One decoder for every client message: C{json.loads} with an option
-#: builds a new decoder (and its scanner) per call.
-_decode = json.JSONDecoder(parse_constant=refuse_constant).decode
+#: One decoder for every JSON text the gateway reads (client messages, API
+#: bodies, cluster messages): C{json.loads} with an option builds a new
+#: decoder (and its scanner) per call.
+decode_json = json.JSONDecoder(parse_constant=refuse_constant).decode
 
 
 def envelope_tail(conn: Connection) -> bytes:
@@ -105,7 +106,7 @@ def classify_message(payload: bytes, is_binary: bool) -> Tuple[bool, bytes, byte
         return False, b'"' + base64.b64encode(payload) + b'"', BINARY_EXTRA
     text = payload.decode("utf-8")
     try:
-        value = _decode(text)
+        value = decode_json(text)
     except ValueError:
         return False, to_json(text), b""
     if isinstance(value, dict) and value.get("event") == "ping":

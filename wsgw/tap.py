@@ -8,6 +8,7 @@ Olares C{WS_PORT}/C{WS_URL} pair (for the app URL only), the defaults.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 from typing import Callable, Dict, Mapping, Tuple
@@ -52,11 +53,8 @@ def _non_negative_float(value: str) -> float:
 
 
 def _engine(value: str) -> str:
-    if value == "redis":
-        try:
-            import txredisapi  # noqa: F401
-        except ImportError:
-            raise ValueError("needs the txredisapi package: pip install 'wsgw[redis]'") from None
+    if value == "redis" and importlib.util.find_spec("txredisapi") is None:
+        raise ValueError("needs the txredisapi package: pip install 'wsgw[redis]'")
     return value
 
 

@@ -173,21 +173,32 @@ def _write_now(transport, data: bytes) -> None:
     Twisted's as before.  TLS, and transports that are not Twisted's TCP
     connections, always use C{write()}.
     """
-    if (
-        type(transport) is tcp.Server
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataBuffer
-        and transport.offset == len(transport.dataBuffer)
-    ):
+    if type(transport) is tcp.Server and _idle(transport):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:
             if sent == len(data):
                 return
             data = data[sent:]
     transport.write(data)
+
+
+def _idle(transport) -> bool:
+    """
+    Nothing waits in C{transport}'s buffers.  These are Twisted's private
+    fields: should a Twisted release rename them, every write takes the
+    ordinary path rather than failing.
+    """
+    try:
+        return (
+            not transport.TLS
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)
+        )
+    except AttributeError:
+        return False
 
 
 def _peer(peer: str) -> str:
