@@ -121,6 +121,36 @@ def test_chunked_answer(agent, endpoints, step):
     assert len(endpoints.transports) == 1
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_huge_answer_body_is_read_but_not_kept(agent, endpoints, framing):
+    """The gateway ignores the app's answer body: past the first 64 KiB it
+    is read and dropped, however it is framed, and the connection is reused."""
+    from wsgw.apphttp import MAX_KEPT_BODY
+
+    d = post(agent)
+    transport = endpoints.transports[0]
+    piece, pieces = b"z" * 65536, 64  # 4 MiB in all
+    if framing == "length":
+        answer(transport, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(piece) * pieces))
+        for _ in range(pieces):
+            transport.protocol.dataReceived(piece)
+    elif framing == "chunked":
+        answer(transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(pieces):
+            transport.protocol.dataReceived(b"%x\r\n%s\r\n" % (len(piece), piece))
+        transport.protocol.dataReceived(b"0\r\n\r\n")
+    else:
+        answer(transport, b"HTTP/1.1 200 OK\r\n\r\n")
+        for _ in range(pieces):
+            transport.protocol.dataReceived(piece)
+        transport.loseConnection()
+    assert d.result.code == 200
+    assert len(d.result.body) == MAX_KEPT_BODY
+    if framing != "close":
+        post(agent)
+        assert len(endpoints.transports) == 1
+
+
 def test_answer_without_length_ends_with_the_connection(agent, endpoints):
     d = post(agent)
     transport = endpoints.transports[0]

@@ -34,6 +34,10 @@ log = Logger()
 
 #: An answer's head (status line and headers) may not be longer.
 MAX_HEAD = 64 * 1024
+#: Of an answer's body (which the gateway ignores) only this much is kept;
+#: the rest is read and dropped, so an app that answers with megabytes
+#: costs no memory.
+MAX_KEPT_BODY = 64 * 1024
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -217,7 +221,9 @@ class AppConnection(Protocol):
 
     def _take_body(self, data: bytes) -> None:
         if data:
-            self._body.append(data)
+            room = MAX_KEPT_BODY - self._body_size
+            if room > 0:
+                self._body.append(data[:room])
             self._body_size += len(data)
 
     def _parse_chunks(self) -> bool:
