@@ -326,9 +326,9 @@ class Cluster(Service):
 
     def stopService(self):
         """
-        Leave the cluster: the gateway has drained by now (this service
-        stops after it), so this node's presence goes at once rather than
-        when it expires.
+        Leave the cluster at once rather than when this node's presence
+        expires.  The gateway stops first and has already taken its clients
+        out of the registry (their C{HDEL}s are queued ahead of this).
         """
         super().stopService()
         if self._refresh is not None and self._refresh.running:

@@ -163,7 +163,8 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     top = MultiService()
     top.gateway = gateway
     if gateway.cluster is not None:
-        # First in, last out: the node leaves the cluster after its drain.
+        # First in, last out: the node leaves the cluster after the gateway
+        # has begun closing its clients.
         gateway.cluster.setServiceParent(top)
     GatewayService(gateway, config.ping_check_interval, config.drain_timeout, reactor).setServiceParent(top)
     # With --admin-listen the API is served there alone and /ws elsewhere.
