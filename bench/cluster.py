@@ -20,7 +20,6 @@ not how it scales across machines.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Dict, List
 
 from . import loadgen, procs, report
 from .__main__ import log, pin_cores
+from .peers import Wsgw, _dpkg_version
 from .workloads import checks
 
 SETUPS = [("memory", 1), ("redis", 1), ("redis", 2), ("redis", 3)]
@@ -45,8 +45,7 @@ class ClusterRun:
     def __init__(self, engine: str, nodes: int, workdir: Path, ports: procs.Ports):
         self.engine, self.count, self.workdir, self.ports = engine, nodes, workdir, ports
         self.redis = None
-        self.nodes: List = []
-        self.node_ports: List[int] = []
+        self.nodes: List[Wsgw] = []
 
     def __enter__(self) -> "ClusterRun":
         try:
@@ -66,32 +65,22 @@ class ClusterRun:
                 procs.SERVER_CORE, self.workdir / "redis.log",
             )
             extra = ["--engine", "redis", "--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
-        import wsgw
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
-        env["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
         for i in range(self.count):
-            port = self.ports.take()
-            argv = [
-                sys.executable, "-m", "twisted", "--log-format=text", "wsgw",
-                "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--max-connections-per-user", "0", "--max-connections", "0",
-                "--node-id", f"bench-{i + 1}", *extra,
-            ]
-            self.nodes.append(procs.spawn(argv, procs.SERVER_CORE, self.workdir / f"wsgw-{i + 1}.log", env=env))
-            self.node_ports.append(port)
-        for port, proc in zip(self.node_ports, self.nodes):
-            procs.wait_http(f"http://127.0.0.1:{port}/readyz", 30, proc)
+            node = Wsgw(self.workdir / f"node{i + 1}", self.ports)
+            node.workdir.mkdir()
+            node.extra_args = ["--node-id", f"bench-{i + 1}", *extra]
+            self.nodes.append(node)
+            node.start(None)
             if self.engine == "redis":
-                wait_redis_up(port)
+                wait_redis_up(node.port)
 
     def __exit__(self, *exc) -> None:
-        for proc in self.nodes:
-            procs.stop(proc)
+        for node in self.nodes:
+            node.stop()
         procs.stop(self.redis)
 
     def roots(self) -> Dict[str, int]:
-        roots = {f"node{i}": proc.pid for i, proc in enumerate(self.nodes)}
+        roots = {f"node{i}": node.pid for i, node in enumerate(self.nodes)}
         if self.redis is not None:
             roots["redis"] = self.redis.pid
         return roots
@@ -112,7 +101,7 @@ def wait_redis_up(port: int, timeout: float = 20.0) -> None:
 
 def fan_out(run: ClusterRun, conns: int, messages: int, load: loadgen.LoadGen) -> dict:
     per_node = [conns // run.count + (1 if i < conns % run.count else 0) for i in range(run.count)]
-    for port, count in zip(run.node_ports, per_node):
+    for port, count in zip((node.port for node in run.nodes), per_node):
         answer = load.call(
             timeout=60 + count / 20, cmd="open", group="fan", count=count, concurrency=100, retries=3,
             url=f"ws://127.0.0.1:{port}/ws", headers={"X-Bfl-User": "bench"}, timeoutMs=int((50 + count / 25) * 1000),
@@ -123,7 +112,7 @@ def fan_out(run: ClusterRun, conns: int, messages: int, load: loadgen.LoadGen) -
     meter = procs.CpuMeter({**run.roots(), "loadgen": load.pid}).start()
     answer = load.call(
         timeout=120 + messages, cmd="fanout", group="fan", messages=messages, size=100, drainMs=60000,
-        publish={"url": f"http://127.0.0.1:{run.node_ports[0]}/tapr/ws/conn/send",
+        publish={"url": f"http://127.0.0.1:{run.nodes[0].port}/tapr/ws/conn/send",
                  "body": '{"payload":@JSON@,"users":["bench"]}'},
     )
     cpu = meter.stop()
@@ -189,13 +178,11 @@ def main(argv=None) -> int:
             report.fmt(answer["server_cpu_pct"], 0),
             report.fmt(answer["loadgen_cpu_pct"], 0),
         ]) + " |")
-    from .peers import Wsgw
-
     document = "\n".join([
         "# wsgw cluster fan-out",
         "",
         f"- Machine: {report.machine()}",
-        f"- wsgw {Wsgw.version()}; redis-server {redis_version()}",
+        f"- wsgw {Wsgw.version()}; redis-server {_dpkg_version('redis-server')}",
         f"- {conns:,} connections of one user spread evenly over the nodes, {messages} publishes of ~100 bytes "
         f"to node 1's /tapr/ws/conn/send with users; took {(time.monotonic() - started) / 60:.1f} min.",
         f"- Nodes and Redis pinned to core {procs.SERVER_CORE}, the load generator to core {procs.LOAD_CORE}: "
@@ -210,16 +197,6 @@ def main(argv=None) -> int:
         args.out.write_text(document)
         log(f"wrote {args.out}")
     return 1 if failures else 0
-
-
-def redis_version() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
-        return next((part.split("=")[1] for part in out.split() if part.startswith("v=")), "")
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
 
 
 if __name__ == "__main__":

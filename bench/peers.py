@@ -28,7 +28,7 @@ import sys
 import textwrap
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from . import procs
 
@@ -107,6 +107,8 @@ class Wsgw(Server):
     """wsgw as it is deployed: `twist wsgw`, one process, default settings."""
 
     name = "wsgw"
+    #: More options for `twist wsgw` (the cluster benchmark's engine settings).
+    extra_args: Sequence[str] = ()
 
     def start(self, app_url: Optional[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
@@ -125,6 +127,7 @@ class Wsgw(Server):
         ]
         if app_url:
             argv += ["--app-url", app_url + "/wsgw"]
+        argv += list(self.extra_args)
         self.proc = procs.spawn(argv, procs.SERVER_CORE, self.workdir / "wsgw.log", env=env)
         procs.wait_http(f"http://127.0.0.1:{self.port}/tapr/ws/conn/list", 30, self.proc)
 

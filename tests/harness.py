@@ -14,8 +14,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import reactor
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import ProcessProtocol
 from twisted.web.resource import Resource
@@ -168,6 +170,7 @@ class DaemonProtocol(ProcessProtocol):
         # (exit code, None) or (None, the signal that killed it)
         self.status = (reason.value.exitCode, reason.value.signal)
         self.ended.callback(self.status)
+        self.waiters.check()
 
 
 class Daemon:
@@ -503,6 +506,41 @@ class SyncDaemon:
         self.log_file.close()
 
 
+async def api(daemon, path, body=None):
+    """The API at C{path}: GET without a body, else POST it as JSON; (status, answer)."""
+    if body is None:
+        response = await treq.get(daemon.base + "/tapr/ws/conn/" + path)
+    else:
+        response = await treq.post(daemon.base + "/tapr/ws/conn/" + path, data=json.dumps(body).encode())
+    answer = await treq.json_content(response)
+    return response.code, answer
+
+
+async def scrape(daemon):
+    """C{/metrics} as {name|label=value...: value}, read with Prometheus's own parser."""
+    response = await treq.get(daemon.base + "/metrics")
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await treq.text_content(response)):
+        for sample in family.samples:
+            key = sample.name + "".join(f"|{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[key] = sample.value
+    return samples
+
+
+def ctl(daemon, *args, token=None):
+    """`wsgw-ctl --url DAEMON ARGS` in a thread; its CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=str(Path(wsgw.__file__).resolve().parent.parent))
+    env.pop("WSGW_ADMIN_TOKEN", None)
+    if token:
+        env["WSGW_ADMIN_TOKEN"] = token
+    return threads.deferToThread(
+        subprocess.run, [sys.executable, "-m", "wsgw.cli", "--url", daemon.base, *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
 async def eventually(check, what, seconds=WAIT, every=0.1):
     """
     Re-run the async C{check} until it returns something true, at most
@@ -520,23 +558,6 @@ async def eventually(check, what, seconds=WAIT, every=0.1):
         await deferLater(reactor, every, lambda: None)
 
 
-class RedisProtocol(ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.waiters = Waiters()
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-        self.waiters.check()
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-        self.waiters.check()
-
-
 class RedisServer:
     """
     A private `redis-server` on a loopback port, without persistence, so a
@@ -552,16 +573,16 @@ class RedisServer:
     async def start(self):
         from shutil import which
 
-        self.proto = proto = RedisProtocol()
+        self.proto = proto = DaemonProtocol()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no"]
         self.process = reactor.spawnProcess(proto, which("redis-server") or "/usr/bin/redis-server", argv,
                                             env={}, path="/")
-        ready = await proto.waiters.wait(
-            lambda: b"Ready to accept connections" in proto.output or proto.ended.called, "redis-server to start")
+        await proto.waiters.wait(
+            lambda: any("Ready to accept connections" in line for line in proto.lines) or proto.ended.called,
+            "redis-server to start")
         if proto.ended.called:
-            raise AssertionError("redis-server exited:\n" + proto.output.decode("utf-8", "replace"))
-        return ready
+            raise AssertionError("redis-server exited:\n" + "\n".join(proto.lines))
 
     def stop(self):
         if not self.proto.ended.called:

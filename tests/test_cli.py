@@ -4,27 +4,10 @@ errors with a non-zero exit.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import threads
 
-import wsgw
-from harness import py_client, start_daemon
-
-
-def ctl(daemon, *args, token=None):
-    env = dict(os.environ, PYTHONPATH=str(Path(wsgw.__file__).resolve().parent.parent))
-    env.pop("WSGW_ADMIN_TOKEN", None)
-    if token:
-        env["WSGW_ADMIN_TOKEN"] = token
-    return threads.deferToThread(
-        subprocess.run, [sys.executable, "-m", "wsgw.cli", "--url", daemon.base, *args],
-        capture_output=True, text=True, timeout=60, env=env,
-    )
+from harness import ctl, py_client, start_daemon
 
 
 @pytest_twisted.ensureDeferred

@@ -4,15 +4,13 @@ Several nodes as one gateway (--engine redis): a real redis-server, three
 """
 
 import json
-import re
 import signal
 
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred, gatherResults
 
-from harness import eventually, node_client, py_client, start_daemon, start_redis
-from test_cli import ctl
+from harness import api, ctl, eventually, node_client, py_client, scrape, start_daemon, start_redis
 
 PRESENCE_TTL = 2.0
 
@@ -64,19 +62,8 @@ async def until_nodes(node, count):
     await eventually(check, f"{node.name} to count {count} nodes")
 
 
-async def api(node, path, body=None):
-    if body is None:
-        response = await treq.get(node.base + "/tapr/ws/conn/" + path)
-    else:
-        response = await treq.post(node.base + "/tapr/ws/conn/" + path, data=json.dumps(body).encode())
-    return response.code, await treq.json_content(response)
-
-
 async def metric(node, name):
-    response = await treq.get(node.base + "/metrics")
-    text = (await treq.content(response)).decode()
-    match = re.search(rf"^{name}(?:_total)? (\S+)$", text, re.M)
-    return float(match.group(1)) if match else None
+    return (await scrape(node)).get(name)
 
 
 async def listed_ids(node):
@@ -365,7 +352,7 @@ async def test_malformed_messages_from_redis_are_counted_and_skipped(nodes, app,
         assert await client.next_message() == '{"ok":true}'
 
         async def counted():
-            return await metric(nodes[0], "wsgw_cluster_messages_malformed") == len(bad) + 1
+            return await metric(nodes[0], "wsgw_cluster_messages_malformed_total") == len(bad) + 1
 
         await eventually(counted, "malformed messages to be counted")
         assert len([line for line in nodes[0].log_lines() if "malformed" in line]) == 1

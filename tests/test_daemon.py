@@ -11,7 +11,7 @@ import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
 
-from harness import node_client, py_client, start_daemon
+from harness import api, node_client, py_client, start_daemon
 
 
 @pytest_twisted.async_yield_fixture
@@ -19,15 +19,6 @@ async def daemon(app, tmp_path):
     daemon = await start_daemon("--app-url", app.url, cwd=tmp_path)
     yield daemon
     await daemon.terminate()
-
-
-async def api(daemon, path, body=None):
-    if body is None:
-        response = await treq.get(daemon.base + "/tapr/ws/conn/" + path)
-    else:
-        response = await treq.post(daemon.base + "/tapr/ws/conn/" + path, data=json.dumps(body).encode())
-    answer = await treq.json_content(response)
-    return response.code, answer
 
 
 @pytest_twisted.ensureDeferred

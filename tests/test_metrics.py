@@ -7,23 +7,10 @@ import json
 
 import pytest_twisted
 import treq
-from prometheus_client.parser import text_string_to_metric_families
 
 from twisted.internet.task import LoopingCall
 
-from harness import eventually, free_port, py_client, start_daemon, upgrade_request
-
-
-async def scrape(daemon):
-    response = await treq.get(daemon.base + "/metrics")
-    assert response.code == 200
-    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(await treq.text_content(response)):
-        for sample in family.samples:
-            key = sample.name + "".join(f"|{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[key] = sample.value
-    return samples
+from harness import eventually, free_port, py_client, scrape, start_daemon, upgrade_request
 
 
 @pytest_twisted.ensureDeferred

@@ -419,24 +419,29 @@ class Cluster(Service):
     # -- the API, cluster-wide --------------------------------------------
 
     def send(self, payload: bytes, conn_ids=(), users=(), tokens=(), access=AccessType.ALL) -> Deferred:
+        only_here = self._only_here(conn_ids, users, tokens)
         local = self.gateway.send(payload, conn_ids, users, tokens, access)
+        if only_here:
+            return succeed(Reach(local))
         return self._everywhere("send", local, conn_ids, users, tokens, access, payload)
 
     def close(self, conn_ids=(), users=(), tokens=(), access=AccessType.ALL) -> Deferred:
-        # Only local connections are selected before this node closes them,
-        # so the count is right although they leave the registry at once.
-        local_ids = [conn_id for conn_id in conn_ids if self.gateway.registry.get(conn_id) is not None]
+        # Asked before closing: the closed connections leave the registry.
+        only_here = self._only_here(conn_ids, users, tokens)
         local = self.gateway.close(conn_ids, users, tokens, access)
-        return self._everywhere("close", local, conn_ids, users, tokens, access, None, local_ids)
+        if only_here:
+            return succeed(Reach(local))
+        return self._everywhere("close", local, conn_ids, users, tokens, access, None)
 
-    def _everywhere(self, op, local, conn_ids, users, tokens, access, payload, local_ids=None) -> Deferred:
-        if conn_ids and not users and not tokens:
-            # Conn ids are unique across nodes: when every one is here, no
-            # other node can match, and nobody needs to be asked.
-            if local_ids is None:
-                local_ids = [c for c in conn_ids if self.gateway.registry.get(c) is not None]
-            if len(set(local_ids)) == len(set(conn_ids)):
-                return succeed(Reach(local))
+    def _only_here(self, conn_ids, users, tokens) -> bool:
+        """
+        Conn ids are unique across nodes: when the targets are conn ids
+        alone and this node holds every one, no other node can match.
+        """
+        registry = self.gateway.registry
+        return bool(conn_ids) and not users and not tokens and all(registry.get(c) is not None for c in conn_ids)
+
+    def _everywhere(self, op, local, conn_ids, users, tokens, access, payload) -> Deferred:
         if not self.link.up:
             return succeed(Reach(local, partial=True))
         request_id = f"{self.instance[:8]}-{next(self._requests)}"

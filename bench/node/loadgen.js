@@ -208,6 +208,18 @@ function percentile(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
+// Each client's sequence checks summed over a group, which stops listening.
+function tally(group) {
+  let unique = 0, dup = 0, reordered = 0;
+  for (const c of group) {
+    unique += c.seq.unique;
+    dup += c.seq.dup;
+    reordered += c.seq.reordered;
+    c.onData = null;
+  }
+  return { unique, dup, reordered };
+}
+
 function summarize(latencies) {
   const sorted = Float64Array.from(latencies).sort();
   return { p50: percentile(sorted, 50), p99: percentile(sorted, 99), max: sorted.length ? sorted[sorted.length - 1] : null };
@@ -295,13 +307,7 @@ async function fanout(cmd) {
   const deadline = published + (cmd.drainMs || 30000);
   while (deliveries < expected && now() < deadline) await sleep(20);
   await sleep(cmd.settleMs || 200); // late duplicates would show up here
-  let unique = 0, dup = 0, reordered = 0;
-  for (const c of group) {
-    unique += c.seq.unique;
-    dup += c.seq.dup;
-    reordered += c.seq.reordered;
-    c.onData = null;
-  }
+  const { unique, dup, reordered } = tally(group);
   return {
     clients: group.length,
     expected,
@@ -426,13 +432,7 @@ async function roundtrip(cmd) {
   const sendSeconds = (now() - started) / 1000;
   const deadline = now() + (cmd.drainMs || 10000);
   while (received < sent && now() < deadline) await sleep(20);
-  let unique = 0, dup = 0, reordered = 0;
-  for (const c of group) {
-    unique += c.seq.unique;
-    dup += c.seq.dup;
-    reordered += c.seq.reordered;
-    c.onData = null;
-  }
+  const { unique, dup, reordered } = tally(group);
   return {
     clients: group.length,
     sent,
