@@ -31,17 +31,24 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny sizes, a few seconds per workload")
     parser.add_argument("--peers", action="store_true", help="also run Pushpin and nchan (they must be installed)")
-    parser.add_argument("--install-peers", action="store_true",
-                        help="apt-get install -y pushpin nginx libnginx-mod-nchan first")
+    parser.add_argument(
+        "--install-peers", action="store_true", help="apt-get install -y pushpin nginx libnginx-mod-nchan first"
+    )
     parser.add_argument("--out", type=Path, help="write the Markdown results here too")
-    parser.add_argument("--servers",
-                        help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)")
+    parser.add_argument(
+        "--servers", help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)"
+    )
     parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
-    parser.add_argument("--w1-sizes", metavar="N,N",
-                        help="W1 connection counts to run instead of the mode's (e.g. 10000)")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="sample wsgw with py-spy during each measured stretch; raw stacks go to DIR")
+    parser.add_argument(
+        "--w1-sizes", metavar="N,N", help="W1 connection counts to run instead of the mode's (e.g. 10000)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample wsgw with py-spy during each measured stretch; raw stacks go to DIR",
+    )
     return parser.parse_args(argv)
 
 

@@ -47,7 +47,7 @@ class ClusterRun:
         self.redis = None
         self.nodes: List[Wsgw] = []
 
-    def __enter__(self) -> "ClusterRun":
+    def __enter__(self) -> ClusterRun:
         try:
             self._start()
         except BaseException:
@@ -62,7 +62,8 @@ class ClusterRun:
             redis_port = self.ports.take()
             self.redis = procs.spawn(
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                procs.SERVER_CORE, self.workdir / "redis.log",
+                procs.SERVER_CORE,
+                self.workdir / "redis.log",
             )
             extra = ["--engine", "redis", "--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
         for i in range(self.count):
@@ -103,17 +104,31 @@ def fan_out(run: ClusterRun, conns: int, messages: int, load: loadgen.LoadGen) -
     per_node = [conns // run.count + (1 if i < conns % run.count else 0) for i in range(run.count)]
     for port, count in zip((node.port for node in run.nodes), per_node):
         answer = load.call(
-            timeout=60 + count / 20, cmd="open", group="fan", count=count, concurrency=100, retries=3,
-            url=f"ws://127.0.0.1:{port}/ws", headers={"X-Bfl-User": "bench"}, timeoutMs=int((50 + count / 25) * 1000),
+            timeout=60 + count / 20,
+            cmd="open",
+            group="fan",
+            count=count,
+            concurrency=100,
+            retries=3,
+            url=f"ws://127.0.0.1:{port}/ws",
+            headers={"X-Bfl-User": "bench"},
+            timeoutMs=int((50 + count / 25) * 1000),
         )
         if answer["opened"] != count:
             raise RuntimeError(f"{count - answer['opened']} of {count} handshakes failed: {answer['errors']}")
     time.sleep(1.0)  # let the open bursts settle before measuring
     meter = procs.CpuMeter({**run.roots(), "loadgen": load.pid}).start()
     answer = load.call(
-        timeout=120 + messages, cmd="fanout", group="fan", messages=messages, size=100, drainMs=60000,
-        publish={"url": f"http://127.0.0.1:{run.nodes[0].port}/tapr/ws/conn/send",
-                 "body": '{"payload":@JSON@,"users":["bench"]}'},
+        timeout=120 + messages,
+        cmd="fanout",
+        group="fan",
+        messages=messages,
+        size=100,
+        drainMs=60000,
+        publish={
+            "url": f"http://127.0.0.1:{run.nodes[0].port}/tapr/ws/conn/send",
+            "body": '{"payload":@JSON@,"users":["bench"]}',
+        },
     )
     cpu = meter.stop()
     answer["server_cpu_pct"] = sum(v for k, v in cpu.items() if k.endswith("_cpu_pct") and k != "loadgen_cpu_pct")
@@ -151,9 +166,13 @@ def main(argv=None) -> int:
                     load.stop()
             figures[name] = answer
             if answer["lost"] or answer["dup"] or answer["reordered"] or answer["publishErrors"]:
-                failures.append(f"{name}: lost/dup/reordered {checks(answer)}, publish errors {answer['publishErrors']}")
-            log(f"  {answer['rate']:.0f} deliveries/s, p50 {answer['latencyMs']['p50']} ms, "
-                f"p99 {answer['latencyMs']['p99']} ms, {checks(answer)}")
+                failures.append(
+                    f"{name}: lost/dup/reordered {checks(answer)}, publish errors {answer['publishErrors']}"
+                )
+            log(
+                f"  {answer['rate']:.0f} deliveries/s, p50 {answer['latencyMs']['p50']} ms, "
+                f"p99 {answer['latencyMs']['p99']} ms, {checks(answer)}"
+            )
     finally:
         if args.keep or failures:
             log(f"logs kept in {workdir}")
@@ -167,31 +186,39 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, answer in figures.items():
-        lines.append("| " + " | ".join([
-            name,
-            report.fmt(answer["rate"], 0),
-            report.ratio(answer["rate"], reference.get("rate")),
-            report.fmt(answer["latencyMs"]["p50"]),
-            report.fmt(answer["latencyMs"]["p99"]),
-            report.ratio(answer["latencyMs"]["p99"], reference.get("latencyMs", {}).get("p99")),
-            checks(answer),
-            report.fmt(answer["server_cpu_pct"], 0),
-            report.fmt(answer["loadgen_cpu_pct"], 0),
-        ]) + " |")
-    document = "\n".join([
-        "# wsgw cluster fan-out",
-        "",
-        f"- Machine: {report.machine()}",
-        f"- wsgw {Wsgw.version()}; redis-server {_dpkg_version('redis-server')}",
-        f"- {conns:,} connections of one user spread evenly over the nodes, {messages} publishes of ~100 bytes "
-        f"to node 1's /tapr/ws/conn/send with users; took {(time.monotonic() - started) / 60:.1f} min.",
-        f"- Nodes and Redis pinned to core {procs.SERVER_CORE}, the load generator to core {procs.LOAD_CORE}: "
-        "this measures what the cluster engine costs on one core, not scaling across machines.",
-        "",
-        *lines,
-        "",
-        *(["Checks that failed:", "", *[f"- {f}" for f in failures], ""] if failures else []),
-    ])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    report.fmt(answer["rate"], 0),
+                    report.ratio(answer["rate"], reference.get("rate")),
+                    report.fmt(answer["latencyMs"]["p50"]),
+                    report.fmt(answer["latencyMs"]["p99"]),
+                    report.ratio(answer["latencyMs"]["p99"], reference.get("latencyMs", {}).get("p99")),
+                    checks(answer),
+                    report.fmt(answer["server_cpu_pct"], 0),
+                    report.fmt(answer["loadgen_cpu_pct"], 0),
+                ]
+            )
+            + " |"
+        )
+    document = "\n".join(
+        [
+            "# wsgw cluster fan-out",
+            "",
+            f"- Machine: {report.machine()}",
+            f"- wsgw {Wsgw.version()}; redis-server {_dpkg_version('redis-server')}",
+            f"- {conns:,} connections of one user spread evenly over the nodes, {messages} publishes of ~100 bytes "
+            f"to node 1's /tapr/ws/conn/send with users; took {(time.monotonic() - started) / 60:.1f} min.",
+            f"- Nodes and Redis pinned to core {procs.SERVER_CORE}, the load generator to core {procs.LOAD_CORE}: "
+            "this measures what the cluster engine costs on one core, not scaling across machines.",
+            "",
+            *lines,
+            "",
+            *(["Checks that failed:", "", *[f"- {f}" for f in failures], ""] if failures else []),
+        ]
+    )
     print(document)
     if args.out:
         args.out.write_text(document)

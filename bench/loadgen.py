@@ -52,7 +52,7 @@ class LoadGen:
 
     def __init__(self, log: Path):
         self.proc = procs.spawn([node_binary(), str(NODE_DIR / "loadgen.js")], procs.LOAD_CORE, log, pipes=True)
-        self._answers: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._answers: queue.Queue[Optional[bytes]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

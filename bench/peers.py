@@ -119,11 +119,18 @@ class Wsgw(Server):
             [str(Path(wsgw.__file__).resolve().parent.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         argv = [
-            sys.executable, "-m", "twisted", "--log-format=text", "wsgw",
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            sys.executable,
+            "-m",
+            "twisted",
+            "--log-format=text",
+            "wsgw",
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
             # Limits are not what is measured: W2 puts 1,000 connections on one user.
-            "--max-connections-per-user", "0",
-            "--max-connections", "0",
+            "--max-connections-per-user",
+            "0",
+            "--max-connections",
+            "0",
         ]
         if app_url:
             argv += ["--app-url", app_url + "/wsgw"]
@@ -160,10 +167,20 @@ class Wsgw(Server):
     @staticmethod
     def version() -> str:
         try:
-            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                 cwd=Path(__file__).resolve().parent.parent)
-            dirty = subprocess.run(["git", "status", "--porcelain", "--", "wsgw"], capture_output=True, text=True,
-                                   timeout=10, cwd=Path(__file__).resolve().parent.parent)
+            out = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--", "wsgw"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
             return out.stdout.strip() + (" + uncommitted changes in wsgw/" if dirty.stdout.strip() else "")
         except (OSError, subprocess.TimeoutExpired):
             return ""
@@ -394,8 +411,9 @@ def install_peers(log) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     log(f"apt-get install -y {' '.join(PEER_PACKAGES)}")
     # Its output goes to stderr: stdout carries the results table alone.
-    subprocess.run(["apt-get", "install", "-y", "-q", *PEER_PACKAGES], env=env, check=True, timeout=900,
-                   stdout=sys.stderr)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", *PEER_PACKAGES], env=env, check=True, timeout=900, stdout=sys.stderr
+    )
     for unit, comm in services.items():
         if before[unit] or not _running(comm):
             continue

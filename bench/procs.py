@@ -65,7 +65,7 @@ def _stat(pid: int) -> Optional[List[str]]:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -130,7 +130,7 @@ class CpuMeter:
     def _read(self) -> Dict[str, float]:
         return {name: cpu_seconds(tree(pid)) for name, pid in self.roots.items()}
 
-    def start(self) -> "CpuMeter":
+    def start(self) -> CpuMeter:
         self._start = self._read()
         self._wall = time.monotonic()
         return self
@@ -162,13 +162,30 @@ class ProfiledMeter(CpuMeter):
         self.py_spy = py_spy
         self._sampler: Optional[subprocess.Popen] = None
 
-    def start(self) -> "ProfiledMeter":
+    def start(self) -> ProfiledMeter:
         log = open(self.out.with_suffix(".log"), "ab")
         try:
             self._sampler = subprocess.Popen(
-                pinned(LOAD_CORE, [self.py_spy, "record", "--pid", str(self.target), "--rate", "250",
-                                   "--nonblocking", "--format", "raw", "--output", str(self.out)]),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                pinned(
+                    LOAD_CORE,
+                    [
+                        self.py_spy,
+                        "record",
+                        "--pid",
+                        str(self.target),
+                        "--rate",
+                        "250",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(self.out),
+                    ],
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         finally:
             log.close()

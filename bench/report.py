@@ -67,7 +67,7 @@ def fmt(value: Value, digits: int = 1) -> str:
         return value
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return "–"
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 100:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 100):
         return f"{int(value):,}"
     if abs(value) >= 100:
         return f"{value:,.0f}"

@@ -54,19 +54,35 @@ class Params:
 
 
 FULL = Params(
-    w1_sizes=(1000, 5000, 10000), w1_settle=2.0, w1_hold=10.0,
-    w2_conns=1000, w2_messages=200,
-    w3_conns=100, w3_messages=100,
-    w4_conns=50, w4_rate=500, w4_seconds=10.0,
-    w5_background=(100, 1000, 10000), w5_calls=2000, w5_user_conns=10,
+    w1_sizes=(1000, 5000, 10000),
+    w1_settle=2.0,
+    w1_hold=10.0,
+    w2_conns=1000,
+    w2_messages=200,
+    w3_conns=100,
+    w3_messages=100,
+    w4_conns=50,
+    w4_rate=500,
+    w4_seconds=10.0,
+    w5_background=(100, 1000, 10000),
+    w5_calls=2000,
+    w5_user_conns=10,
 )
 
 QUICK = Params(
-    w1_sizes=(50,), w1_settle=0.5, w1_hold=1.0,
-    w2_conns=50, w2_messages=20,
-    w3_conns=10, w3_messages=20,
-    w4_conns=10, w4_rate=100, w4_seconds=2.0,
-    w5_background=(10, 100), w5_calls=100, w5_user_conns=5,
+    w1_sizes=(50,),
+    w1_settle=0.5,
+    w1_hold=1.0,
+    w2_conns=50,
+    w2_messages=20,
+    w3_conns=10,
+    w3_messages=20,
+    w4_conns=10,
+    w4_rate=100,
+    w4_seconds=2.0,
+    w5_background=(10, 100),
+    w5_calls=100,
+    w5_user_conns=5,
 )
 
 
@@ -88,7 +104,7 @@ class Session:
         self.refused = 0  # handshakes refused, then retried
         self.refusals: dict = {}
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         try:
             app_url = None
             if self.app_port:
@@ -141,8 +157,14 @@ class Session:
         """
         answer = self.load.call(
             timeout=60 + count / 20,
-            cmd="open", group=group, count=count, concurrency=params.concurrency, ping=ping, retries=3,
-            timeoutMs=int((50 + count / 25) * 1000), **clients,
+            cmd="open",
+            group=group,
+            count=count,
+            concurrency=params.concurrency,
+            ping=ping,
+            retries=3,
+            timeoutMs=int((50 + count / 25) * 1000),
+            **clients,
         )
         self.refused += answer["retried"] + answer["failed"]
         for error, times in answer["errors"].items():
@@ -166,8 +188,15 @@ def render(template: str, payload) -> str:
 class Runner:
     """Runs the workloads over the servers and files the figures in L{Results}."""
 
-    def __init__(self, params: Params, servers: Sequence, workdir: Path, results: Results, log: Callable[[str], None],
-                 profile: Optional[Path] = None):
+    def __init__(
+        self,
+        params: Params,
+        servers: Sequence,
+        workdir: Path,
+        results: Results,
+        log: Callable[[str], None],
+        profile: Optional[Path] = None,
+    ):
         self.params = params
         self.profile = profile
         self.servers = servers
@@ -203,29 +232,40 @@ class Runner:
 
     def note_refusals(self, label: str, session: Session) -> None:
         if session.refused:
-            self.results.notes.append(f"{label}, {session.server.name}: {session.refused} handshakes refused "
-                                      f"and retried ({session.refusals})")
+            self.results.notes.append(
+                f"{label}, {session.server.name}: {session.refused} handshakes refused and retried ({session.refusals})"
+            )
 
     def note_saturation(self, label: str, server: str, cpu: dict) -> None:
         """A figure taken while the load side used a whole core measures the load side: say so."""
         load = cpu.get("loadgen_cpu_pct", 0) + cpu.get("app_cpu_pct", 0)
         if load >= 90:
-            self.results.notes.append(f"{label}, {server}: load generator and app at {load:.0f}% of their core; "
-                                      f"the server's figures are a lower bound")
+            self.results.notes.append(
+                f"{label}, {server}: load generator and app at {load:.0f}% of their core; "
+                f"the server's figures are a lower bound"
+            )
 
     def verify(self, label: str, server: str, answer: dict) -> None:
         if answer.get("closes"):
-            self.results.fail(server, f"{label}, {server}: connections closed during the run (close code: count) "
-                              f"{answer['closes']}")
+            self.results.fail(
+                server, f"{label}, {server}: connections closed during the run (close code: count) {answer['closes']}"
+            )
         if answer["lost"] or answer["dup"] or answer["reordered"] or answer.get("bad"):
-            self.results.fail(server, f"{label}, {server}: lost/dup/reordered {checks(answer)}, "
-                              f"unexpected {answer.get('bad', 0)}")
+            self.results.fail(
+                server, f"{label}, {server}: lost/dup/reordered {checks(answer)}, unexpected {answer.get('bad', 0)}"
+            )
 
     # -- W1 ---------------------------------------------------------------------------------
 
-    W1_METRICS = [("handshakes/s", "↑"), ("handshakes refused (then retried)", ""), ("RSS per connection, KiB", "↓"),
-                  ("server CPU during handshakes, %", ""), ("load generator CPU during handshakes, %", ""),
-                  ("server CPU idle with heartbeats, %", "↓"), ("heartbeats answered", "")]
+    W1_METRICS = [
+        ("handshakes/s", "↑"),
+        ("handshakes refused (then retried)", ""),
+        ("RSS per connection, KiB", "↓"),
+        ("server CPU during handshakes, %", ""),
+        ("load generator CPU during handshakes, %", ""),
+        ("server CPU idle with heartbeats, %", "↓"),
+        ("heartbeats answered", ""),
+    ]
 
     def w1(self) -> None:
         for n in self.params.w1_sizes:
@@ -259,20 +299,31 @@ class Runner:
             r.add(label, "server CPU idle with heartbeats, %", name, idle["server_cpu_pct"], "↓")
             r.add(label, "heartbeats answered", name, f"{beats['pongs']}/{beats['pings']}")
             if beats["open"] != n:
-                r.fail(name, f"{label}, {name}: {n - beats['open']} connections closed while idle "
-                       f"(close code: count) {beats['closes']}")
+                r.fail(
+                    name,
+                    f"{label}, {name}: {n - beats['open']} connections closed while idle "
+                    f"(close code: count) {beats['closes']}",
+                )
             # Pongs still in flight when counted are fine; most must be back.
             if beats["pings"] and beats["pongs"] < 0.9 * beats["pings"]:
                 r.fail(name, f"{label}, {name}: only {beats['pongs']} of {beats['pings']} pings answered")
             r.add(label, "handshakes refused (then retried)", name, s.refused)
             self.note_refusals(label, s)
-            self.log(f"  {opened['rate']:.0f} handshakes/s, {(after - before) / alive / 1024:.1f} KiB/conn "
-                     f"(RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB), pongs {beats['pongs']}/{beats['pings']}")
+            self.log(
+                f"  {opened['rate']:.0f} handshakes/s, {(after - before) / alive / 1024:.1f} KiB/conn "
+                f"(RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB), pongs {beats['pongs']}/{beats['pings']}"
+            )
 
     # -- W2 ---------------------------------------------------------------------------------
 
-    W2_METRICS = [("deliveries/s", "↑"), ("latency p50, ms", "↓"), ("latency p99, ms", "↓"),
-                  ("lost/dup/reordered", ""), ("server CPU, %", ""), ("load generator CPU, %", "")]
+    W2_METRICS = [
+        ("deliveries/s", "↑"),
+        ("latency p50, ms", "↓"),
+        ("latency p99, ms", "↓"),
+        ("lost/dup/reordered", ""),
+        ("server CPU, %", ""),
+        ("load generator CPU, %", ""),
+    ]
 
     def w2(self) -> None:
         p = self.params
@@ -286,8 +337,13 @@ class Runner:
             s.settle()
             meter = s.meter().start()
             answer = s.load.call(
-                timeout=120 + p.w2_messages, cmd="fanout", group="fan", messages=p.w2_messages, size=p.payload,
-                publish=s.server.publisher("bench"), drainMs=60000,
+                timeout=120 + p.w2_messages,
+                cmd="fanout",
+                group="fan",
+                messages=p.w2_messages,
+                size=p.payload,
+                publish=s.server.publisher("bench"),
+                drainMs=60000,
             )
             cpu = meter.stop()
             self.note_saturation(label, server_cls.name, cpu)
@@ -302,13 +358,20 @@ class Runner:
                 r.fail(name, f"{label}, {name}: publish errors {answer['publishErrors']}")
             self.verify(label, name, answer)
             self.note_refusals(label, s)
-            self.log(f"  {answer['deliveries']}/{answer['expected']} deliveries, {answer['rate']:.0f}/s, "
-                     f"p50 {answer['latencyMs']['p50']} ms, p99 {answer['latencyMs']['p99']} ms")
+            self.log(
+                f"  {answer['deliveries']}/{answer['expected']} deliveries, {answer['rate']:.0f}/s, "
+                f"p50 {answer['latencyMs']['p50']} ms, p99 {answer['latencyMs']['p99']} ms"
+            )
 
     # -- W3 ---------------------------------------------------------------------------------
 
-    W3_METRICS = [("events/s", "↑"), ("lost/dup/reordered", ""), ("server CPU, %", ""),
-                  ("load generator CPU, %", ""), ("app CPU, %", "")]
+    W3_METRICS = [
+        ("events/s", "↑"),
+        ("lost/dup/reordered", ""),
+        ("server CPU, %", ""),
+        ("load generator CPU, %", ""),
+        ("app CPU, %", ""),
+    ]
 
     def w3(self) -> None:
         p = self.params
@@ -323,8 +386,13 @@ class Runner:
             s.app.mode("count")
             meter = s.meter().start()
             answer = s.load.call(
-                timeout=120, cmd="forward", group="fwd", messages=p.w3_messages, size=p.payload,
-                appStats=s.app.base + "/stats", drainMs=60000,
+                timeout=120,
+                cmd="forward",
+                group="fwd",
+                messages=p.w3_messages,
+                size=p.payload,
+                appStats=s.app.base + "/stats",
+                drainMs=60000,
             )
             cpu = meter.stop()
             self.note_saturation(label, server_cls.name, cpu)
@@ -340,8 +408,14 @@ class Runner:
 
     # -- W4 ---------------------------------------------------------------------------------
 
-    W4_METRICS = [("latency p50, ms", "↓"), ("latency p99, ms", "↓"), ("achieved msg/s", ""),
-                  ("lost/dup/reordered", ""), ("server CPU, %", "↓"), ("load generator + app CPU, %", "")]
+    W4_METRICS = [
+        ("latency p50, ms", "↓"),
+        ("latency p99, ms", "↓"),
+        ("achieved msg/s", ""),
+        ("lost/dup/reordered", ""),
+        ("server CPU, %", "↓"),
+        ("load generator + app CPU, %", ""),
+    ]
 
     def w4(self) -> None:
         p = self.params
@@ -356,8 +430,13 @@ class Runner:
             s.app.mode("echo")
             meter = s.meter().start()
             answer = s.load.call(
-                timeout=p.w4_seconds + 60, cmd="roundtrip", group="rt", rate=p.w4_rate, seconds=p.w4_seconds,
-                size=p.payload, drainMs=15000,
+                timeout=p.w4_seconds + 60,
+                cmd="roundtrip",
+                group="rt",
+                rate=p.w4_rate,
+                seconds=p.w4_seconds,
+                size=p.payload,
+                drainMs=15000,
             )
             cpu = meter.stop()
             self.note_saturation(label, server_cls.name, cpu)
@@ -370,8 +449,10 @@ class Runner:
             r.add(label, "load generator + app CPU, %", name, cpu["loadgen_cpu_pct"] + cpu["app_cpu_pct"], digits=0)
             self.verify(label, name, answer)
             self.note_refusals(label, s)
-            self.log(f"  {answer['received']}/{answer['sent']} back, p50 {answer['latencyMs']['p50']} ms, "
-                     f"p99 {answer['latencyMs']['p99']} ms")
+            self.log(
+                f"  {answer['received']}/{answer['sent']} back, p50 {answer['latencyMs']['p50']} ms, "
+                f"p99 {answer['latencyMs']['p99']} ms"
+            )
 
     # -- W5 ---------------------------------------------------------------------------------
 
@@ -448,15 +529,24 @@ class Runner:
                     warm_up = min(200, p.w5_calls)
                     s.load.call(timeout=60, cmd="apicalls", group=group, count=warm_up, drainMs=10000, **call)
                     meter = s.meter().start()
-                    answer = s.load.call(timeout=120 + p.w5_calls / 50, cmd="apicalls", group=group,
-                                         count=p.w5_calls, drainMs=20000, **call)
+                    answer = s.load.call(
+                        timeout=120 + p.w5_calls / 50,
+                        cmd="apicalls",
+                        group=group,
+                        count=p.w5_calls,
+                        drainMs=20000,
+                        **call,
+                    )
                     cpu_per_call = meter.stop()["server_cpu_s"] / p.w5_calls * 1e6
                     label = self.w5_label(target, others)
                     r.add(label, "µs per call, client-side", name, answer["meanMs"] * 1000, "↓", digits=0)
                     r.add(label, "server CPU µs per call", name, cpu_per_call, "↓", digits=0)
                     if answer["errors"] or answer["received"] != answer["expected"]:
-                        r.fail(name, f"{label}, {name}: errors {answer['errors']}, received {answer['received']} "
-                               f"of {answer['expected']}")
+                        r.fail(
+                            name,
+                            f"{label}, {name}: errors {answer['errors']}, received {answer['received']} "
+                            f"of {answer['expected']}",
+                        )
                     self.log(f"  {label}: {answer['meanMs'] * 1000:.0f} µs/call, server CPU {cpu_per_call:.0f} µs/call")
             self.note_refusals("W5", s)
 
@@ -474,8 +564,9 @@ class Runner:
                         value = b / a
                     else:
                         value = NA if a in (None, NA) else "–"
-                    self.results.add(label, f"{what} at {high:,} ÷ at {low:,} others", server_cls.name, value, "↓",
-                                     digits=2)
+                    self.results.add(
+                        label, f"{what} at {high:,} ÷ at {low:,} others", server_cls.name, value, "↓", digits=2
+                    )
 
     ALL = ("W1", "W2", "W3", "W4", "W5")
 

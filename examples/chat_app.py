@@ -210,7 +210,9 @@ def main(argv=None):
     port = reactor.listenTCP(args.port, make_site(chat), interface=args.interface)
     log.info(
         "chat app listening on http://{host}:{port}/ (events at /ws/message, gateway {gateway})",
-        host=args.interface, port=port.getHost().port, gateway=args.gateway,
+        host=args.interface,
+        port=port.getHost().port,
+        gateway=args.gateway,
     )
     reactor.callWhenRunning(lambda: defer.ensureDeferred(chat.sync()))
     reactor.run()

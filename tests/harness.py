@@ -450,9 +450,14 @@ async def upgrade_request(base, user="", headers=None):
 
     response = await treq.get(
         base + "/ws",
-        headers={"Upgrade": "websocket", "Connection": "Upgrade", "X-Bfl-User": user,
-                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13",
-                 **(headers or {})},
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "X-Bfl-User": user,
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+            **(headers or {}),
+        },
     )
     assert response.code != 101, "the upgrade was accepted"
     return response.code, await treq.json_content(response)
@@ -475,11 +480,20 @@ class SyncDaemon:
 
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
         environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
-        argv = [sys.executable, "-m", "twisted", "--log-format=text", "wsgw",
-                "--listen", "tcp:0:interface=127.0.0.1", *self.args]
+        argv = [
+            sys.executable,
+            "-m",
+            "twisted",
+            "--log-format=text",
+            "wsgw",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            *self.args,
+        ]
         self.log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(argv, cwd=self.cwd, env=environment, stdout=self.log_file,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv, cwd=self.cwd, env=environment, stdout=self.log_file, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.alive():
             match = re.search(rb"starting on (\d+)", self.log_path.read_bytes())
@@ -536,8 +550,12 @@ def ctl(daemon, *args, token=None):
     if token:
         env["WSGW_ADMIN_TOKEN"] = token
     return threads.deferToThread(
-        subprocess.run, [sys.executable, "-m", "wsgw.cli", "--url", daemon.base, *args],
-        capture_output=True, text=True, timeout=60, env=env,
+        subprocess.run,
+        [sys.executable, "-m", "wsgw.cli", "--url", daemon.base, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
@@ -574,13 +592,26 @@ class RedisServer:
         from shutil import which
 
         self.proto = proto = DaemonProtocol()
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no"]
-        self.process = reactor.spawnProcess(proto, which("redis-server") or "/usr/bin/redis-server", argv,
-                                            env={}, path="/")
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ]
+        self.process = reactor.spawnProcess(
+            proto, which("redis-server") or "/usr/bin/redis-server", argv, env={}, path="/"
+        )
         await proto.waiters.wait(
             lambda: any("Ready to accept connections" in line for line in proto.lines) or proto.ended.called,
-            "redis-server to start")
+            "redis-server to start",
+        )
         if proto.ended.called:
             raise AssertionError("redis-server exited:\n" + "\n".join(proto.lines))
 

@@ -5,8 +5,8 @@ The app's API answers as Olares apps expect, and says clearly what is wrong.
 import json
 
 import pytest
-from twisted.internet.task import Clock
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 
 from fakes import FakeApp, make_gateway, open_conn
 from wsgw.config import Config
@@ -131,7 +131,10 @@ def test_wrong_types_name_the_field(treq, body, field):
     assert field in answer["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1,2]", b'"x"', b'{"payload": NaN, "conn_id": "a1"}', b"[" * 5000 + b"]" * 5000, b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"[1,2]", b'"x"', b'{"payload": NaN, "conn_id": "a1"}', b"[" * 5000 + b"]" * 5000, b"\xff\xfe"],
+)
 def test_malformed_bodies_are_400_json(treq, raw):
     status, answer, _ = call(treq, "POST", "send", raw=raw)
     assert status == 400

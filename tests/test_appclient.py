@@ -46,8 +46,17 @@ def test_event_posted_with_headers_and_body():
     assert headers.getRawHeaders(b"content-type") == [b"application/json"]
 
 
-@pytest.mark.parametrize("status, error", [(500, AppUnavailable), (503, AppUnavailable), (429, AppUnavailable),
-                                           (408, AppUnavailable), (400, AppRejected), (404, AppRejected)])
+@pytest.mark.parametrize(
+    "status, error",
+    [
+        (500, AppUnavailable),
+        (503, AppUnavailable),
+        (429, AppUnavailable),
+        (408, AppUnavailable),
+        (400, AppRejected),
+        (404, AppRejected),
+    ],
+)
 def test_failure_kinds(status, error):
     _, d = attempt(status)
     failure = d.result
@@ -142,11 +151,14 @@ def test_cookies_the_app_sets_are_never_sent_with_later_events():
     assert app.seen[1][1].getRawHeaders(b"cookie") is None
 
 
-@pytest.mark.parametrize("url, host", [
-    ("http://127.0.0.1:8888/ws/message", b"127.0.0.1:8888"),
-    ("http://app.example/ws/message", b"app.example"),
-    ("https://app.example:443/ws", b"app.example"),
-])
+@pytest.mark.parametrize(
+    "url, host",
+    [
+        ("http://127.0.0.1:8888/ws/message", b"127.0.0.1:8888"),
+        ("http://app.example/ws/message", b"app.example"),
+        ("https://app.example:443/ws", b"app.example"),
+    ],
+)
 def test_host_header_names_the_app(url, host):
     """The Host header is computed once from the URL, as the agent would."""
     from treq.testing import RequestTraversalAgent

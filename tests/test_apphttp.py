@@ -93,8 +93,9 @@ def test_request_is_written_in_one_piece(agent, endpoints):
     head, _, body = written.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /ws/message HTTP/1.1"
-    assert sorted(lines[1:]) == sorted([b"Content-Type: application/json", b"Cookie: a=b", b"Host: 127.0.0.1:8888",
-                                        b"Content-Length: 7"])
+    assert sorted(lines[1:]) == sorted(
+        [b"Content-Type: application/json", b"Cookie: a=b", b"Host: 127.0.0.1:8888", b"Content-Length: 7"]
+    )
     assert body == b'{"a":1}'
 
 
@@ -113,9 +114,11 @@ def test_answer_with_length_then_connection_reused(agent, endpoints, step):
 @pytest.mark.parametrize("step", [None, 1, 3])
 def test_chunked_answer(agent, endpoints, step):
     d = post(agent)
-    answer(endpoints.transports[0],
-           b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Trailer: t\r\n\r\n", step)
+    answer(
+        endpoints.transports[0],
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-Trailer: t\r\n\r\n",
+        step,
+    )
     assert d.result.body == b"hello!"
     post(agent)
     assert len(endpoints.transports) == 1
@@ -164,8 +167,13 @@ def test_answer_without_length_ends_with_the_connection(agent, endpoints):
     assert len(endpoints.transports) == 2
 
 
-@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-                                  b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
 def test_connection_not_reused_when_the_app_says_so(agent, endpoints, head):
     d = post(agent)
     answer(endpoints.transports[0], head)
@@ -195,12 +203,18 @@ def test_connection_lost_mid_answer_fails_the_request(agent, endpoints):
     assert len(endpoints.transports) == 2
 
 
-@pytest.mark.parametrize("garbage", [b"SPDY/3 200 OK\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n",
-                                     b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-                                     b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
-                                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-                                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                                     b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"SPDY/3 200 OK\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000,
+    ],
+)
 def test_unreadable_answer_fails_and_drops_the_connection(agent, endpoints, garbage):
     d = post(agent)
     transport = endpoints.transports[0]

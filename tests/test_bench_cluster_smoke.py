@@ -15,11 +15,18 @@ def test_quick_cluster_benchmark_prints_every_setup(tmp_path):
     out = tmp_path / "cluster.md"
     run = subprocess.run(
         [sys.executable, "-m", "bench.cluster", "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr[-4000:]}"
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| memory", "| redis"))]
-    assert [row.split(" | ")[0] for row in rows] == ["| memory, 1 node", "| redis, 1 node", "| redis, 2 nodes",
-                                                     "| redis, 3 nodes"]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| memory, 1 node",
+        "| redis, 1 node",
+        "| redis, 2 nodes",
+        "| redis, 3 nodes",
+    ]
     assert all(" | 0/0/0 | " in row for row in rows), run.stdout
     assert out.read_text().count("\n| ") == len(rows) + 1  # and the header

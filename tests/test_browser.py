@@ -60,8 +60,9 @@ SESSIONS = {"tok-alice": "alice", "tok-bob": "bob"}  # auth_token cookie -> user
 def playwright_core():
     """playwright-core from npm (tests/browser/package-lock.json), installed on first use."""
     if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                       cwd=BROWSER_DIR, check=True, timeout=300)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BROWSER_DIR, check=True, timeout=300
+        )
 
 
 # --- the authenticating proxy ------------------------------------------------
@@ -96,7 +97,7 @@ class ProxyFront(Protocol):
             return
         self.routed = True
         self.deadline.cancel()
-        head, self.head = self.head[:end].decode("latin-1"), self.head[end + 4:]
+        head, self.head = self.head[:end].decode("latin-1"), self.head[end + 4 :]
         self.route(head)
 
     def route(self, head):
@@ -297,20 +298,24 @@ class Driver(LineProcess):
         return answer["value"]
 
     def wait(self, name, expression, seconds=10):
-        return self.call("wait", name=name, expression=expression, timeout=int(seconds * 1000),
-                         seconds=seconds + 10)
+        return self.call("wait", name=name, expression=expression, timeout=int(seconds * 1000), seconds=seconds + 10)
 
     async def chat_lines(self, name):
         return await self.call("evaluate", name=name, expression=CHAT_LINES)
 
     def wait_chat(self, name, sender, text):
         """Until the page shows SENDER: TEXT; all its chat lines."""
-        return self.wait(name, f"(() => {{ const lines = {CHAT_LINES}; return lines.some(l => "
-                               f"l[0] === {json.dumps(sender)} && l[1] === {json.dumps(text)}) && lines; }})()")
+        return self.wait(
+            name,
+            f"(() => {{ const lines = {CHAT_LINES}; return lines.some(l => "
+            f"l[0] === {json.dumps(sender)} && l[1] === {json.dumps(text)}) && lines; }})()",
+        )
 
 
-CHAT_LINES = ("Array.from(document.querySelectorAll('#messages li'))"
-              ".map(li => [li.querySelector('.from').textContent, li.querySelector('.text').textContent])")
+CHAT_LINES = (
+    "Array.from(document.querySelectorAll('#messages li'))"
+    ".map(li => [li.querySelector('.from').textContent, li.querySelector('.text').textContent])"
+)
 
 
 async def api(daemon, path, body):
@@ -325,13 +330,13 @@ async def api(daemon, path, body):
 async def test_two_browsers_chat_through_the_gateway(tmp_path, playwright_core, node_ws):
     started = time.monotonic()
     app_port = free_port()
-    daemon = await start_daemon("--app-url", f"http://127.0.0.1:{app_port}/ws/message", "--require-user",
-                                cwd=tmp_path)
+    daemon = await start_daemon("--app-url", f"http://127.0.0.1:{app_port}/ws/message", "--require-user", cwd=tmp_path)
     app = driver = node = proxy = None
     try:
-        app = spawn(LineProcess("the chat app"),
-                    [sys.executable, "-u", str(EXAMPLES / "chat_app.py"),
-                     "--port", str(app_port), "--gateway", daemon.base])
+        app = spawn(
+            LineProcess("the chat app"),
+            [sys.executable, "-u", str(EXAMPLES / "chat_app.py"), "--port", str(app_port), "--gateway", daemon.base],
+        )
         await app.wait_line(r"chat app listening on http://127\.0\.0\.1:(\d+)/", "the chat app to listen")
         proxy = AuthProxy(daemon.port, app_port).start()
 
@@ -341,13 +346,17 @@ async def test_two_browsers_chat_through_the_gateway(tmp_path, playwright_core, 
         assert launched["ready"], launched.get("error")
 
         for user in ("alice", "bob"):
-            status = await driver.call("open", name=user, url=proxy.base + "/",
-                                       cookies=[{"name": "auth_token", "value": f"tok-{user}"}])
+            status = await driver.call(
+                "open", name=user, url=proxy.base + "/", cookies=[{"name": "auth_token", "value": f"tok-{user}"}]
+            )
             assert status == 200
         # Both greeted by the app (so it tracks both), both see each other online.
         for user in ("alice", "bob"):
-            await driver.wait(user, f"document.body.dataset.user === {json.dumps(user)} && "
-                                    "document.getElementById('online').textContent === 'online: alice, bob'")
+            await driver.wait(
+                user,
+                f"document.body.dataset.user === {json.dumps(user)} && "
+                "document.getElementById('online').textContent === 'online: alice, bob'",
+            )
 
         await driver.call("say", name="alice", text="Hi Bob, alice here")
         await driver.wait_chat("bob", "alice", "Hi Bob, alice here")
@@ -359,9 +368,20 @@ async def test_two_browsers_chat_through_the_gateway(tmp_path, playwright_core, 
 
         # The example Node client joins the same chat (a non-browser client
         # outside the proxy names itself; the gateway requires a name).
-        node = spawn(LineProcess("node_client.js"),
-                     [node_bin, str(EXAMPLES / "node_client.js"),
-                      "--url", daemon.ws_url, "--user", "carol", "carol", "from", "node"])
+        node = spawn(
+            LineProcess("node_client.js"),
+            [
+                node_bin,
+                str(EXAMPLES / "node_client.js"),
+                "--url",
+                daemon.ws_url,
+                "--user",
+                "carol",
+                "carol",
+                "from",
+                "node",
+            ],
+        )
         await node.wait_line(r"^carol: carol from node$", "the Node client to see its own line")
         for user in ("alice", "bob"):
             await driver.wait_chat(user, "carol", "carol from node")
@@ -373,18 +393,26 @@ async def test_two_browsers_chat_through_the_gateway(tmp_path, playwright_core, 
         closed_at = time.monotonic()
         answer = await api(daemon, "close", {"users": ["bob"]})
         assert answer["data"] == {"matched": 1}
-        waiting = await driver.wait("bob", "document.body.dataset.state === 'waiting' && "
-                                           "document.getElementById('status').textContent")
+        waiting = await driver.wait(
+            "bob", "document.body.dataset.state === 'waiting' && document.getElementById('status').textContent"
+        )
         assert waiting == "closed (4000); reconnecting in 1 s"
-        await driver.wait("bob", "document.body.dataset.opens === '2' && "
-                                 "document.getElementById('status').textContent === 'connected as bob'")
+        await driver.wait(
+            "bob",
+            "document.body.dataset.opens === '2' && "
+            "document.getElementById('status').textContent === 'connected as bob'",
+        )
         assert time.monotonic() - closed_at >= 0.9
         await driver.call("say", name="alice", text="Still there?")
         await driver.wait_chat("bob", "alice", "Still there?")
         await driver.wait_chat("alice", "alice", "Still there?")
 
-        expected = [["alice", "Hi Bob, alice here"], ["bob", "Hello Alice! <b>not bold</b>"],
-                    ["carol", "carol from node"], ["alice", "Still there?"]]
+        expected = [
+            ["alice", "Hi Bob, alice here"],
+            ["bob", "Hello Alice! <b>not bold</b>"],
+            ["carol", "carol from node"],
+            ["alice", "Still there?"],
+        ]
         assert await driver.chat_lines("alice") == expected
         assert await driver.chat_lines("bob") == expected
         # Markup a user types stays text.
@@ -395,13 +423,19 @@ async def test_two_browsers_chat_through_the_gateway(tmp_path, playwright_core, 
 
         # Every request went through the proxy with its user's identity.
         assert {(user, backend) for user, _, backend in proxy.routed} == {
-            ("alice", "app"), ("alice", "gateway"), ("bob", "app"), ("bob", "gateway")}
+            ("alice", "app"),
+            ("alice", "gateway"),
+            ("bob", "app"),
+            ("bob", "gateway"),
+        }
 
         for user in ("alice", "bob"):
             await driver.call("screenshot", name=user, path=str(tmp_path / f"{user}.png"))
         shutil.copyfile(tmp_path / "bob.png", SCREENSHOT_COPY)
-        print(f"screenshots: {tmp_path}/alice.png, {tmp_path}/bob.png (copied to {SCREENSHOT_COPY}); "
-              f"{time.monotonic() - started:.1f} s")
+        print(
+            f"screenshots: {tmp_path}/alice.png, {tmp_path}/bob.png (copied to {SCREENSHOT_COPY}); "
+            f"{time.monotonic() - started:.1f} s"
+        )
     finally:
         if driver is not None:
             if driver.status is None:

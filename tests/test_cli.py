@@ -14,8 +14,9 @@ from harness import ctl, py_client, start_daemon
 async def test_list_send_close(tmp_path):
     daemon = await start_daemon("--admin-token", "tok-123456789", cwd=tmp_path)
     try:
-        client = await py_client(daemon.ws_url, {"X-Bfl-User": "alice", "Cookie": "auth_token=abcdefghijkl",
-                                                  "User-Agent": "Browser/9"})
+        client = await py_client(
+            daemon.ws_url, {"X-Bfl-User": "alice", "Cookie": "auth_token=abcdefghijkl", "User-Agent": "Browser/9"}
+        )
         result = await ctl(daemon, "list", token="tok-123456789")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()

@@ -17,10 +17,22 @@ PRESENCE_TTL = 2.0
 
 async def start_node(redis, app, tmp_path, name, *extra):
     node = await start_daemon(
-        "--app-url", app.url, "--engine", "redis", "--redis-url", redis.url, "--node-id", name,
+        "--app-url",
+        app.url,
+        "--engine",
+        "redis",
+        "--redis-url",
+        redis.url,
+        "--node-id",
+        name,
         # A generous wait for the other nodes' counts: a loaded CI machine
         # must not turn a complete answer into a partial one.
-        "--presence-ttl", str(PRESENCE_TTL), "--cluster-timeout", "5", *extra, cwd=tmp_path,
+        "--presence-ttl",
+        str(PRESENCE_TTL),
+        "--cluster-timeout",
+        "5",
+        *extra,
+        cwd=tmp_path,
     )
     node.name = name
     await until_redis(node, "up")
@@ -70,16 +82,17 @@ async def listed_ids(node):
     status, answer = await api(node, "list")
     assert status == 200 and answer["code"] == 0
     return {
-        entry["name"]: sorted(c["id"] for c in entry["conns"] + entry["public_conns"])
-        for entry in answer["data"]
+        entry["name"]: sorted(c["id"] for c in entry["conns"] + entry["public_conns"]) for entry in answer["data"]
     }, answer.get("partial", False)
 
 
 async def opened_conn(app, user, seen):
     """The conn id of the next connection of C{user} the app heard open."""
     event = await app.wait_for(
-        lambda: next((e for e in app.events if e["action"] == "open" and e["user_name"] == user
-                      and e["conn_id"] not in seen), None),
+        lambda: next(
+            (e for e in app.events if e["action"] == "open" and e["user_name"] == user and e["conn_id"] not in seen),
+            None,
+        ),
         f"open of {user}",
     )
     seen.add(event["conn_id"])
@@ -165,10 +178,14 @@ async def test_send_matching_rules_hold_across_nodes(nodes, app):
 async def test_list_shows_the_whole_gateway_on_every_node(nodes, app):
     seen = set()
     clients, expected = [], {}
-    for i, (node, user, cookie) in enumerate([
-        (nodes[0], "erin", "auth_token=e1"), (nodes[1], "erin", ""), (nodes[2], "frank", "auth_token=f1"),
-        (nodes[2], "erin", "auth_token=e2"),
-    ]):
+    for i, (node, user, cookie) in enumerate(
+        [
+            (nodes[0], "erin", "auth_token=e1"),
+            (nodes[1], "erin", ""),
+            (nodes[2], "frank", "auth_token=f1"),
+            (nodes[2], "erin", "auth_token=e2"),
+        ]
+    ):
         headers = {"X-Bfl-User": user, "User-Agent": f"agent-{i}"}
         if cookie:
             headers["Cookie"] = cookie
@@ -286,7 +303,9 @@ async def test_redis_down_each_node_serves_its_own_and_recovers(nodes, app, redi
     assert (listed, partial) == ({"ivy": [near_id]}, True)
     # wsgw-ctl says so too.
     result = await ctl(nodes[0], "send", "5", "--user", "ivy")
-    assert result.stdout.strip() == "send: 1 connection(s) matched (partial: some nodes were not reached (is Redis down?))"
+    assert (
+        result.stdout.strip() == "send: 1 connection(s) matched (partial: some nodes were not reached (is Redis down?))"
+    )
     assert await near.next_message() == "5"
     result = await ctl(nodes[0], "list")
     assert "ivy" in result.stdout and "partial" in result.stderr
@@ -346,8 +365,17 @@ async def test_malformed_messages_from_redis_are_counted_and_skipped(nodes, app,
             await publisher.publish("wsgw:commands", raw)
         await publisher.publish("wsgw:replies:node1", '{"v":1,"from":"x","id":"9","matched":-1}')
         # A well-formed command from a node the test plays is applied and answered.
-        good = {"v": 1, "from": "tester", "id": "10", "op": "send", "conn_ids": [], "users": ["jack"],
-                "tokens": [], "access": 0, "payload": '{"ok":true}'}
+        good = {
+            "v": 1,
+            "from": "tester",
+            "id": "10",
+            "op": "send",
+            "conn_ids": [],
+            "users": ["jack"],
+            "tokens": [],
+            "access": 0,
+            "payload": '{"ok":true}',
+        }
         await publisher.publish("wsgw:commands", json.dumps(good))
         assert await client.next_message() == '{"ok":true}'
 

@@ -7,7 +7,8 @@ believe.  (tests/test_cluster.py runs the same against a real redis-server.)
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 

@@ -82,8 +82,9 @@ async def test_two_embedded_gateways_are_one_cluster(app):
     parent = MultiService()
     services = []
     for name in ("left", "right"):
-        config = Config(listen=["tcp:0:interface=127.0.0.1"], app_url=app.url, engine="redis",
-                        redis_url=redis.url, node_id=name)
+        config = Config(
+            listen=["tcp:0:interface=127.0.0.1"], app_url=app.url, engine="redis", redis_url=redis.url, node_id=name
+        )
         service = make_service(config, reactor)
         service.setServiceParent(parent)
         services.append(service)
@@ -96,8 +97,9 @@ async def test_two_embedded_gateways_are_one_cluster(app):
         await eventually(lambda: _all_up(services), "both nodes to reach redis")
         client = await py_client(f"ws://{bases[1]}/ws", {"X-Bfl-User": "carol"})
         await app.wait_for_action("open")
-        response = await treq.post(f"http://{bases[0]}/tapr/ws/conn/send",
-                                   data=json.dumps({"payload": "across", "users": ["carol"]}).encode())
+        response = await treq.post(
+            f"http://{bases[0]}/tapr/ws/conn/send", data=json.dumps({"payload": "across", "users": ["carol"]}).encode()
+        )
         assert (await treq.json_content(response))["data"] == {"matched": 1}
         assert await client.next_message() == '"across"'
 

@@ -46,8 +46,9 @@ def test_binary_is_base64_with_flag():
 
 
 def test_envelope_carries_every_field_of_the_original():
-    conn = Connection(conn_id="c-1", user_name='al"ice', token="tok", access_public=True,
-                      user_agent="UA", remote_addr="1.2.3.4")
+    conn = Connection(
+        conn_id="c-1", user_name='al"ice', token="tok", access_public=True, user_agent="UA", remote_addr="1.2.3.4"
+    )
     event = json.loads(encode_event(b"open", b"{}", envelope_tail(conn), open_extra(conn)))
     assert event == {
         "data": {},

@@ -127,8 +127,11 @@ async def test_app_answering_in_5s_is_used_in_parallel_and_blocks_nobody(app, tm
     try:
         clients = [await py_client(daemon.ws_url, {"X-Bfl-User": f"u{n}"}) for n in range(20)]
         # All twenty opens are at the app at once, none answered yet.
-        await app.wait_for(lambda: len(in_flight) >= 20 and not any(d.called for d in in_flight),
-                           "twenty concurrent requests", seconds=4)
+        await app.wait_for(
+            lambda: len(in_flight) >= 20 and not any(d.called for d in in_flight),
+            "twenty concurrent requests",
+            seconds=4,
+        )
         clients[0].send_text('{"event":"ping"}')
         assert await clients[0].next_message(seconds=2) == '{"event":"pong"}'
         response = await treq.get(daemon.base + "/tapr/ws/conn/list")
@@ -145,7 +148,14 @@ async def test_app_answering_in_5s_is_used_in_parallel_and_blocks_nobody(app, tm
 async def test_paused_client_is_not_expired_for_missed_pings(app, tmp_path):
     app.behaviour = lambda event: (200, 0.6)
     daemon = await start_daemon(
-        "--app-url", app.url, "--max-backlog", "2", "--ping-timeout", "1", "--ping-check-interval", "0.1",
+        "--app-url",
+        app.url,
+        "--max-backlog",
+        "2",
+        "--ping-timeout",
+        "1",
+        "--ping-check-interval",
+        "0.1",
         cwd=tmp_path,
     )
     try:
@@ -253,8 +263,9 @@ async def test_connection_limits_refuse_handshake_with_json(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_oversized_api_body_is_413_and_message_too_big_is_1009(app, tmp_path):
-    daemon = await start_daemon("--app-url", app.url, "--max-api-body", "1000", "--max-message-size", "2000",
-                                cwd=tmp_path)
+    daemon = await start_daemon(
+        "--app-url", app.url, "--max-api-body", "1000", "--max-message-size", "2000", cwd=tmp_path
+    )
     try:
         response = await treq.post(daemon.base + "/tapr/ws/conn/send", data=b"{" + b" " * 5000 + b"}")
         assert response.code == 413

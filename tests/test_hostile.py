@@ -23,8 +23,9 @@ MAX_BODY = 65536
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    with SyncDaemon("--max-api-body", str(MAX_BODY), "--max-message-size", "4096",
-                    cwd=tmp_path_factory.mktemp("hostile")) as daemon:
+    with SyncDaemon(
+        "--max-api-body", str(MAX_BODY), "--max-message-size", "4096", cwd=tmp_path_factory.mktemp("hostile")
+    ) as daemon:
         yield daemon
         assert daemon.alive()
 
@@ -52,11 +53,17 @@ bodies = (
     | st.binary(max_size=300)
     | st.integers(0, MAX_BODY + 100).map(lambda n: b'{"payload":"' + b"x" * n + b'","users":["u"]}')
 )
-methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]) | st.from_regex(r"[A-Z]{1,8}", fullmatch=True)
+methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]) | st.from_regex(
+    r"[A-Z]{1,8}", fullmatch=True
+)
 segments = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF, blacklist_characters="/?#%"), max_size=12)
 paths = st.sampled_from(["send", "close", "list", ""]) | segments
-PROPERTIES = settings(max_examples=250, deadline=None, derandomize=True,
-                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTIES = settings(
+    max_examples=250,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def assert_json_answer(status, raw):
@@ -111,7 +118,10 @@ class Raw:
         key = base64.b64encode(os.urandom(16))
         self.sock.sendall(
             b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\nX-Bfl-User: " + user.encode()
+            b"Sec-WebSocket-Key: "
+            + key
+            + b"\r\nSec-WebSocket-Version: 13\r\nX-Bfl-User: "
+            + user.encode()
             + b"\r\n\r\n"
         )
         while b"\r\n\r\n" not in self.buffer:
@@ -260,8 +270,10 @@ def test_handshake_flood_from_one_peer_is_limited(tmp_path):
         refused = 0
         for _ in range(100):
             source = socket.create_connection(("127.0.0.1", daemon.port), timeout=10, source_address=("127.0.0.2", 0))
-            source.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            source.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
             status = source.recv(64)
             refused += status.startswith(b"HTTP/1.1 429")
             source.close()

@@ -55,9 +55,7 @@ def test_utf8_header_values_survive_autobahns_latin1_decoding():
     def as_autobahn_gives_it(text):
         return text.encode("utf-8").decode("latin-1")
 
-    conn = identify(
-        {"x-bfl-user": as_autobahn_gives_it("zoë"), "cookie": as_autobahn_gives_it("auth_token=té")}, "p"
-    )
+    conn = identify({"x-bfl-user": as_autobahn_gives_it("zoë"), "cookie": as_autobahn_gives_it("auth_token=té")}, "p")
     assert conn.user_name == "zoë"
     assert conn.token == "té"
     assert conn.cookie == "auth_token=té"

@@ -104,7 +104,8 @@ async def test_ten_thousand_connections_leave_nothing_behind():
         async def settled(expected_closes):
             await app.wait_for(
                 lambda: app.counts["close"] >= expected_closes,
-                "every close event", seconds=60,
+                "every close event",
+                seconds=60,
             )
             await bounded(gateway.forwarder.drained(), 30, "the forwarder to drain")
 

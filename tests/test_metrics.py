@@ -7,7 +7,6 @@ import json
 
 import pytest_twisted
 import treq
-
 from twisted.internet.task import LoopingCall
 
 from harness import eventually, free_port, py_client, scrape, start_daemon, upgrade_request
@@ -15,8 +14,17 @@ from harness import eventually, free_port, py_client, scrape, start_daemon, upgr
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_move_when_they_should(app, tmp_path):
-    daemon = await start_daemon("--app-url", app.url, "--ping-timeout", "1", "--ping-check-interval", "0.1",
-                                "--allowed-origin", "https://ok.example", cwd=tmp_path)
+    daemon = await start_daemon(
+        "--app-url",
+        app.url,
+        "--ping-timeout",
+        "1",
+        "--ping-check-interval",
+        "0.1",
+        "--allowed-origin",
+        "https://ok.example",
+        cwd=tmp_path,
+    )
     try:
         before = await scrape(daemon)
         assert before["wsgw_connections|access=private"] == 0
@@ -33,8 +41,9 @@ async def test_metrics_move_when_they_should(app, tmp_path):
         keepalive.start(0.2)
         private.send_text('{"event":"hello"}')
         await app.wait_for_action("message")
-        response = await treq.post(daemon.base + "/tapr/ws/conn/send",
-                                   data=json.dumps({"payload": "hi", "users": ["alice"]}).encode())
+        response = await treq.post(
+            daemon.base + "/tapr/ws/conn/send", data=json.dumps({"payload": "hi", "users": ["alice"]}).encode()
+        )
         await treq.content(response)
         await private.next_message()
         await public.next_message()
@@ -69,8 +78,9 @@ async def test_metrics_move_when_they_should(app, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_retries_drops_backlog_and_readiness_when_the_app_is_down(tmp_path):
-    daemon = await start_daemon("--app-url", f"http://127.0.0.1:{free_port()}/ws/message", "--retry-window", "1",
-                                cwd=tmp_path)
+    daemon = await start_daemon(
+        "--app-url", f"http://127.0.0.1:{free_port()}/ws/message", "--retry-window", "1", cwd=tmp_path
+    )
     try:
         response = await treq.get(daemon.base + "/readyz")
         assert response.code == 200

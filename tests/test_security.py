@@ -52,8 +52,12 @@ async def test_separate_admin_listener_with_token(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("tok-0123456789\n")
     daemon = await start_daemon(
-        "--admin-listen", "tcp:0:interface=127.0.0.1", "--admin-token-file", str(token_file),
-        cwd=tmp_path, listeners=2,
+        "--admin-listen",
+        "tcp:0:interface=127.0.0.1",
+        "--admin-token-file",
+        str(token_file),
+        cwd=tmp_path,
+        listeners=2,
     )
     public, admin = daemon.ports
     try:
@@ -106,8 +110,11 @@ def make_certificate(tmp_path):
 async def test_tls_listener_serves_node_clients(app, tmp_path, node_ws):
     key_path, cert_path = make_certificate(tmp_path)
     daemon = await start_daemon(
-        "--listen", f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
-        "--app-url", app.url, cwd=tmp_path,
+        "--listen",
+        f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
+        "--app-url",
+        app.url,
+        cwd=tmp_path,
     )
     try:
         client = await node_client(

@@ -78,7 +78,11 @@ def test_socket_activation_serves_an_inherited_socket(tmp_path):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             ["bash", "-c", script, "bash", sys.executable, "-m", "twisted", "--log-format=text", "wsgw"],
-            env=env, cwd=tmp_path, pass_fds=(sock.fileno(),), stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            pass_fds=(sock.fileno(),),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     sock.close()  # only the daemon holds it now
     try:
@@ -129,7 +133,9 @@ def test_unit_files_verify(tmp_path):
     shutil.copy(ROOT / "systemd" / "wsgw.socket", tmp_path / "wsgw.socket")
     result = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "wsgw.socket"), str(tmp_path / "wsgw.service")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     problems = [line for line in (result.stdout + result.stderr).splitlines() if "wsgw" in line]

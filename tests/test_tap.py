@@ -30,7 +30,16 @@ def test_defaults():
 
 def test_flags():
     config = parse(
-        ["--listen", "tcp:1", "--listen", "unix:/tmp/x.sock", "--app-url", "http://127.0.0.1:9/ev", "--ping-timeout", "60"]
+        [
+            "--listen",
+            "tcp:1",
+            "--listen",
+            "unix:/tmp/x.sock",
+            "--app-url",
+            "http://127.0.0.1:9/ev",
+            "--ping-timeout",
+            "60",
+        ]
     )
     assert config.listen == ("tcp:1", "unix:/tmp/x.sock")
     assert config.app_url == "http://127.0.0.1:9/ev"
@@ -92,7 +101,11 @@ def test_twist_help_lists_every_option(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(wsgw.__file__).resolve().parent.parent))
     result = subprocess.run(
         [sys.executable, "-m", "twisted", "wsgw", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     for name in list(_SETTINGS) + ["listen", "admin-listen", "allowed-origin", "require-user", "admin-allow-remote"]:
@@ -111,7 +124,11 @@ def test_bind_failure_exits_non_zero(tmp_path):
     try:
         result = subprocess.run(
             [sys.executable, "-m", "twisted", "wsgw", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
         )
     finally:
         taken.close()
@@ -120,8 +137,17 @@ def test_bind_failure_exits_non_zero(tmp_path):
 
 
 def test_repeatable_options_and_flags():
-    config = parse(["--allowed-origin", "https://*.example.com", "--allowed-origin", "https://a.test",
-                    "--admin-listen", "tcp:9:interface=127.0.0.1", "--require-user"])
+    config = parse(
+        [
+            "--allowed-origin",
+            "https://*.example.com",
+            "--allowed-origin",
+            "https://a.test",
+            "--admin-listen",
+            "tcp:9:interface=127.0.0.1",
+            "--require-user",
+        ]
+    )
     assert config.allowed_origins == ("https://*.example.com", "https://a.test")
     assert config.admin_listen == ("tcp:9:interface=127.0.0.1",)
     assert config.require_user is True

@@ -125,8 +125,14 @@ def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gatew
     # (The test's client is Autobahn's too, and prints its own settings.)
     assert not [value for value in printed if "GatewayFactory" in repr(value)]
     factory = gateway.factory
-    for name in ("maxMessagePayloadSize", "openHandshakeTimeout", "autoPingInterval", "failByDrop",
-                 "perMessageCompressionAccept", "tcpNoDelay"):
+    for name in (
+        "maxMessagePayloadSize",
+        "openHandshakeTimeout",
+        "autoPingInterval",
+        "failByDrop",
+        "perMessageCompressionAccept",
+        "tcpNoDelay",
+    ):
         assert getattr(server, name) == getattr(factory, name), name
 
 
@@ -191,11 +197,10 @@ def test_frames_queue_behind_buffered_bytes():
     transport, peer, reactor = _tcp_pair()
     transport.write(b"buffered;")
     _write_now(transport, b"frame-2")
-    import socket as _socket
 
     try:
         early = peer.recv(100)
-    except (BlockingIOError, _socket.error):
+    except (OSError, BlockingIOError):
         early = b""
     assert early == b""
     assert transport in reactor.getWriters()

@@ -42,7 +42,6 @@ def error_response(request, status: int, message: str) -> bytes:
     return json_response(request, status, {"code": status, "message": message})
 
 
-
 def read_json_object(request, max_body: int) -> Dict[str, Any]:
     if getattr(request, "too_large", False):
         raise ApiError(413, f"request body is over the limit of {max_body} bytes")
@@ -101,7 +100,7 @@ class Targets:
     access: AccessType = attr.ib()
 
     @classmethod
-    def from_body(cls, body: Dict[str, Any], conn_field: str, what: str) -> "Targets":
+    def from_body(cls, body: Dict[str, Any], conn_field: str, what: str) -> Targets:
         conn_ids = (
             string_list(body, conn_field, drop_empty=True)
             if conn_field == "conns"
@@ -134,7 +133,9 @@ class JsonEndpoint(Resource):
         if request.method not in self.methods:
             request.setHeader(b"Allow", b", ".join(self.methods))
             return error_response(
-                request, 405, f"method {request.method.decode('ascii', 'replace')} not allowed; use {self.methods[0].decode()}"
+                request,
+                405,
+                f"method {request.method.decode('ascii', 'replace')} not allowed; use {self.methods[0].decode()}",
             )
         try:
             answer = self.answer(request)

@@ -166,7 +166,7 @@ class _URI(EncodedURL):
 
     _text: Optional[str] = None
 
-    def to_uri(self) -> "_URI":
+    def to_uri(self) -> _URI:
         return self
 
     def to_text(self, with_password: bool = False) -> str:
@@ -183,8 +183,15 @@ class _URI(EncodedURL):
 
 def _fields(url: EncodedURL) -> dict:
     return dict(
-        scheme=url.scheme, host=url.host, path=url.path, query=url.query, fragment=url.fragment,
-        port=url.port, rooted=url.rooted, userinfo=url.userinfo, uses_netloc=url.uses_netloc,
+        scheme=url.scheme,
+        host=url.host,
+        path=url.path,
+        query=url.query,
+        fragment=url.fragment,
+        port=url.port,
+        rooted=url.rooted,
+        userinfo=url.userinfo,
+        uses_netloc=url.uses_netloc,
     )
 
 

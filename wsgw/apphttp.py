@@ -141,7 +141,7 @@ class AppConnection(Protocol):
     One persistent connection to the app, one request at a time.
     """
 
-    def __init__(self, pool: "AppPool", key):
+    def __init__(self, pool: AppPool, key):
         self._pool = pool
         self._key = key
         self._buffer = b""

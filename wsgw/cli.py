@@ -29,8 +29,9 @@ class ApiFailure(Exception):
 
 def call(url: str, path: str, body: Optional[Dict[str, Any]], token: Optional[str], timeout: float = 10):
     data = None if body is None else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(url.rstrip("/") + "/tapr/ws/conn/" + path, data=data,
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url.rstrip("/") + "/tapr/ws/conn/" + path, data=data, method="GET" if body is None else "POST"
+    )
     request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -62,8 +63,7 @@ def targets(args) -> Dict[str, Any]:
 def table(rows: List[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines = [header] + rows
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     for line in lines)
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
 def show_list(answer) -> str:
@@ -72,8 +72,15 @@ def show_list(answer) -> str:
         for access, conns in (("private", entry["conns"]), ("public", entry["public_conns"])):
             for conn in conns:
                 token = conn["token"]
-                rows.append([entry["name"] or "(none)", conn["id"], access,
-                             token[:4] + "…" if len(token) > 8 else token, conn["userAgent"][:40]])
+                rows.append(
+                    [
+                        entry["name"] or "(none)",
+                        conn["id"],
+                        access,
+                        token[:4] + "…" if len(token) > 8 else token,
+                        conn["userAgent"][:40],
+                    ]
+                )
     if not rows:
         return "no connections"
     return table(rows, ["USER", "CONN ID", "ACCESS", "TOKEN", "USER AGENT"]) + f"\n{len(rows)} connection(s)"
@@ -119,8 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 try:
                     body["payload"] = json.loads(args.payload)
                 except ValueError as e:
-                    print(f"wsgw-ctl: the payload is not JSON ({e}); use --text to send it as a string",
-                          file=sys.stderr)
+                    print(
+                        f"wsgw-ctl: the payload is not JSON ({e}); use --text to send it as a string", file=sys.stderr
+                    )
                     return 2
             if len(args.conn) > 1:
                 print("wsgw-ctl: send takes one --conn", file=sys.stderr)

@@ -46,9 +46,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .config import Config, RedisAddress
 from .events import decode_json, to_json
 from .gateway import Gateway
-from .config import Config, RedisAddress
 from .redislink import RedisLink
 from .registry import AccessType, Connection, group_listing
 
@@ -128,11 +128,18 @@ class ClusterStats:
     nodes: int = attr.ib(default=0)
 
 
-def encode_command(origin: str, request_id: str, op: str, conn_ids, users, tokens, access: AccessType,
-                   payload: Optional[bytes] = None) -> bytes:
+def encode_command(
+    origin: str, request_id: str, op: str, conn_ids, users, tokens, access: AccessType, payload: Optional[bytes] = None
+) -> bytes:
     message: Dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "from": origin, "id": request_id, "op": op,
-        "conn_ids": list(conn_ids), "users": list(users), "tokens": list(tokens), "access": int(access),
+        "v": PROTOCOL_VERSION,
+        "from": origin,
+        "id": request_id,
+        "op": op,
+        "conn_ids": list(conn_ids),
+        "users": list(users),
+        "tokens": list(tokens),
+        "access": int(access),
     }
     if payload is not None:
         message["payload"] = payload.decode("utf-8")
@@ -202,8 +209,9 @@ def parse_command(raw) -> Command:
             payload = text.encode("utf-8")
         except (ValueError, RecursionError, UnicodeEncodeError):
             raise Malformed("payload is not JSON text") from None
-    return Command(_name(message, "from"), _name(message, "id"), op, conn_ids, users, tokens,
-                   AccessType(access), payload)
+    return Command(
+        _name(message, "from"), _name(message, "id"), op, conn_ids, users, tokens, AccessType(access), payload
+    )
 
 
 def parse_reply(raw) -> Tuple[str, str, int]:
@@ -247,7 +255,7 @@ def default_node_id(config: Config) -> str:
     return "".join(c if "!" <= c <= "~" else "_" for c in f"{socket.gethostname()}/{where}")[:200]
 
 
-def make_cluster(gateway: Gateway, config: Config, clock) -> "Cluster":
+def make_cluster(gateway: Gateway, config: Config, clock) -> Cluster:
     return Cluster(
         gateway,
         config.redis_address(),
@@ -299,7 +307,11 @@ class Cluster(Service):
         self.conns_key = self.conns_prefix + self.node_id
         self.alive_key = self.alive_prefix + self.node_id
         self.link = RedisLink(
-            self.address, [self.commands_channel, self.reply_channel], self._message, self._state, self.clock,
+            self.address,
+            [self.commands_channel, self.reply_channel],
+            self._message,
+            self._state,
+            self.clock,
             reply_timeout=max(self.reply_timeout, 1.0) * 2,
         )
         self.gateway.cluster = self
@@ -346,7 +358,9 @@ class Cluster(Service):
 
     def joined(self, conn: Connection) -> None:
         if self.link.up and not self._resync:
-            self.link.command("HSET", self.conns_key, conn.conn_id, presence_record(conn)).addErrback(self._write_failed)
+            self.link.command("HSET", self.conns_key, conn.conn_id, presence_record(conn)).addErrback(
+                self._write_failed
+            )
         else:
             self._resync = True
 
@@ -408,8 +422,7 @@ class Cluster(Service):
         # A restart under the same id finds its predecessor once, at the
         # first refresh; a second live process under this id keeps showing.
         if previous not in ("", self.instance) and self._refreshes and not self._conflict_logged:
-            log.error("another process uses node id {node_id}; give every node its own --node-id",
-                      node_id=self.node_id)
+            log.error("another process uses node id {node_id}; give every node its own --node-id", node_id=self.node_id)
             self._conflict_logged = True
         self._refreshes += 1
         if not int(kept) and len(self.gateway.registry):
@@ -451,8 +464,7 @@ class Cluster(Service):
         message = encode_command(self.node_id, request_id, op, conn_ids, users, tokens, access, payload)
         self.stats.published += 1
         d = self.link.command("PUBLISH", self.commands_channel, message)
-        d.addCallbacks(self._received_by, self._not_published, callbackArgs=(request_id,),
-                       errbackArgs=(request_id,))
+        d.addCallbacks(self._received_by, self._not_published, callbackArgs=(request_id,), errbackArgs=(request_id,))
         return pending.done
 
     def _received_by(self, receivers, request_id: str) -> None:
@@ -512,8 +524,9 @@ class Cluster(Service):
                 self._check(command.request_id, pending)
             return
         if command.op == "send":
-            matched = self.gateway.send(command.payload, command.conn_ids, command.users, command.tokens,
-                                        command.access)
+            matched = self.gateway.send(
+                command.payload, command.conn_ids, command.users, command.tokens, command.access
+            )
         else:
             matched = self.gateway.close(command.conn_ids, command.users, command.tokens, command.access)
         self.stats.applied += 1
@@ -537,7 +550,9 @@ class Cluster(Service):
             return
         log.warn(
             "skipped a malformed message on {channel}: {reason} ({unlogged} more skipped since the last report)",
-            channel=channel, reason=reason, unlogged=self._malformed_unlogged,
+            channel=channel,
+            reason=reason,
+            unlogged=self._malformed_unlogged,
         )
         self._malformed_logged_at = now
         self._malformed_unlogged = 0

@@ -180,7 +180,7 @@ class Config:
         return parse_redis_url(self.redis_url)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> "Config":
+    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> Config:
         """
         A config whose app URL falls back to the Olares C{WS_PORT}/C{WS_URL}
         variables when no explicit one is given.

@@ -161,9 +161,7 @@ class AppForwarder:
             stream = self._streams[conn_id] = EventStream(conn_id)
         stream.pending.append(event)
         stream.size += len(event[0])
-        if not stream.throttled and (
-            len(stream.pending) >= self.max_backlog or stream.size >= self.max_backlog_bytes
-        ):
+        if not stream.throttled and (len(stream.pending) >= self.max_backlog or stream.size >= self.max_backlog_bytes):
             stream.throttled = True
             log.info(
                 "app backlog of {conn_id} reached {backlog} events; pausing the client",

@@ -36,8 +36,9 @@ class GatewayCollector:
         yield connections
 
         yield CounterMetricFamily("wsgw_connections_opened", "Client connections opened.", value=stats.opened)
-        closed = CounterMetricFamily("wsgw_connections_closed", "Client connections closed, by reason.",
-                                     labels=["reason"])
+        closed = CounterMetricFamily(
+            "wsgw_connections_closed", "Client connections closed, by reason.", labels=["reason"]
+        )
         for reason, count in sorted(stats.closed.items()):
             closed.add_metric([reason], count)
         yield closed
@@ -53,8 +54,7 @@ class GatewayCollector:
             ("wsgw_bytes_sent", "Bytes of messages sent to clients.", stats.bytes_out),
             ("wsgw_app_events_delivered", "Events the app accepted.", fstats.delivered),
             ("wsgw_app_retries", "Event POSTs retried after a transient failure.", fstats.retried),
-            ("wsgw_app_events_dropped", "Events given up (retry window over, or refused by the app).",
-             fstats.dropped),
+            ("wsgw_app_events_dropped", "Events given up (retry window over, or refused by the app).", fstats.dropped),
         ):
             yield CounterMetricFamily(name, text, value=value)
 
@@ -64,29 +64,37 @@ class GatewayCollector:
             buckets.append((repr(bound), cumulative))
         cumulative += fstats.latency_counts[-1]
         buckets.append(("+Inf", cumulative))
-        yield HistogramMetricFamily("wsgw_app_request_seconds", "Time per event POST attempt.",
-                                    buckets=buckets, sum_value=fstats.latency_sum)
+        yield HistogramMetricFamily(
+            "wsgw_app_request_seconds", "Time per event POST attempt.", buckets=buckets, sum_value=fstats.latency_sum
+        )
 
-        yield GaugeMetricFamily("wsgw_app_backlog_events", "Events waiting for the app.",
-                                value=forwarder.backlog_total())
+        yield GaugeMetricFamily(
+            "wsgw_app_backlog_events", "Events waiting for the app.", value=forwarder.backlog_total()
+        )
         yield GaugeMetricFamily("wsgw_app_requests_in_flight", "Event POSTs in flight.", value=forwarder.in_flight)
 
         cluster = gateway.cluster
         if cluster is not None:
             cstats = cluster.stats
-            yield GaugeMetricFamily("wsgw_redis_up", "1 while Redis is reachable (--engine redis).",
-                                    value=int(cluster.up))
-            yield GaugeMetricFamily("wsgw_cluster_nodes", "Live nodes at the last presence refresh.",
-                                    value=cstats.nodes)
+            yield GaugeMetricFamily(
+                "wsgw_redis_up", "1 while Redis is reachable (--engine redis).", value=int(cluster.up)
+            )
+            yield GaugeMetricFamily(
+                "wsgw_cluster_nodes", "Live nodes at the last presence refresh.", value=cstats.nodes
+            )
             for name, text, value in (
-                ("wsgw_cluster_commands_published", "send/close commands published to the other nodes.",
-                 cstats.published),
-                ("wsgw_cluster_commands_applied", "send/close commands from other nodes applied here.",
-                 cstats.applied),
-                ("wsgw_cluster_messages_malformed", "Messages and presence records from Redis skipped as malformed.",
-                 cstats.malformed),
-                ("wsgw_cluster_partial_answers", "send/close answers some node did not contribute to.",
-                 cstats.partial),
+                (
+                    "wsgw_cluster_commands_published",
+                    "send/close commands published to the other nodes.",
+                    cstats.published,
+                ),
+                ("wsgw_cluster_commands_applied", "send/close commands from other nodes applied here.", cstats.applied),
+                (
+                    "wsgw_cluster_messages_malformed",
+                    "Messages and presence records from Redis skipped as malformed.",
+                    cstats.malformed,
+                ),
+                ("wsgw_cluster_partial_answers", "send/close answers some node did not contribute to.", cstats.partial),
             ):
                 yield CounterMetricFamily(name, text, value=value)
 

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger, globalLogPublisher
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 
 from .config import RedisAddress
 
@@ -142,14 +142,14 @@ class RedisLink(Service):
         retry = backoffPolicy(initialDelay=0.2, factor=2.0, maxDelay=3.0)
         endpoint = redis_endpoint(self.address, self.reactor, self.connect_timeout)
         commands = _LinkFactory(_CommandProtocol, self.address, self.reply_timeout, self._lost)
-        subscriber = _LinkFactory(
-            _SubscriberProtocol, self.address, self.reply_timeout, self._lost, self.on_message
-        )
+        subscriber = _LinkFactory(_SubscriberProtocol, self.address, self.reply_timeout, self._lost, self.on_message)
         self._services = [
-            _QuietClientService(endpoint, commands, retryPolicy=retry, clock=self.reactor,
-                          prepareConnection=self._commands_ready),
-            _QuietClientService(endpoint, subscriber, retryPolicy=retry, clock=self.reactor,
-                          prepareConnection=self._subscriber_ready),
+            _QuietClientService(
+                endpoint, commands, retryPolicy=retry, clock=self.reactor, prepareConnection=self._commands_ready
+            ),
+            _QuietClientService(
+                endpoint, subscriber, retryPolicy=retry, clock=self.reactor, prepareConnection=self._subscriber_ready
+            ),
         ]
         for service in self._services:
             service.startService()

@@ -140,9 +140,7 @@ class Registry:
         """
         candidates: List[Iterable[Connection]] = []
         if conn_ids:
-            candidates.append(
-                [c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None]
-            )
+            candidates.append([c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None])
         if users:
             candidates.append(self._union(self._by_user, users))
         if tokens:
@@ -157,8 +155,7 @@ class Registry:
         return [
             conn
             for conn in smallest
-            if all(conn.conn_id in ids for ids in other_ids)
-            and not (narrow and not _access_allows(access, conn))
+            if all(conn.conn_id in ids for ids in other_ids) and not (narrow and not _access_allows(access, conn))
         ]
 
     @staticmethod

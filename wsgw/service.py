@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
 from .appclient import AppClient, build_http_client
 from .config import Config
 from .forwarder import AppForwarder
@@ -110,8 +111,12 @@ class ListenerService(Service):
                 " port first: reserve it (sysctl -w net.ipv4.ip_local_reserved_ports=40010) or use"
                 " socket activation (systemd/wsgw.socket)."
             )
-        log.critical("cannot listen on {endpoint}: {error}.{hint}", endpoint=self.description,
-                     error=failure.getErrorMessage(), hint=hint)
+        log.critical(
+            "cannot listen on {endpoint}: {error}.{hint}",
+            endpoint=self.description,
+            error=failure.getErrorMessage(),
+            hint=hint,
+        )
         self.ready.errback(failure)
 
     def stopService(self):
@@ -178,9 +183,7 @@ def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None
     # reverse order, so they stop accepting before clients are closed.
     for listener in listeners:
         listener.setServiceParent(top)
-    top.listening = DeferredList(
-        [listener.ready for listener in listeners], fireOnOneErrback=True, consumeErrors=True
-    )
+    top.listening = DeferredList([listener.ready for listener in listeners], fireOnOneErrback=True, consumeErrors=True)
     top.listening.addCallback(lambda results: [port for _ok, port in results])
 
     def accepting(ports):

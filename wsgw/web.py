@@ -68,10 +68,7 @@ class WebSocketEntry(Resource):
 
     def _refusal(self, request):
         origin = request.getHeader(b"origin")
-        hosts = [
-            (request.getHeader(name) or b"").decode("latin-1")
-            for name in (b"host", b"x-forwarded-host")
-        ]
+        hosts = [(request.getHeader(name) or b"").decode("latin-1") for name in (b"host", b"x-forwarded-host")]
         if not self._origins.allows(origin.decode("latin-1") if origin is not None else None, hosts):
             return 403, "this page's origin may not open WebSockets here (see --allowed-origin)"
         user = (request.getHeader(self._user_header) or b"").decode("utf-8", "replace").strip()
@@ -118,8 +115,13 @@ class Refusal(Resource):
         self.message = message
 
     def render(self, request):
-        log.info("refused {method} {path} from {peer}: {message}", method=request.method, path=request.path,
-                 peer=str(request.getClientAddress()), message=self.message)
+        log.info(
+            "refused {method} {path} from {peer}: {message}",
+            method=request.method,
+            path=request.path,
+            peer=str(request.getClientAddress()),
+            message=self.message,
+        )
         if self.status == 401:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="wsgw"')
         return error_response(request, self.status, self.message)
@@ -203,8 +205,11 @@ class GatewayChannel(HTTPChannel):
 
     def _no_request_in_time(self):
         self._first_request_deadline = None
-        log.info("no complete request within {timeout}s from {peer}; dropping it",
-                 timeout=self.site.handshake_timeout, peer=str(self.transport.getPeer()))
+        log.info(
+            "no complete request within {timeout}s from {peer}; dropping it",
+            timeout=self.site.handshake_timeout,
+            peer=str(self.transport.getPeer()),
+        )
         self.transport.abortConnection()
 
 
