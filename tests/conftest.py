@@ -1,6 +1,9 @@
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from twisted.internet import reactor
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -19,6 +22,55 @@ globalLogBeginner.beginLoggingTo(
     discardBuffer=True,
     redirectStandardIO=False,
 )
+
+
+# The layers.  A test is `integration` when it starts real processes (the
+# daemon, an app process, Node, Chromium, redis-server) or listens on real
+# sockets; every other test is `unit`: in memory, the seconds-long inner loop
+# (`pytest -m unit`).  Whole modules of integration tests are named here; a
+# module of mixed layers marks its integration tests itself.
+INTEGRATION_MODULES = {
+    "test_bench_cluster_smoke.py",
+    "test_bench_smoke.py",
+    "test_browser.py",
+    "test_cli.py",
+    "test_cluster.py",
+    "test_daemon.py",
+    "test_embedding.py",
+    "test_faults.py",
+    "test_hostile.py",
+    "test_leaks.py",
+    "test_metrics.py",
+    "test_security.py",
+    "test_systemd.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+def _outside_the_unit_layer(what):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a unit test used {what}: mark it integration (tests/conftest.py)")
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def unit_layer_stays_in_memory(request, monkeypatch):
+    """A unit test that starts a process or opens a real socket fails, so
+    `pytest -m unit` stays in memory."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    monkeypatch.setattr(subprocess, "Popen", _outside_the_unit_layer("subprocess.Popen"))
+    for name in ("spawnProcess", "listenTCP", "connectTCP", "listenUNIX", "connectUNIX", "listenUDP", "listenSSL"):
+        if hasattr(reactor, name):
+            monkeypatch.setattr(reactor, name, _outside_the_unit_layer(f"reactor.{name}"))
 
 
 @pytest.fixture(scope="session")

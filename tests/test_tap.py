@@ -97,6 +97,7 @@ def test_cluster_options_are_checked(argv, message):
     assert "secret" not in str(e.value)
 
 
+@pytest.mark.integration
 def test_twist_help_lists_every_option(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(wsgw.__file__).resolve().parent.parent))
     result = subprocess.run(
@@ -113,6 +114,7 @@ def test_twist_help_lists_every_option(tmp_path):
     assert "WSGW_LISTEN" in result.stdout
 
 
+@pytest.mark.integration
 def test_bind_failure_exits_non_zero(tmp_path):
     import socket
 
