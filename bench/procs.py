@@ -44,8 +44,7 @@ def spawn(argv: Sequence[str], core: int, log: Path, env=None, cwd=None, pipes=F
     reaches only the runner, which then stops it by PID).  Output goes to
     C{log} unless C{pipes} asks for stdin/stdout pipes (stderr still to C{log}).
     """
-    out = open(log, "ab")
-    try:
+    with open(log, "ab") as out:  # closed here: the child has its own copy
         return subprocess.Popen(
             pinned(core, argv),
             stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
@@ -55,8 +54,6 @@ def spawn(argv: Sequence[str], core: int, log: Path, env=None, cwd=None, pipes=F
             cwd=cwd,
             start_new_session=True,
         )
-    finally:
-        out.close()  # the child has its own copy
 
 
 def _stat(pid: int) -> Optional[List[str]]:
@@ -163,8 +160,7 @@ class ProfiledMeter(CpuMeter):
         self._sampler: Optional[subprocess.Popen] = None
 
     def start(self) -> ProfiledMeter:
-        log = open(self.out.with_suffix(".log"), "ab")
-        try:
+        with open(self.out.with_suffix(".log"), "ab") as log:  # the child has its own copy
             self._sampler = subprocess.Popen(
                 pinned(
                     LOAD_CORE,
@@ -187,8 +183,6 @@ class ProfiledMeter(CpuMeter):
                 stderr=log,
                 start_new_session=True,
             )
-        finally:
-            log.close()
         time.sleep(0.3)  # attached before the measured stretch begins
         return super().start()
 

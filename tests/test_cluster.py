@@ -197,6 +197,7 @@ async def test_list_shows_the_whole_gateway_on_every_node(nodes, app):
         assert (listed, partial) == (expected, False)
     # The entries have the original's shape, with public and private apart.
     status, answer = await api(nodes[1], "list")
+    assert status == 200
     [erin] = [entry for entry in answer["data"] if entry["name"] == "erin"]
     assert erin["conns_number"] == 2 and erin["public_conns_number"] == 1
     assert {c["userAgent"] for c in erin["conns"]} == {"agent-0", "agent-3"}
@@ -205,7 +206,7 @@ async def test_list_shows_the_whole_gateway_on_every_node(nodes, app):
         client.transport.loseConnection()
     # Closed connections leave every node's list.
     for node in nodes:
-        await eventually(lambda: _empty(node), f"{node.name}'s list to empty")
+        await eventually(lambda node=node: _empty(node), f"{node.name}'s list to empty")
 
 
 async def _empty(node):
@@ -268,7 +269,7 @@ async def test_a_killed_node_leaves_the_list_and_a_restart_leaves_no_ghosts(node
     listed, _ = await listed_ids(nodes[1])
     assert listed == {"hank": sorted([survivor_id, fresh_id])}
     status, answer = await api(nodes[0], "send", {"users": ["hank"], "payload": "hi"})
-    assert answer["data"] == {"matched": 2}
+    assert (status, answer["data"]) == (200, {"matched": 2})
     assert await fresh.next_message() == '"hi"'
     fresh.transport.loseConnection()
     survivor.transport.loseConnection()
@@ -394,7 +395,7 @@ async def test_malformed_messages_from_redis_are_counted_and_skipped(nodes, app,
         # Every node still serves.
         for node in nodes:
             status, answer = await api(node, "send", {"users": ["jack"], "payload": node.name})
-            assert answer["data"]["matched"] == 1
+            assert (status, answer["data"]["matched"]) == (200, 1)
             assert await client.next_message() == json.dumps(node.name)
     finally:
         await publisher.disconnect()

@@ -228,6 +228,6 @@ async def test_without_app_url_clients_and_api_still_work(tmp_path):
         client.send_text('{"event":"ping"}')
         assert await client.next_message() == '{"event":"pong"}'
         status, answer = await api(daemon, "list")
-        assert answer["data"][0]["name"] == "solo"
+        assert (status, answer["data"][0]["name"]) == (200, "solo")
     finally:
         await daemon.terminate()

@@ -112,9 +112,11 @@ def test_bind_failure_says_why(tmp_path):
     taken.listen()
     port = taken.getsockname()[1]
     try:
-        with pytest.raises(AssertionError) as failed:
-            with SyncDaemon("--listen", f"tcp:{port}:interface=127.0.0.1", cwd=tmp_path):
-                pass
+        with (
+            pytest.raises(AssertionError) as failed,
+            SyncDaemon("--listen", f"tcp:{port}:interface=127.0.0.1", cwd=tmp_path),
+        ):
+            pass
     finally:
         taken.close()
     message = str(failed.value)
