@@ -112,35 +112,33 @@ async def test_app_answering_500_then_recovering_gets_everything_once_accepted(t
 
 
 @pytest_twisted.ensureDeferred
-async def test_app_answering_in_5s_is_used_in_parallel_and_blocks_nobody(app, tmp_path):
+async def test_slow_app_is_used_in_parallel_and_blocks_nobody(app, tmp_path):
+    """The app answers no event until the test has seen twenty at once and
+    a pong and a list answered meanwhile."""
     in_flight = []
-    answers = []
+    answer = Deferred()
 
     def behaviour(event):
         d = Deferred()
         in_flight.append(d)
-        answers.append(reactor.callLater(5, d.callback, None))
+        answer.addCallback(lambda _: d.callback(None))
         return 200, d
 
     app.behaviour = behaviour
-    daemon = await start_daemon("--app-url", app.url, "--app-timeout", "20", cwd=tmp_path)
+    daemon = await start_daemon("--app-url", app.url, "--app-timeout", "60", cwd=tmp_path)
     try:
         clients = [await py_client(daemon.ws_url, {"X-Bfl-User": f"u{n}"}) for n in range(20)]
         # All twenty opens are at the app at once, none answered yet.
-        await app.wait_for(
-            lambda: len(in_flight) >= 20 and not any(d.called for d in in_flight),
-            "twenty concurrent requests",
-            seconds=4,
-        )
+        await app.wait_for(lambda: len(in_flight) >= 20, "twenty concurrent requests")
+        assert not any(d.called for d in in_flight)
         clients[0].send_text('{"event":"ping"}')
-        assert await clients[0].next_message(seconds=2) == '{"event":"pong"}'
+        assert await clients[0].next_message() == '{"event":"pong"}'
         response = await treq.get(daemon.base + "/tapr/ws/conn/list")
         assert len((await treq.json_content(response))["data"]) == 20
-        await app.wait_for(lambda: len(app.events) >= 20, "twenty opens", seconds=15)
+        assert len(app.events) == 20 and not answer.called
     finally:
-        for call in answers:
-            if call.active():
-                call.cancel()
+        if not answer.called:
+            answer.callback(None)
         await daemon.terminate()
 
 
@@ -289,13 +287,16 @@ async def test_handshake_must_complete_in_time(tmp_path):
     lost = Deferred()
 
     class Trickle(Protocol):
+        """A request that never ends: a header line every 0.1 s, so the
+        connection is never idle and only the deadline can end it."""
+
         def connectionMade(self):
             self.transport.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-            self.more = reactor.callLater(0.2, self.transport.write, b"X-Slow: 1\r\n")
+            self.more = LoopingCall(self.transport.write, b"X-Slow: 1\r\n")
+            self.more.start(0.1, now=False)
 
         def connectionLost(self, reason):
-            if self.more.active():
-                self.more.cancel()
+            self.more.stop()
             lost.callback(None)
 
     factory = ClientFactory.forProtocol(Trickle)
