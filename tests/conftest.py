@@ -68,7 +68,17 @@ def unit_layer_stays_in_memory(request, monkeypatch):
     if request.node.get_closest_marker("unit") is None:
         return
     monkeypatch.setattr(subprocess, "Popen", _outside_the_unit_layer("subprocess.Popen"))
-    for name in ("spawnProcess", "listenTCP", "connectTCP", "listenUNIX", "connectUNIX", "listenUDP", "listenSSL"):
+    for name in (
+        "spawnProcess",
+        "listenTCP",
+        "connectTCP",
+        "listenSSL",
+        "connectSSL",
+        "listenUNIX",
+        "connectUNIX",
+        "listenUNIXDatagram",
+        "listenUDP",
+    ):
         if hasattr(reactor, name):
             monkeypatch.setattr(reactor, name, _outside_the_unit_layer(f"reactor.{name}"))
 
