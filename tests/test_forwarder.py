@@ -7,8 +7,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
 from fakes import FakeApp
-from wsgw.appclient import AppRejected, AppUnavailable
-from wsgw.forwarder import AppForwarder, Backoff
+from wsgw.forwarder import AppForwarder, AppRejected, AppUnavailable, Backoff
 
 
 def event(conn_id, n):

@@ -27,20 +27,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from .apphttp import AppAgent, AppPool
-
-
-class AppRejected(Exception):
-    """
-    The app answered in a way that retrying will not change (a 4xx other
-    than 408 and 429).
-    """
-
-
-class AppUnavailable(Exception):
-    """
-    The app answered with a status worth retrying (5xx, 408, 429).
-    """
-
+from .forwarder import AppRejected, AppUnavailable
 
 _RETRY_STATUSES = frozenset({408, 429})
 

@@ -12,7 +12,35 @@ import base64
 import json
 from typing import Tuple
 
+import attr
+
 from .registry import Connection
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Event:
+    """
+    One lifecycle event on its way to the app: what the forwarder queues
+    and what the app client turns into a request.
+    """
+
+    conn_id: str
+    #: The connection's event number, from 0: with C{conn_id} it names the
+    #: event (C{X-Wsgw-Event-Id}), so the app can drop a repeat.
+    seq: int
+    #: C{open}, C{message} or C{close}.
+    action: str
+    #: The JSON object the app receives.
+    body: bytes = attr.ib(repr=False)
+    #: The client's C{Cookie} header, passed on as the client sent it.
+    cookie: str = attr.ib(default="", repr=False)
+    #: The client's address, passed on as C{X-Forwarded-For}.
+    remote_addr: str = ""
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.conn_id}:{self.seq}"
+
 
 PONG = b'{"event":"pong"}'
 EMPTY_OBJECT = b"{}"

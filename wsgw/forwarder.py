@@ -21,9 +21,21 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .appclient import AppRejected
-
 log = Logger()
+
+
+class AppRejected(Exception):
+    """
+    The app answered in a way that retrying will not change (a 4xx other
+    than 408 and 429): the event is given up at once.
+    """
+
+
+class AppUnavailable(Exception):
+    """
+    The app answered with a status worth retrying (5xx, 408, 429).
+    """
+
 
 #: C{(body, headers)} of one event POST.
 Event = Tuple[bytes, Dict[bytes, bytes]]
