@@ -51,9 +51,13 @@ class FakeChannel:
         self.frames = []
         self.closed_with = None
         self.paused = False
+        self.pings = 0
 
     def deliver(self, frame):
         self.frames.append(frame)
+
+    def ping(self):
+        self.pings += 1
 
     def close_with(self, code, reason):
         self.closed_with = (code, reason)

@@ -43,7 +43,7 @@ def test_autobahn_copies_settings_from_a_list_the_protocol_can_empty():
 
 
 def test_a_prepared_frame_carries_its_wire_bytes():
-    frame = internals.prepare_text(b'"hi"')
+    frame = internals.prepare_frame(b'"hi"')
     assert isinstance(frame, PreparedMessage)
     assert internals.frame_bytes(frame) == b'\x81\x04"hi"'  # FIN+text, unmasked, 4 bytes
 

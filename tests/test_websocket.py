@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from fakes import FakeApp, make_gateway
 from wsgw.internals import frame_bytes
 from wsgw.registry import Targets
-from wsgw.websocket import GatewayFactory, prepare_text
+from wsgw.websocket import GatewayFactory, prepare_frame
 
 
 class Client(WebSocketClientProtocol):
@@ -53,7 +53,7 @@ def app():
 
 @pytest.fixture
 def gateway(app):
-    return make_gateway(reactor, app, prepare=prepare_text)
+    return make_gateway(reactor, app, prepare=prepare_frame)
 
 
 @pytest.fixture
@@ -146,15 +146,33 @@ def test_frames_sent_directly_keep_their_order_behind_queued_ones(gateway, facto
     nothing queued; otherwise it queues behind, so order holds."""
     server, client, pump = pair(factory, {"X-Bfl-User": "carol"})
     pump.flush()
-    first = frame_bytes(prepare_text(b'"first"'))
+    first = frame_bytes(prepare_frame(b'"first"'))
     # As a chopped or synced send leaves it: queued, its next write scheduled.
     server.send_queue.append((first, False))
     server.triggered = True
     gateway.send_here(b'"second"', Targets(users=["carol"]))
-    second = frame_bytes(prepare_text(b'"second"'))
+    second = frame_bytes(prepare_frame(b'"second"'))
     assert list(server.send_queue) == [(first, False), (second, False)]
     server.send_queue.clear()
     server.triggered = False
     gateway.send_here(b'"third"', Targets(users=["carol"]))
     pump.flush()
     assert client.received == [b'"third"']
+
+
+def test_an_unsolicited_pong_is_a_sign_of_life(gateway, factory):
+    server, client, pump = pair(factory)
+    pump.flush()
+    server.conn.last_seen = 0.0
+    client.sendPong(b"keep-alive")
+    pump.flush()
+    assert server.conn.last_seen > 0.0
+
+
+def test_the_gateway_ping_reaches_the_client_which_answers(gateway, factory):
+    server, client, pump = pair(factory)
+    pump.flush()
+    server.conn.last_seen = 0.0
+    gateway.ping_all()
+    pump.flush()  # the client's Autobahn answers with a pong
+    assert server.conn.last_seen > 0.0

@@ -7,7 +7,9 @@ also carries the matching HTTP status and names what was wrong.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Union
+import base64
+import binascii
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -176,14 +178,45 @@ def list_answer(listing: Listing) -> Answer:
     return answer
 
 
+_FRAME_FIELDS = ("payload", "text", "binary")
+
+
+def read_frame(body: Dict[str, Any]) -> Tuple[bytes, bool]:
+    """
+    What a C{send} sends, and whether as a binary frame: C{payload} (a JSON
+    value, encoded once; absent, C{null} as in the original), C{text} (a
+    string sent as it is) or C{binary} (base64).  One of them at most.
+    """
+    given = [field for field in _FRAME_FIELDS if field in body]
+    if len(given) > 1:
+        raise ApiError(400, f"give one of payload, text or binary, not {' and '.join(given)}")
+    if "text" in body:
+        text = body["text"]
+        if not isinstance(text, str):
+            raise ApiError(400, "text must be a string (it is sent as it is, as one text frame)")
+        try:
+            return text.encode("utf-8"), False
+        except UnicodeEncodeError:
+            raise ApiError(400, "text must be valid Unicode: it holds a lone surrogate") from None
+    if "binary" in body:
+        data = body["binary"]
+        if not isinstance(data, str):
+            raise ApiError(400, "binary must be a base64 string")
+        try:
+            return base64.b64decode(data, validate=True), True
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "binary must be standard base64 (A-Z, a-z, 0-9, +, /, = padding)") from None
+    return to_json(body.get("payload")), False
+
+
 class SendEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
     def answer(self, request: Request) -> Deferred[Answer]:
         body = read_json_object(request, self.max_body)
         targets = read_targets(body, "conn_id", "send message")
-        payload = to_json(body.get("payload"))
-        return self.connections.send(payload, targets).addCallback(reach_answer)
+        payload, binary = read_frame(body)
+        return self.connections.send(payload, targets, binary).addCallback(reach_answer)
 
 
 class CloseEndpoint(JsonEndpoint):

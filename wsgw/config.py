@@ -103,6 +103,9 @@ class Config:
     ping_timeout: float = attr.ib(default=45.0)
     #: How often the heartbeat sweep looks for silent connections.
     ping_check_interval: float = attr.ib(default=5.0)
+    #: Send every client a WebSocket ping this often (0: never), for
+    #: clients that send no heartbeat of their own.
+    ws_ping_interval: float = attr.ib(default=0.0)
     #: Give up one attempt at POSTing an event after this long.
     app_timeout: float = attr.ib(default=10.0)
     #: Keep retrying a failed event (5xx, 429, connection errors) this long.

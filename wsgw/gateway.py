@@ -68,7 +68,7 @@ class GatewayStats:
         counter[label] = counter.get(label, 0) + 1
 
 
-def _unprepared(payload: bytes) -> object:
+def _unprepared(payload: bytes, binary: bool = False) -> object:
     return payload
 
 
@@ -109,7 +109,7 @@ class Gateway:
     ping_timeout: float = attr.ib(default=45.0)
     #: Turns a frame's bytes into what L{IChannel.deliver} takes: each
     #: frame is encoded once for every recipient.
-    prepare: Callable[[bytes], object] = attr.ib(default=_unprepared)
+    prepare: Callable[[bytes, bool], object] = attr.ib(default=_unprepared)
     stats: GatewayStats = attr.ib(factory=GatewayStats)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
@@ -121,7 +121,7 @@ class Gateway:
     _shutting_down: bool = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._pong = self.prepare(events.PONG)
+        self._pong = self.prepare(events.PONG, False)
 
     # -- what the WebSocket side reports ---------------------------------
 
@@ -184,8 +184,8 @@ class Gateway:
 
     # -- what the app asks for (IConnections) -------------------------------
 
-    def send(self, payload: bytes, targets: Targets) -> Deferred[Reach]:
-        return succeed(Reach(self.send_here(payload, targets)))
+    def send(self, payload: bytes, targets: Targets, binary: bool = False) -> Deferred[Reach]:
+        return succeed(Reach(self.send_here(payload, targets, binary)))
 
     def close(self, targets: Targets) -> Deferred[Reach]:
         return succeed(Reach(self.close_here(targets)))
@@ -193,14 +193,14 @@ class Gateway:
     def listing(self) -> Deferred[Listing]:
         return succeed(Listing(self.registry.listing()))
 
-    def send_here(self, payload: bytes, targets: Targets) -> int:
+    def send_here(self, payload: bytes, targets: Targets, binary: bool = False) -> int:
         """
-        Send the text frame C{payload} to every matching connection of this
+        Send C{payload} as one frame to every matching connection of this
         process without waiting on any of them; returns how many matched.
         """
         matched = self.registry.select(targets)
         if matched:
-            frame = self.prepare(payload)
+            frame = self.prepare(payload, binary)
             for conn in matched:
                 channel(conn).deliver(frame)
             self.stats.frames_out += len(matched)
@@ -236,6 +236,17 @@ class Gateway:
         """
         conn.closing = True
         self._unregister(conn)
+
+    def ping_all(self) -> int:
+        """
+        Send every open connection a WebSocket ping, for clients that send
+        no heartbeat of their own: their pongs keep them alive, and one
+        that does not answer is closed by L{expire_silent} in time.
+        """
+        conns = list(self.registry)
+        for conn in conns:
+            channel(conn).ping()
+        return len(conns)
 
     def expire_silent(self) -> int:
         """

@@ -36,8 +36,11 @@ class IChannel(Interface):
     def deliver(frame: object) -> None:
         """
         Send a frame prepared once for any number of recipients (see
-        L{wsgw.websocket.prepare_text}); a channel that is closing drops it.
+        L{wsgw.websocket.prepare_frame}); a channel that is closing drops it.
         """
+
+    def ping() -> None:
+        """Send a WebSocket ping frame; the client's pong is a sign of life."""
 
     def close_with(code: int, reason: str) -> None:
         """
@@ -99,9 +102,10 @@ class IConnections(Interface):
 
     up = Attribute("False while some nodes cannot be reached (a cluster whose Redis is down).")
 
-    def send(payload: bytes, targets: Targets) -> Deferred[Reach]:
+    def send(payload: bytes, targets: Targets, binary: bool = False) -> Deferred[Reach]:
         """
-        Send the text frame C{payload} to every matching connection.
+        Send C{payload} to every matching connection as one text frame (it
+        must be UTF-8), or with C{binary} as one binary frame.
         """
 
     def close(targets: Targets) -> Deferred[Reach]:

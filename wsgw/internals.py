@@ -49,12 +49,13 @@ def send_close_frame(protocol: WebSocketServerProtocol, code: int, reason: str) 
 # -- Autobahn and Twisted: the direct write path ----------------------------------
 
 
-def prepare_text(payload: bytes) -> PreparedMessage:
+def prepare_frame(payload: bytes, binary: bool = False) -> PreparedMessage:
     """
-    A server's text frame, framed once for any number of recipients (what
-    the factory's C{prepareMessage} does, without needing a factory).
+    A server's text (or binary) frame, framed once for any number of
+    recipients: what the factory's C{prepareMessage} does, without needing
+    a factory.
     """
-    return PreparedMessage(payload, False, False, False)
+    return PreparedMessage(payload, binary, False, False)
 
 
 def frame_bytes(frame: PreparedMessage) -> bytes:

@@ -27,7 +27,7 @@ from .gateway import Gateway, NoMembership
 from .interfaces import IConnections
 from .registry import LiveConnections, Registry
 from .web import GatewaySite, make_resource
-from .websocket import prepare_text
+from .websocket import prepare_frame
 
 if TYPE_CHECKING:
     from .cluster import Cluster, Presence
@@ -88,7 +88,7 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         registry=registry,
         ping_timeout=config.ping_timeout,
         membership=presence or NoMembership(),
-        prepare=prepare_text,
+        prepare=prepare_frame,
     )
     if presence is None:
         return Node(config, reactor, gateway, gateway)
@@ -153,26 +153,36 @@ class ListenerService(Service):
 @attr.s(eq=False)
 class GatewayService(Service):
     """
-    Runs the heartbeat sweep and, on stop, closes every client with 1001
-    and waits (bounded) for their C{close} events to reach the app.
+    Runs the heartbeat sweep (and, with C{ping_interval}, the gateway's own
+    WebSocket pings) and, on stop, closes every client with 1001 and waits
+    (bounded) for their C{close} events to reach the app.
     """
 
     gateway: Gateway = attr.ib()
     check_interval: float = attr.ib()
     drain_timeout: float = attr.ib()
-    clock = attr.ib()
-    _sweep: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    clock: Any = attr.ib()
+    #: Seconds between pings to every client; 0 sends none.
+    ping_interval: float = attr.ib(default=0.0)
+    _loops: List[LoopingCall] = attr.ib(factory=list, init=False)
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
-        self._sweep = LoopingCall(self.gateway.expire_silent)
-        self._sweep.clock = self.clock
-        self._sweep.start(self.check_interval, now=False)
+        self._loops = [self._every(self.check_interval, self.gateway.expire_silent)]
+        if self.ping_interval > 0:
+            self._loops.append(self._every(self.ping_interval, self.gateway.ping_all))
 
-    def stopService(self):
+    def _every(self, interval: float, work: Any) -> LoopingCall:
+        loop = LoopingCall(work)
+        loop.clock = self.clock
+        loop.start(interval, now=False)
+        return loop
+
+    def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
         return self.gateway.shut_down(self.drain_timeout)
 
 
@@ -191,9 +201,13 @@ class NodeService(MultiService):
             # gateway has begun closing its clients.
             node.cluster.setServiceParent(self)
         config = node.config
-        GatewayService(node.gateway, config.ping_check_interval, config.drain_timeout, node.reactor).setServiceParent(
-            self
-        )
+        GatewayService(
+            node.gateway,
+            config.ping_check_interval,
+            config.drain_timeout,
+            node.reactor,
+            ping_interval=config.ws_ping_interval,
+        ).setServiceParent(self)
         # Listeners come after the gateway: MultiService stops children in
         # reverse order, so they stop accepting before clients are closed.
         for listener in listeners:

@@ -26,7 +26,7 @@ from .registry import Connection
 _log = Logger()
 
 #: Frames as the gateway prepares them, once for every recipient.
-prepare_text = internals.prepare_text
+prepare_frame = internals.prepare_frame
 
 
 @implementer(IPushProducer, IChannel)
@@ -80,6 +80,13 @@ class GatewayProtocol(WebSocketServerProtocol):
     def onPing(self, payload: bytes) -> None:
         # A WebSocket-level ping (Node's ws.ping()) is a sign of life too.
         super().onPing(payload)
+        if self.conn is not None:
+            self.factory.gateway.heard_from(self.conn)
+
+    def onPong(self, payload: bytes) -> None:
+        # So is a pong: the answer to the gateway's own ping, or one the
+        # client sends unasked (a browser's keep-alive).
+        super().onPong(payload)
         if self.conn is not None:
             self.factory.gateway.heard_from(self.conn)
 
@@ -144,6 +151,10 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self.conn is not None:
             self.factory.gateway.forget(self.conn)
         self.transport.abortConnection()
+
+    def ping(self) -> None:
+        if self.state == self.STATE_OPEN and not self._aborted:
+            self.sendPing()
 
     def close_with(self, code: int, reason: str) -> None:
         if self._closed_by_gateway is None:

@@ -328,12 +328,12 @@ class Cluster(Service):
 
     # -- IConnections --------------------------------------------------------
 
-    def send(self, payload: bytes, targets: Targets) -> Deferred[Reach]:
+    def send(self, payload: bytes, targets: Targets, binary: bool = False) -> Deferred[Reach]:
         only_here = self._only_here(targets)
-        local = self.gateway.send_here(payload, targets)
+        local = self.gateway.send_here(payload, targets, binary)
         if only_here:
             return succeed(Reach(local))
-        return self._everywhere("send", local, targets, payload)
+        return self._everywhere(Command(self.node_id, self._request_id(), "send", targets, payload, binary), local)
 
     def close(self, targets: Targets) -> Deferred[Reach]:
         # Asked before closing: the closed connections leave the registry.
@@ -341,7 +341,7 @@ class Cluster(Service):
         local = self.gateway.close_here(targets)
         if only_here:
             return succeed(Reach(local))
-        return self._everywhere("close", local, targets, None)
+        return self._everywhere(Command(self.node_id, self._request_id(), "close", targets), local)
 
     def listing(self) -> Deferred[Listing]:
         """
@@ -380,14 +380,17 @@ class Cluster(Service):
         registry = self.gateway.registry
         return targets.only_conn_ids() and all(registry.get(c) is not None for c in targets.conn_ids)
 
-    def _everywhere(self, op: str, local: int, targets: Targets, payload: Optional[bytes]) -> Deferred[Reach]:
+    def _request_id(self) -> str:
+        return f"{self.presence.instance[:8]}-{next(self._requests)}"
+
+    def _everywhere(self, command: Command, local: int) -> Deferred[Reach]:
         if not self.link.up:
             return succeed(Reach(local, partial=True))
-        request_id = f"{self.presence.instance[:8]}-{next(self._requests)}"
+        request_id = command.request_id
         pending = _Pending(local)
         self._pending[request_id] = pending
         pending.timer = self.clock.callLater(self.reply_timeout, self._timed_out, request_id)
-        message = encode_command(Command(self.node_id, request_id, op, targets, payload))
+        message = encode_command(command)
         self.stats.published += 1
         d = self.link.command("PUBLISH", self.keys.commands, message)
         d.addCallbacks(self._received_by, self._not_published, callbackArgs=(request_id,), errbackArgs=(request_id,))
@@ -451,7 +454,7 @@ class Cluster(Service):
             return
         if command.op == "send":
             assert command.payload is not None
-            matched = self.gateway.send_here(command.payload, command.targets)
+            matched = self.gateway.send_here(command.payload, command.targets, command.binary)
         else:
             matched = self.gateway.close_here(command.targets)
         self.stats.applied += 1

@@ -14,7 +14,8 @@ Wire format (JSON, version 1)::
 
   command: {"v":1,"from":NODE,"id":REQUEST,"op":"send"|"close",
             "conn_ids":[...],"users":[...],"tokens":[...],"access":0|1|2,
-            "payload":"<the frame's JSON text>"}      (payload: send only)
+            "payload":"<the frame's text>"}       (payload: send only)
+           a binary frame: "payload":"<base64>","binary":true
   reply:   {"v":1,"from":NODE,"id":REQUEST,"matched":N}
   presence record: {"name":USER,"public":BOOL,"conn":{... as /list shows it}}
 
@@ -24,6 +25,8 @@ exactly these shapes raises L{Malformed}.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Dict, List, Optional, Tuple
 
 import attr
@@ -81,6 +84,8 @@ class Command:
     op: str = attr.ib()
     targets: Targets = attr.ib()
     payload: Optional[bytes] = attr.ib(default=None)
+    #: The payload is a binary frame's, not UTF-8 text.
+    binary: bool = attr.ib(default=False)
 
 
 def encode_command(command: Command) -> bytes:
@@ -96,7 +101,11 @@ def encode_command(command: Command) -> bytes:
         "access": int(targets.access),
     }
     if command.payload is not None:
-        message["payload"] = command.payload.decode("utf-8")
+        if command.binary:
+            message["payload"] = base64.b64encode(command.payload).decode("ascii")
+            message["binary"] = True
+        else:
+            message["payload"] = command.payload.decode("utf-8")
     return to_json(message)
 
 
@@ -159,16 +168,20 @@ def parse_command(raw: object) -> Command:
     if not targets:
         raise Malformed("no target")
     payload = None
+    binary = message.get("binary", False)
+    if not isinstance(binary, bool):
+        raise Malformed("binary must be true or false")
     if op == "send":
         text = message.get("payload")
         if not isinstance(text, str):
             raise Malformed("payload must be a string")
         try:
-            decode_json(text)
-            payload = text.encode("utf-8")
-        except (ValueError, RecursionError, UnicodeEncodeError):
-            raise Malformed("payload is not JSON text") from None
-    return Command(_name(message, "from"), _name(message, "id"), op, targets, payload)
+            payload = base64.b64decode(text, validate=True) if binary else text.encode("utf-8")
+        except (binascii.Error, ValueError):
+            raise Malformed("payload is not base64") from None
+        except UnicodeEncodeError:
+            raise Malformed("payload is not Unicode text") from None
+    return Command(_name(message, "from"), _name(message, "id"), op, targets, payload, binary)
 
 
 def parse_reply(raw: object) -> Tuple[str, str, int]:
