@@ -115,6 +115,8 @@ class Config:
     app_down_after: float = attr.ib(default=10.0)
     #: At most this many event POSTs are in flight at once (all connections).
     max_in_flight: int = attr.ib(default=64)
+    #: Events one POST may carry (a JSON array of them); 1 posts each alone.
+    app_batch: int = attr.ib(default=1)
     #: Events waiting for the app, per connection, before the gateway
     #: stops reading from that client.
     max_backlog: int = attr.ib(default=1000)

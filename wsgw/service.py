@@ -64,11 +64,13 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         if http_client is None:
             http_client = build_http_client(reactor, config.max_in_flight)
         sink = AppClient(http_client, config.app_url, reactor, config.app_timeout)
-    live = LiveConnections(reactor)
+    live = LiveConnections(reactor, prepare_frame, max_reply=config.max_message_size)
     forwarder = AppForwarder(
         clock=reactor,
         sink=sink,
         throttle=live,
+        replies=live,
+        batch=config.app_batch,
         max_in_flight=config.max_in_flight,
         max_backlog=config.max_backlog,
         max_backlog_bytes=config.max_backlog_bytes,
