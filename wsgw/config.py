@@ -138,6 +138,8 @@ class Config:
     drain_timeout: float = attr.ib(default=10.0)
     #: The request header that carries the signed-in user's name.
     user_header: str = attr.ib(default="X-Bfl-User")
+    #: Log each connection's open and close at info level.
+    log_connections: bool = attr.ib(default=False)
     #: Refuse handshakes without the user header (401).
     require_user: bool = attr.ib(default=False)
     #: Origins allowed besides same-origin and none (fnmatch patterns such
