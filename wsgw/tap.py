@@ -93,6 +93,11 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "seconds of failed event POSTs, with no success between, before /readyz says the app is down (503)",
     ),
     "max-in-flight": ("max_in_flight", _positive_int, "event POSTs in flight at once, all connections"),
+    "app-batch": (
+        "app_batch",
+        _positive_int,
+        "events one POST may carry, of any connections, as a JSON array (1: each event alone, as the original)",
+    ),
     "max-backlog": ("max_backlog", _positive_int, "events queued per connection before reading from it pauses"),
     "max-backlog-bytes": (
         "max_backlog_bytes",
