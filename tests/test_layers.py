@@ -16,6 +16,7 @@ LAYERS = [
     ["wsgw.interfaces", "wsgw.jsonio", "wsgw.internals", "wsgw.config", "wsgw.access", "wsgw.appagent", "wsgw.apphttp"],
     ["wsgw.registry"],
     ["wsgw.events", "wsgw.identity", "wsgw.admission"],
+    ["wsgw.connect"],
     ["wsgw.forwarder"],
     ["wsgw.gateway"],
     ["wsgw.websocket", "wsgw.eventpost", "wsgw.appclient", "wsgw.api", "wsgw.health", "wsgw.metrics"],

@@ -99,6 +99,13 @@ class Config:
     listen: Tuple[str, ...] = attr.ib(default=(DEFAULT_LISTEN,), converter=tuple)
     #: Where lifecycle events are POSTed; L{None} forwards nothing.
     app_url: Optional[str] = attr.ib(default=None)
+    #: Where the app decides, before each handshake is answered, whether
+    #: the connection may open; L{None} admits every one.
+    connect_url: Optional[str] = attr.ib(default=None)
+    #: How long a handshake waits for that decision before a 503.
+    connect_timeout: float = attr.ib(default=2.0)
+    #: Handshakes that may wait for the decision at once (more: 503).
+    connect_max_waiting: int = attr.ib(default=1000)
     #: A connection that sends nothing for this long is closed.
     ping_timeout: float = attr.ib(default=45.0)
     #: How often the heartbeat sweep looks for silent connections.

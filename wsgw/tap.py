@@ -77,6 +77,13 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "URL that receives open/message/close events as POSTs "
         "(default: http://127.0.0.1:$WS_PORT$WS_URL when WS_PORT is set, else forward nothing)",
     ),
+    "connect-url": (
+        "connect_url",
+        str,
+        "URL the app decides at, before each handshake is answered, whether the connection may open "
+        "(2xx admits, 4xx refuses with that status; no answer, 5xx: 503) [default: admit all]",
+    ),
+    "connect-timeout": ("connect_timeout", _positive_float, "seconds a handshake waits for --connect-url's answer"),
     "ping-timeout": ("ping_timeout", _positive_float, "close a connection silent this many seconds"),
     "ping-check-interval": ("ping_check_interval", _positive_float, "seconds between heartbeat sweeps"),
     "ws-ping-interval": (

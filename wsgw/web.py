@@ -122,11 +122,13 @@ def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
         require_user=config.require_user,
         max_connections=config.max_connections,
         max_connections_per_user=config.max_connections_per_user,
+        max_waiting=config.connect_max_waiting if node.connect_hook is not None else 0,
     )
     return GatewayFactory(
         node.gateway,
         reactor=node.reactor,
         policy=policy,
+        connect_hook=node.connect_hook,
         user_header=config.user_header,
         max_message_size=config.max_message_size,
         max_outgoing=config.max_outgoing,
@@ -157,7 +159,7 @@ def make_resource(
         access = ApiAccess(config.admin_token, config.admin_allow_remote)
         ws.putChild(b"conn", GuardedApi(conn_api(node.connections, config.max_api_body), access))
         root.putChild(b"tapr", tapr)
-        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster), access))
+        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster, node.connect_hook), access))
     return root
 
 
