@@ -84,6 +84,11 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "(2xx admits, 4xx refuses with that status; no answer, 5xx: 503) [default: admit all]",
     ),
     "connect-timeout": ("connect_timeout", _positive_float, "seconds a handshake waits for --connect-url's answer"),
+    "connect-max-waiting": (
+        "connect_max_waiting",
+        _positive_int,
+        "handshakes that may wait for --connect-url's answer at once (more: 503)",
+    ),
     "ping-timeout": ("ping_timeout", _positive_float, "close a connection silent this many seconds"),
     "ping-check-interval": ("ping_check_interval", _positive_float, "seconds between heartbeat sweeps"),
     "ws-ping-interval": (
