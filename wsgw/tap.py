@@ -176,6 +176,11 @@ _REPEATABLE: Dict[str, Tuple[str, str]] = {
         "unix:/run/wsgw.sock, systemd:domain=INET:index=0 [default: tcp:40010]",
     ),
     "admin-listen": ("admin_listen", "endpoint that serves the API alone; /ws is then not served there"),
+    "trusted-proxy": (
+        "trusted_proxies",
+        "IP address or CIDR block of a proxy whose X-Original-Forwarded-For / X-Forwarded-For are believed; "
+        "the client's address is then the nearest one not trusted [default: believe any peer, as the original]",
+    ),
     "allowed-origin": (
         "allowed_origins",
         "Origin pattern (fnmatch, e.g. https://*.example.com) a browser handshake may come from, "

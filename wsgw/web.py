@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site
 from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
 from .admission import HandshakePolicy
 from .api import JsonTree, conn_api
-from .config import Config
+from .config import Config, trusted_networks
 from .health import Health, Readiness
 from .jsonio import error_response
 from .metrics import MetricsPage
@@ -129,6 +129,7 @@ def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
         reactor=node.reactor,
         policy=policy,
         connect_hook=node.connect_hook,
+        trusted_proxies=trusted_networks(config.trusted_proxies) if config.trusted_proxies else None,
         user_header=config.user_header,
         max_message_size=config.max_message_size,
         max_outgoing=config.max_outgoing,

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from . import internals
 from .admission import HandshakePolicy, Refusal
+from .config import Networks
 from .gateway import CLOSE_TOO_SLOW, Gateway
 from .identity import identify
 from .interfaces import IChannel
@@ -74,7 +75,7 @@ class GatewayProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         headers = request.headers
         try:
-            conn = identify(headers, _peer(request.peer), self.factory.user_header)
+            conn = identify(headers, _peer(request.peer), self.factory.user_header, self.factory.trusted_proxies)
         except Exception:
             _log.failure("could not read the identity of a new connection")
             raise
@@ -281,6 +282,7 @@ class GatewayFactory(WebSocketServerFactory):
         reactor: Any,
         policy: Optional[HandshakePolicy] = None,
         connect_hook: Optional[ConnectHook] = None,
+        trusted_proxies: Optional[Networks] = None,
         user_header: str = "X-Bfl-User",
         max_message_size: int = 1024 * 1024,
         max_outgoing: int = 1024 * 1024,
@@ -292,6 +294,8 @@ class GatewayFactory(WebSocketServerFactory):
         self.policy = policy or HandshakePolicy(gateway.registry)
         #: Asks the app before answering a handshake (--connect-url).
         self.connect_hook = connect_hook
+        #: Peers whose forwarding headers are believed; None: any peer's.
+        self.trusted_proxies = trusted_proxies
         self.user_header = user_header
         self.max_outgoing = max_outgoing
         self.setProtocolOptions(
