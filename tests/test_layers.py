@@ -16,7 +16,7 @@ LAYERS = [
     ["wsgw.interfaces", "wsgw.jsonio", "wsgw.internals", "wsgw.config", "wsgw.access", "wsgw.appagent", "wsgw.apphttp"],
     ["wsgw.registry"],
     ["wsgw.events", "wsgw.identity", "wsgw.admission"],
-    ["wsgw.connect"],
+    ["wsgw.connect", "wsgw.online"],
     ["wsgw.forwarder"],
     ["wsgw.gateway"],
     ["wsgw.websocket", "wsgw.eventpost", "wsgw.appclient", "wsgw.api", "wsgw.health", "wsgw.metrics"],

@@ -94,6 +94,7 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         registry=registry,
         ping_timeout=config.ping_timeout,
         log_connections=config.log_connections,
+        presence_grace=config.presence_grace if config.presence_events else None,
         membership=presence or NoMembership(),
         prepare=prepare_frame,
     )
