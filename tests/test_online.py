@@ -28,7 +28,7 @@ def posted(app):
 
 
 def test_online_goes_before_the_first_open_and_only_once():
-    clock, app, gateway = presence_gateway()
+    _clock, app, gateway = presence_gateway()
     open_conn(gateway, "a1", "alice")
     open_conn(gateway, "a2", "alice")
     open_conn(gateway, "p1", "alice", public=True)
@@ -84,7 +84,7 @@ def test_offline_follows_the_last_close_even_while_that_close_is_retried():
 
 
 def test_on_shutdown_users_go_offline_without_waiting_for_the_grace_period():
-    clock, app, gateway = presence_gateway(grace=60.0)
+    _clock, app, gateway = presence_gateway(grace=60.0)
     conn = open_conn(gateway, "a1", "alice")
     gone = open_conn(gateway, "b1", "bob")
     gateway.closed(gone, 1000, "")  # bob waits out his grace period
