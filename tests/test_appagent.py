@@ -13,8 +13,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 
-from wsgw.appclient import AppClient, AppRejected, BytesBody, http_client_for
-from wsgw.apphttp import AppAgent, AppPool
+from wsgw.appagent import AppAgent, AppPool, BytesBody
+from wsgw.eventpost import EventPoster, http_client_for
+from wsgw.events import Event
+from wsgw.forwarder import AppRejected
 
 URL = b"http://127.0.0.1:8888/ws/message"
 
@@ -84,8 +86,8 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def test_request_is_written_in_one_piece(agent, endpoints):
-    """Request line, the given headers (Accept-Encoding dropped: the
-    gateway never reads a body), Host and Content-Length, then the body."""
+    """Request line, the given headers as given, Host and Content-Length,
+    then the body."""
     headers = {b"Content-Type": [b"application/json"], b"Accept-Encoding": [b"gzip"], b"Cookie": [b"a=b"]}
     post(agent, headers=headers)
     [transport] = endpoints.transports
@@ -94,7 +96,13 @@ def test_request_is_written_in_one_piece(agent, endpoints):
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /ws/message HTTP/1.1"
     assert sorted(lines[1:]) == sorted(
-        [b"Content-Type: application/json", b"Cookie: a=b", b"Host: 127.0.0.1:8888", b"Content-Length: 7"]
+        [
+            b"Content-Type: application/json",
+            b"Accept-Encoding: gzip",
+            b"Cookie: a=b",
+            b"Host: 127.0.0.1:8888",
+            b"Content-Length: 7",
+        ]
     )
     assert body == b'{"a":1}'
 
@@ -128,7 +136,7 @@ def test_chunked_answer(agent, endpoints, step):
 def test_a_huge_answer_body_is_read_but_not_kept(agent, endpoints, framing):
     """The gateway ignores the app's answer body: past the first 64 KiB it
     is read and dropped, however it is framed, and the connection is reused."""
-    from wsgw.apphttp import MAX_KEPT_BODY
+    from wsgw.appagent import MAX_KEPT_BODY
 
     d = post(agent)
     transport = endpoints.transports[0]
@@ -263,13 +271,26 @@ def test_idle_connections_are_bounded_and_expire(agent, endpoints, clock):
     assert len(endpoints.transports) == 4
 
 
-def test_through_treq_and_the_app_client(agent, endpoints):
-    """The agent's answers go through treq's wrappers to the app client."""
-    client = AppClient(http_client_for(agent), URL.decode(), Clock())
-    d = client(b"{}", {b"Content-Type": [b"application/json"]})
+def test_through_treq_and_the_event_poster(agent, endpoints):
+    """The agent's answers go through treq's wrappers to the event poster;
+    each layer adds its own headers once and nothing strips any."""
+    poster = EventPoster(http_client_for(agent), URL.decode(), Clock())
+    d = poster.post(Event("c1", 0, "open", b"{}", remote_addr="::1"))
+    written = endpoints.transports[0].value()
     answer(endpoints.transports[0], OK)
     assert d.result == 200
-    d = client(b"{}", {})
+    head = written.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"POST /ws/message HTTP/1.1"
+    names = sorted(line.partition(b":")[0].lower() for line in head[1:])
+    assert names == [
+        b"accept-encoding",
+        b"content-length",
+        b"content-type",
+        b"host",
+        b"x-forwarded-for",
+        b"x-wsgw-event-id",
+    ]
+    d = poster.post(Event("c1", 1, "close", b"{}"))
     answer(endpoints.transports[0], b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!")
     failure = d.result
     d.addErrback(lambda f: None)

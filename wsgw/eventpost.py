@@ -1,0 +1,188 @@
+"""
+Events to the app: L{EventPoster} turns one L{wsgw.events.Event} into one
+POST through treq and the answer into a verdict (L{IEventSink}).
+
+The layers, each doing its job once:
+
+  - L{EventPoster} builds the request from the record: the body, the
+    gateway's headers, the app's URL (parsed once), no redirects followed;
+    it judges the answer by its status and bounds the whole attempt.
+  - treq's C{HTTPClient} is the interface the event path calls.  Every
+    treq version from 22.1.0 on puts Twisted's C{CookieAgent} and
+    C{ContentDecoderAgent} over the agent it is given, on every request,
+    with no way to leave them out; so they are configured rather than
+    undone.  The cookie jar is L{NoCookieJar}, which keeps nothing: an
+    event carries its own client's C{Cookie}, and the app's C{Set-Cookie}
+    answer to one client must never ride along with another's events.
+    The content decoder asks for gzip (C{Accept-Encoding: gzip} goes to the
+    app as treq sends it); the gateway drains answers without reading them,
+    and bodies are kept only up to 64 KiB.  Bodies are L{BytesBody},
+    written in one call (treq's C{data_to_body_producer}).
+  - L{wsgw.appagent.AppAgent}, the C{IAgent} under treq, writes what it is
+    given, adds C{Host} and the framing headers, and reads whole answers.
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import Cookie, CookieJar
+from typing import Any, Iterator
+
+import attr
+import treq
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from .appagent import AppAgent, AppEndpoints, AppPool, BytesBody
+from .events import Event
+from .forwarder import AppRejected, AppUnavailable
+from .interfaces import IEventSink
+
+_RETRY_STATUSES = frozenset({408, 429})
+_JSON = [b"application/json"]
+
+
+class BadEvent(AppRejected):
+    """
+    The event cannot be written as a request (a header value of it holds
+    CR, LF or NUL): retrying cannot change that, so it is given up as a
+    rejected one is.
+    """
+
+
+class NoCookieJar(IndexableCookieJar):
+    """
+    The cookie jar of a client that keeps no cookies: treq's
+    C{HTTPClient} always asks one, and this one stores nothing and adds
+    nothing.
+    """
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        pass
+
+    def set_cookie_if_ok(self, cookie: Cookie, request: Any) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Cookie]:
+        return iter(())
+
+
+def _body_producer(data: object) -> IBodyProducer:
+    return BytesBody(data) if isinstance(data, bytes) else IBodyProducer(data)
+
+
+def http_client_for(agent: IAgent) -> HTTPClient:
+    """
+    A treq client over C{agent} that keeps no cookies and writes bytes
+    bodies in one call.
+    """
+    jar: CookieJar = NoCookieJar()
+    return HTTPClient(agent, cookiejar=jar, data_to_body_producer=_body_producer)
+
+
+def build_http_client(reactor: Any, max_connections: int) -> HTTPClient:
+    """
+    A treq client over L{AppAgent}, whose pool keeps up to
+    C{max_connections} connections to the app open between events.
+    """
+    pool = AppPool(reactor, max_idle=max_connections, idle_timeout=120.0)
+    return http_client_for(AppAgent(reactor, AppEndpoints(reactor), pool))
+
+
+def _header_value(text: str) -> bytes:
+    value = text.encode("utf-8", "replace")
+    if b"\r" in value or b"\n" in value or b"\0" in value:
+        raise BadEvent(f"header value with CR, LF or NUL: {value[:40]!r}")
+    return value
+
+
+def request_headers(event: Event) -> Headers:
+    """
+    The headers of C{event}'s POST (C{Host} is the agent's).
+
+    @raise BadEvent: a value would hold CR, LF or NUL (C{Headers} would
+        quietly turn CR and LF into spaces).
+    """
+    raw = {
+        b"Content-Type": _JSON,
+        b"X-Wsgw-Event-Id": [_header_value(event.event_id)],
+        b"X-Forwarded-For": [_header_value(event.remote_addr)],
+    }
+    if event.cookie:
+        raw[b"Cookie"] = [_header_value(event.cookie)]
+    return Headers(raw)
+
+
+def _drain(_chunk: bytes) -> None:
+    pass
+
+
+@implementer(IEventSink)
+@attr.s(eq=False)
+class EventPoster:
+    """
+    Posts events to C{url} with C{client}, one attempt per L{post}.
+
+    C{timeout} bounds the whole attempt, the answer's body included: an
+    app that sends headers and then stalls must not hold the event forever.
+    Redirects are not followed: any 2xx or 3xx answer means delivered.
+    """
+
+    client: HTTPClient = attr.ib()
+    url: str = attr.ib()
+    clock: IReactorTime = attr.ib()
+    timeout: float = attr.ib(default=10.0)
+    # Parsed once: treq would otherwise parse the URL text on every event.
+    _parsed_url: EncodedURL = attr.ib(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._parsed_url = EncodedURL.from_text(self.url)
+
+    def post(self, event: Event) -> Deferred[int]:
+        """
+        One attempt at delivering C{event}; fires with the app's status.
+        """
+        try:
+            headers = request_headers(event)
+        except BadEvent:
+            return fail()
+        return self.send(event.body, headers)
+
+    def send(self, body: bytes, headers: Headers) -> Deferred[int]:
+        """
+        One attempt at POSTing C{body} with C{headers}, judged as L{post}
+        judges it.
+        """
+        d = self.client.post(self._parsed_url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
+        d.addCallback(_verdict)
+        d.addTimeout(self.timeout, self.clock)
+        return d
+
+
+def _verdict(response: IResponse) -> Deferred[int]:
+    status = response.code
+    # Drained, not kept: over an agent that streams answers, the
+    # connection goes back to its pool only once the body was read.
+    d = treq.collect(response, _drain)
+    if 200 <= status < 400:
+        return d.addCallback(lambda _: status)
+    if status >= 500 or status in _RETRY_STATUSES:
+        error: Exception = AppUnavailable(f"app answered HTTP {status}")
+    else:
+        error = AppRejected(f"app answered HTTP {status}")
+
+    def fail_with(_: object) -> None:
+        raise error
+
+    return d.addBoth(fail_with)
