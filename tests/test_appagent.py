@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from wsgw.appagent import AppAgent, AppPool, BytesBody
@@ -306,3 +306,242 @@ def test_bodies_must_be_in_memory(agent):
     failure = d.result
     d.addErrback(lambda f: None)
     assert failure.check(TypeError)
+
+
+# The defects of issue 11, each pinned.
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_answer_whose_lines_end_in_a_bare_lf_is_read_at_once(agent, endpoints, step):
+    """Twisted's own client reads such answers; this one hung until the
+    attempt timed out."""
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", step)
+    assert d.result.code == 200
+    assert d.result.body == b"ok"
+    post(agent)
+    assert len(endpoints.transports) == 1
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        b"2\r\nokXX0\r\n\r\n",  # no CRLF after the chunk's data
+        b"2\r\nok0\r\n\r\n",
+        b"2\r\nokk\r\n0\r\n\r\n",  # one byte more than announced
+    ],
+)
+def test_the_crlf_after_each_chunk_is_checked(agent, endpoints, chunks):
+    """A mis-framed chunked answer fails and drops its connection instead
+    of leaving bytes that the next answer would be read from."""
+    d = post(agent)
+    transport = endpoints.transports[0]
+    answer(transport, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ResponseFailed)
+    assert transport.aborted
+
+
+@pytest.mark.parametrize("value", [b"+1_0", b"1_0", b"+10", b" 1 0", b"0x0a", b"10, 11", b"-10"])
+def test_content_length_is_decimal_digits_only(agent, endpoints, value):
+    """int() reads '+1_0' as 10; the framing would then differ from what
+    any other reader of the answer sees."""
+    d = post(agent)
+    transport = endpoints.transports[0]
+    answer(transport, b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n\r\n0123456789")
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ResponseFailed)
+    assert transport.aborted
+
+
+def test_content_length_with_leading_zeros_is_decimal(agent, endpoints):
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nContent-Length: 010\r\n\r\n0123456789")
+    assert d.result.body == b"0123456789"
+
+
+def test_head_answer_ends_with_its_head(agent, endpoints):
+    """The answer to HEAD has no body whatever its Content-Length says;
+    it hung waiting for one."""
+    d = agent.request(b"HEAD", URL, Headers())
+    transport = endpoints.transports[0]
+    assert transport.value().startswith(b"HEAD /ws/message HTTP/1.1\r\n")
+    assert b"Content-Length" not in transport.value()
+    answer(transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert d.result.code == 200
+    assert d.result.body == b""
+    assert d.result.headers.getRawHeaders(b"content-length") == [b"10"]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"DELETE", b"OPTIONS"])
+def test_other_methods_are_framed_like_post(agent, endpoints, method):
+    d = agent.request(method, URL, Headers())
+    answer(endpoints.transports[0], OK)
+    assert d.result.body == b"ok"
+
+
+class RawHeaders(Headers):
+    """Headers as an IAgent may be given them by anyone: unsanitised."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        self._pairs = pairs
+
+    def getAllRawHeaders(self):
+        return iter(self._pairs)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [(b"X-A", [b"a\r\nX-Injected: 1"])],
+        [(b"X-A", [b"a\nb"])],
+        [(b"X-A", [b"a\rb"])],
+        [(b"X-A", [b"a\x00b"])],
+        [(b"X A", [b"a"])],
+        [(b"X-A:", [b"a"])],
+        [(b"", [b"a"])],
+    ],
+)
+def test_a_header_the_agent_cannot_write_is_refused_where_it_writes_requests(agent, endpoints, pairs):
+    """Not left to Headers' sanitising one layer up: a value with CR, LF
+    or NUL, or a name that is not a token, fails the request unsent."""
+    d = agent.request(b"POST", URL, RawHeaders(pairs), BytesBody(b"{}"))
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ValueError)
+    assert endpoints.transports == []
+
+
+def test_a_nul_through_twisted_headers_is_refused_too(agent, endpoints):
+    d = post(agent, headers={b"X-A": [b"a\x00b"]})
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ValueError)
+    assert endpoints.transports == []
+
+
+def test_a_bad_method_is_refused(agent, endpoints):
+    d = agent.request(b"PO ST", URL, Headers())
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ValueError)
+
+
+@pytest.mark.parametrize("lost", [ConnectionDone(), ConnectionLost()], ids=["closed", "reset"])
+def test_stale_pooled_connection_is_retried_at_once_on_a_new_one(agent, endpoints, lost):
+    """The app closed the idle keep-alive as the request went out: no byte
+    of an answer came, so the request goes out again at once, not after the
+    forwarder's back-off."""
+    d = post(agent)
+    answer(endpoints.transports[0], OK)
+    assert d.result.code == 200
+    d = post(agent, body=b'{"b":2}')
+    stale = endpoints.transports[0]
+    assert stale.value().endswith(b'{"b":2}')
+    got = []
+    d.addBoth(got.append)
+    stale.protocol.connectionLost(Failure(lost))
+    assert got == []
+    assert len(endpoints.transports) == 2
+    fresh = endpoints.transports[1]
+    assert fresh.value().endswith(b'{"b":2}')
+    answer(fresh, OK)
+    assert got[0].code == 200
+
+
+def test_a_fresh_connection_lost_before_any_answer_is_not_retried(agent, endpoints):
+    """Only a reused connection can be stale: on a new one the forwarder's
+    back-off decides."""
+    d = post(agent)
+    endpoints.transports[0].protocol.connectionLost(Failure(ConnectionLost()))
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ResponseNeverReceived)
+    assert len(endpoints.transports) == 1
+
+
+def test_stale_retry_happens_once(agent, endpoints):
+    d = post(agent)
+    answer(endpoints.transports[0], OK)
+    d = post(agent)
+    endpoints.transports[0].protocol.connectionLost(Failure(ConnectionLost()))
+    endpoints.transports[1].protocol.connectionLost(Failure(ConnectionLost()))
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ResponseNeverReceived)
+    assert len(endpoints.transports) == 2
+
+
+def test_no_retry_once_part_of_the_answer_arrived(agent, endpoints):
+    d = post(agent)
+    answer(endpoints.transports[0], OK)
+    d = post(agent)
+    endpoints.transports[0].protocol.dataReceived(b"HTTP/1.1 2")
+    endpoints.transports[0].protocol.connectionLost(Failure(ConnectionLost()))
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ResponseFailed)
+    assert len(endpoints.transports) == 1
+
+
+def test_cancel_during_the_stale_retry_aborts_the_new_connection(agent, endpoints):
+    post(agent)
+    answer(endpoints.transports[0], OK)
+    d = post(agent)
+    endpoints.transports[0].protocol.connectionLost(Failure(ConnectionLost()))
+    d.cancel()
+    d.addErrback(lambda f: None)
+    assert endpoints.transports[1].aborted
+
+
+@pytest.mark.parametrize(
+    "hint, kept",
+    [
+        (b"timeout=5", 4.5),
+        (b"timeout=5, max=1000", 4.5),
+        (b"max=100, timeout=2", 1.5),
+        (b"timeout=300", 120),  # never longer than the pool's own bound
+    ],
+)
+def test_keep_alive_timeout_bounds_the_pooled_connection(agent, endpoints, clock, hint, kept):
+    """Keep-Alive: timeout=N: the connection leaves the pool KEEP_ALIVE_MARGIN
+    (0.5 s) before the app would close it."""
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: " + hint + b"\r\nContent-Length: 0\r\n\r\n")
+    assert d.result.code == 200
+    clock.advance(kept - 0.01)
+    assert not endpoints.transports[0].disconnecting
+    clock.advance(0.02)
+    assert endpoints.transports[0].disconnecting
+    post(agent)
+    assert len(endpoints.transports) == 2
+
+
+@pytest.mark.parametrize("hint", [b"timeout=0", b"timeout=0, max=5"])
+def test_keep_alive_timeout_too_short_to_reuse(agent, endpoints, hint):
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: " + hint + b"\r\nContent-Length: 0\r\n\r\n")
+    assert d.result.code == 200
+    assert endpoints.transports[0].disconnecting
+    post(agent)
+    assert len(endpoints.transports) == 2
+
+
+@pytest.mark.parametrize("hint", [b"timeout=abc", b"timeouts=1", b"max=1"])
+def test_keep_alive_without_a_timeout_keeps_the_pools_bound(agent, endpoints, clock, hint):
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: " + hint + b"\r\nContent-Length: 0\r\n\r\n")
+    assert d.result.code == 200
+    clock.advance(119)
+    assert not endpoints.transports[0].disconnecting
+
+
+def test_status_101_is_not_an_answer_to_a_post(agent, endpoints):
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ResponseFailed)
