@@ -147,8 +147,7 @@ class AppConnection(Protocol):
         self._pool = pool
         self._key = key
         self._parser = HttpResponseParser(self)
-        # Twisted's client reads lines ending in a bare LF; so does this one.
-        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self._lenient_lines(True)
         self._waiting: Optional[Deferred[Answer]] = None
         #: Taken from the pool for the request in flight (not new).
         self.reused = False
@@ -185,6 +184,13 @@ class AppConnection(Protocol):
         self._waiting = None
         self.transport.abortConnection()
 
+    def _lenient_lines(self, lenient: bool) -> None:
+        # RFC 9112 2.2 lets a client read a bare LF as the end of the
+        # status line and of a field line (Twisted's client does); chunks
+        # and trailers end in CRLF (Twisted checks).  llhttp has one
+        # leniency for both, so it is on for heads only.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=lenient)
+
     # llhttp's callbacks, called from within feed_data.
 
     def on_message_begin(self) -> None:
@@ -203,14 +209,15 @@ class AppConnection(Protocol):
         if 100 <= code < 200:
             return  # an interim answer; llhttp reads it as a message of its own
         self._head_done = True
+        self._lenient_lines(False)
         if not self._parser.get_http_version().startswith("1."):
             raise BadResponse(f"not HTTP/1.x: HTTP/{self._parser.get_http_version()}")
         headers = self._headers
         codings = headers.getRawHeaders(b"transfer-encoding")
-        if codings is not None and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+        no_body = self._head_only or code in (204, 304)
+        if not no_body and codings is not None and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             # Only chunked can be undone here; Twisted's client agrees.
             raise BadResponse(f"unsupported Transfer-Encoding: {b','.join(codings)[:40]!r}")
-        no_body = self._head_only or code in (204, 304)
         self._until_close = not no_body and codings is None and not headers.hasHeader(b"content-length")
         if self._head_only:
             # llhttp cannot be told that no body follows: stop it here.
@@ -228,6 +235,7 @@ class AppConnection(Protocol):
             self._phrase = b""
             self._headers = Headers()
             return
+        self._lenient_lines(True)
         self._answer = self._make_answer()
         self._keep_alive = self._parser.should_keep_alive()
         self._keep_for = _keep_alive_timeout(self._headers)
@@ -257,14 +265,16 @@ class AppConnection(Protocol):
                 # The parser stopped mid-stream: this connection is done.
                 self._answer = self._make_answer()
                 extra = True
-            elif isinstance(cause, _OutOfTurn):
-                extra = True
+            elif self._answer is not None:
+                extra = True  # bytes after the answer (_OutOfTurn)
             else:
                 self._bad(cause if isinstance(cause, BadResponse) else e)
                 return
         except (HttpParserError, HttpParserUpgrade) as e:
-            self._bad(e)
-            return
+            if self._answer is None:
+                self._bad(e)
+                return
+            extra = True  # bytes after an answer that said Connection: close
         if self._answer is not None:
             self._finish(reusable=not extra and self._keep_alive)
         elif not self._head_done and self._received > MAX_HEAD:
