@@ -220,3 +220,41 @@ def test_body_goes_to_treq_as_bytes_written_in_one_call():
     assert body.length == 17
     assert consumer.value() == b'{"action":"open"}'
     assert d.called
+
+
+@pytest.mark.parametrize(
+    "url, sent",
+    [
+        ("http://127.0.0.1:8888/ws/message", b"http://127.0.0.1:8888/ws/message"),
+        ("http://b\u00fccher.example/ws/\u00e9v?x=\u00e9", b"http://xn--bcher-kva.example/ws/%C3%A9v?x=%C3%A9"),
+    ],
+)
+def test_the_url_becomes_a_uri_once(url, sent):
+    """treq converts the URL it is given to a URI on every request (66 µs
+    for the app's one URL); the poster hands it one that is a URI already,
+    converted once by hyperlink itself, and treq sends the same bytes."""
+    from wsgw.eventpost import _URI
+
+    uri = _URI.of(url)
+    assert uri.to_uri() is uri
+    assert uri.to_text().encode("ascii") == sent
+
+    seen = []
+
+    class Agent:
+        def request(self, method, uri, headers=None, bodyProducer=None):
+            seen.append(uri)
+            return Deferred()
+
+    EventPoster(http_client_for(Agent()), url, Clock()).post(event())
+    assert seen == [sent]
+
+
+def test_a_url_that_cannot_be_a_uri_fails_each_attempt_not_the_start():
+    """hyperlink cannot IDNA-encode an IPv6 literal: treq fails each
+    request to it, as it did; the poster is built all the same."""
+    poster = EventPoster(StubTreq(App(200)), "http://[::1]:8080/ws", Clock())
+    d = poster.post(event())
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert not failure.check(AppRejected)
