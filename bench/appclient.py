@@ -83,8 +83,7 @@ def _events(n: int) -> List[Any]:
 
     body = b'{"data":{"text":"hello there"},"action":"message","user_name":"u1","conn_id":"c","token":"t","access_public":false}'
     return [
-        Event(f"conn{i % 100}", i, "message", body, cookie="auth_token=abc", remote_addr="127.0.0.1")
-        for i in range(n)
+        Event(f"conn{i % 100}", i, "message", body, cookie="auth_token=abc", remote_addr="127.0.0.1") for i in range(n)
     ]
 
 

@@ -85,7 +85,7 @@ def answer(transport, data, step=None):
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-def test_request_is_written_in_one_piece(agent, endpoints):
+def test_request_is_written_in_one_piece(agent, endpoints) -> None:
     """Request line, the given headers as given, Host and Content-Length,
     then the body."""
     headers = {b"Content-Type": [b"application/json"], b"Accept-Encoding": [b"gzip"], b"Cookie": [b"a=b"]}
@@ -108,7 +108,7 @@ def test_request_is_written_in_one_piece(agent, endpoints):
 
 
 @pytest.mark.parametrize("step", [None, 1])
-def test_answer_with_length_then_connection_reused(agent, endpoints, step):
+def test_answer_with_length_then_connection_reused(agent, endpoints, step) -> None:
     d = post(agent)
     answer(endpoints.transports[0], OK, step)
     assert d.result.code == 200
@@ -120,7 +120,7 @@ def test_answer_with_length_then_connection_reused(agent, endpoints, step):
 
 
 @pytest.mark.parametrize("step", [None, 1, 3])
-def test_chunked_answer(agent, endpoints, step):
+def test_chunked_answer(agent, endpoints, step) -> None:
     d = post(agent)
     answer(
         endpoints.transports[0],
@@ -133,7 +133,7 @@ def test_chunked_answer(agent, endpoints, step):
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
-def test_a_huge_answer_body_is_read_but_not_kept(agent, endpoints, framing):
+def test_a_huge_answer_body_is_read_but_not_kept(agent, endpoints, framing) -> None:
     """The gateway ignores the app's answer body: past the first 64 KiB it
     is read and dropped, however it is framed, and the connection is reused."""
     from wsgw.appagent import MAX_KEPT_BODY
@@ -162,7 +162,7 @@ def test_a_huge_answer_body_is_read_but_not_kept(agent, endpoints, framing):
         assert len(endpoints.transports) == 1
 
 
-def test_answer_without_length_ends_with_the_connection(agent, endpoints):
+def test_answer_without_length_ends_with_the_connection(agent, endpoints) -> None:
     d = post(agent)
     transport = endpoints.transports[0]
     answer(transport, b"HTTP/1.1 200 OK\r\n\r\npart")
@@ -182,7 +182,7 @@ def test_answer_without_length_ends_with_the_connection(agent, endpoints):
         b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
     ],
 )
-def test_connection_not_reused_when_the_app_says_so(agent, endpoints, head):
+def test_connection_not_reused_when_the_app_says_so(agent, endpoints, head) -> None:
     d = post(agent)
     answer(endpoints.transports[0], head)
     assert d.result.code == 200
@@ -191,7 +191,7 @@ def test_connection_not_reused_when_the_app_says_so(agent, endpoints, head):
     assert len(endpoints.transports) == 2
 
 
-def test_no_body_statuses_and_interim_answers(agent, endpoints):
+def test_no_body_statuses_and_interim_answers(agent, endpoints) -> None:
     d = post(agent)
     answer(endpoints.transports[0], b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
     assert d.result.code == 204
@@ -199,7 +199,7 @@ def test_no_body_statuses_and_interim_answers(agent, endpoints):
     assert len(endpoints.transports) == 1
 
 
-def test_connection_lost_mid_answer_fails_the_request(agent, endpoints):
+def test_connection_lost_mid_answer_fails_the_request(agent, endpoints) -> None:
     d = post(agent)
     transport = endpoints.transports[0]
     answer(transport, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
@@ -223,7 +223,7 @@ def test_connection_lost_mid_answer_fails_the_request(agent, endpoints):
         b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000,
     ],
 )
-def test_unreadable_answer_fails_and_drops_the_connection(agent, endpoints, garbage):
+def test_unreadable_answer_fails_and_drops_the_connection(agent, endpoints, garbage) -> None:
     d = post(agent)
     transport = endpoints.transports[0]
     answer(transport, garbage)
@@ -233,7 +233,7 @@ def test_unreadable_answer_fails_and_drops_the_connection(agent, endpoints, garb
     assert transport.aborted
 
 
-def test_cancel_aborts_the_connection(agent, endpoints):
+def test_cancel_aborts_the_connection(agent, endpoints) -> None:
     """An attempt that timed out leaves its connection mid-answer: dropped."""
     d = post(agent)
     d.cancel()
@@ -245,7 +245,7 @@ def test_cancel_aborts_the_connection(agent, endpoints):
     assert len(endpoints.transports) == 2
 
 
-def test_app_talking_out_of_turn_drops_the_idle_connection(agent, endpoints):
+def test_app_talking_out_of_turn_drops_the_idle_connection(agent, endpoints) -> None:
     d = post(agent)
     answer(endpoints.transports[0], OK + b"HTTP/1.1 200 OK\r\n")
     assert d.result.code == 200
@@ -258,7 +258,7 @@ def test_app_talking_out_of_turn_drops_the_idle_connection(agent, endpoints):
     assert len(endpoints.transports) == 3
 
 
-def test_idle_connections_are_bounded_and_expire(agent, endpoints, clock):
+def test_idle_connections_are_bounded_and_expire(agent, endpoints, clock) -> None:
     waiting = [post(agent) for _ in range(3)]
     for transport in endpoints.transports:
         answer(transport, OK)
@@ -271,7 +271,7 @@ def test_idle_connections_are_bounded_and_expire(agent, endpoints, clock):
     assert len(endpoints.transports) == 4
 
 
-def test_through_treq_and_the_event_poster(agent, endpoints):
+def test_through_treq_and_the_event_poster(agent, endpoints) -> None:
     """The agent's answers go through treq's wrappers to the event poster;
     each layer adds its own headers once and nothing strips any."""
     poster = EventPoster(http_client_for(agent), URL.decode(), Clock())
@@ -297,7 +297,7 @@ def test_through_treq_and_the_event_poster(agent, endpoints):
     assert failure.check(AppRejected)
 
 
-def test_bodies_must_be_in_memory(agent):
+def test_bodies_must_be_in_memory(agent) -> None:
     from io import BytesIO
 
     from twisted.web.client import FileBodyProducer
@@ -312,7 +312,7 @@ def test_bodies_must_be_in_memory(agent):
 
 
 @pytest.mark.parametrize("step", [None, 1])
-def test_answer_whose_lines_end_in_a_bare_lf_is_read_at_once(agent, endpoints, step):
+def test_answer_whose_lines_end_in_a_bare_lf_is_read_at_once(agent, endpoints, step) -> None:
     """Twisted's own client reads such answers; this one hung until the
     attempt timed out."""
     d = post(agent)
@@ -331,7 +331,7 @@ def test_answer_whose_lines_end_in_a_bare_lf_is_read_at_once(agent, endpoints, s
         b"2\r\nokk\r\n0\r\n\r\n",  # one byte more than announced
     ],
 )
-def test_the_crlf_after_each_chunk_is_checked(agent, endpoints, chunks):
+def test_the_crlf_after_each_chunk_is_checked(agent, endpoints, chunks) -> None:
     """A mis-framed chunked answer fails and drops its connection instead
     of leaving bytes that the next answer would be read from."""
     d = post(agent)
@@ -344,7 +344,7 @@ def test_the_crlf_after_each_chunk_is_checked(agent, endpoints, chunks):
 
 
 @pytest.mark.parametrize("value", [b"+1_0", b"1_0", b"+10", b" 1 0", b"0x0a", b"10, 11", b"-10"])
-def test_content_length_is_decimal_digits_only(agent, endpoints, value):
+def test_content_length_is_decimal_digits_only(agent, endpoints, value) -> None:
     """int() reads '+1_0' as 10; the framing would then differ from what
     any other reader of the answer sees."""
     d = post(agent)
@@ -356,13 +356,13 @@ def test_content_length_is_decimal_digits_only(agent, endpoints, value):
     assert transport.aborted
 
 
-def test_content_length_with_leading_zeros_is_decimal(agent, endpoints):
+def test_content_length_with_leading_zeros_is_decimal(agent, endpoints) -> None:
     d = post(agent)
     answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nContent-Length: 010\r\n\r\n0123456789")
     assert d.result.body == b"0123456789"
 
 
-def test_head_answer_ends_with_its_head(agent, endpoints):
+def test_head_answer_ends_with_its_head(agent, endpoints) -> None:
     """The answer to HEAD has no body whatever its Content-Length says;
     it hung waiting for one."""
     d = agent.request(b"HEAD", URL, Headers())
@@ -376,7 +376,7 @@ def test_head_answer_ends_with_its_head(agent, endpoints):
 
 
 @pytest.mark.parametrize("method", [b"GET", b"DELETE", b"OPTIONS"])
-def test_other_methods_are_framed_like_post(agent, endpoints, method):
+def test_other_methods_are_framed_like_post(agent, endpoints, method) -> None:
     d = agent.request(method, URL, Headers())
     answer(endpoints.transports[0], OK)
     assert d.result.body == b"ok"
@@ -405,7 +405,7 @@ class RawHeaders(Headers):
         [(b"", [b"a"])],
     ],
 )
-def test_a_header_the_agent_cannot_write_is_refused_where_it_writes_requests(agent, endpoints, pairs):
+def test_a_header_the_agent_cannot_write_is_refused_where_it_writes_requests(agent, endpoints, pairs) -> None:
     """Not left to Headers' sanitising one layer up: a value with CR, LF
     or NUL, or a name that is not a token, fails the request unsent."""
     d = agent.request(b"POST", URL, RawHeaders(pairs), BytesBody(b"{}"))
@@ -415,7 +415,7 @@ def test_a_header_the_agent_cannot_write_is_refused_where_it_writes_requests(age
     assert endpoints.transports == []
 
 
-def test_a_nul_through_twisted_headers_is_refused_too(agent, endpoints):
+def test_a_nul_through_twisted_headers_is_refused_too(agent, endpoints) -> None:
     d = post(agent, headers={b"X-A": [b"a\x00b"]})
     failure = d.result
     d.addErrback(lambda f: None)
@@ -423,7 +423,7 @@ def test_a_nul_through_twisted_headers_is_refused_too(agent, endpoints):
     assert endpoints.transports == []
 
 
-def test_a_bad_method_is_refused(agent, endpoints):
+def test_a_bad_method_is_refused(agent, endpoints) -> None:
     d = agent.request(b"PO ST", URL, Headers())
     failure = d.result
     d.addErrback(lambda f: None)
@@ -431,7 +431,7 @@ def test_a_bad_method_is_refused(agent, endpoints):
 
 
 @pytest.mark.parametrize("lost", [ConnectionDone(), ConnectionLost()], ids=["closed", "reset"])
-def test_stale_pooled_connection_is_retried_at_once_on_a_new_one(agent, endpoints, lost):
+def test_stale_pooled_connection_is_retried_at_once_on_a_new_one(agent, endpoints, lost) -> None:
     """The app closed the idle keep-alive as the request went out: no byte
     of an answer came, so the request goes out again at once, not after the
     forwarder's back-off."""
@@ -452,7 +452,7 @@ def test_stale_pooled_connection_is_retried_at_once_on_a_new_one(agent, endpoint
     assert got[0].code == 200
 
 
-def test_a_fresh_connection_lost_before_any_answer_is_not_retried(agent, endpoints):
+def test_a_fresh_connection_lost_before_any_answer_is_not_retried(agent, endpoints) -> None:
     """Only a reused connection can be stale: on a new one the forwarder's
     back-off decides."""
     d = post(agent)
@@ -463,7 +463,7 @@ def test_a_fresh_connection_lost_before_any_answer_is_not_retried(agent, endpoin
     assert len(endpoints.transports) == 1
 
 
-def test_stale_retry_happens_once(agent, endpoints):
+def test_stale_retry_happens_once(agent, endpoints) -> None:
     d = post(agent)
     answer(endpoints.transports[0], OK)
     d = post(agent)
@@ -475,7 +475,7 @@ def test_stale_retry_happens_once(agent, endpoints):
     assert len(endpoints.transports) == 2
 
 
-def test_no_retry_once_part_of_the_answer_arrived(agent, endpoints):
+def test_no_retry_once_part_of_the_answer_arrived(agent, endpoints) -> None:
     d = post(agent)
     answer(endpoints.transports[0], OK)
     d = post(agent)
@@ -487,7 +487,7 @@ def test_no_retry_once_part_of_the_answer_arrived(agent, endpoints):
     assert len(endpoints.transports) == 1
 
 
-def test_cancel_during_the_stale_retry_aborts_the_new_connection(agent, endpoints):
+def test_cancel_during_the_stale_retry_aborts_the_new_connection(agent, endpoints) -> None:
     post(agent)
     answer(endpoints.transports[0], OK)
     d = post(agent)
@@ -506,7 +506,7 @@ def test_cancel_during_the_stale_retry_aborts_the_new_connection(agent, endpoint
         (b"timeout=300", 120),  # never longer than the pool's own bound
     ],
 )
-def test_keep_alive_timeout_bounds_the_pooled_connection(agent, endpoints, clock, hint, kept):
+def test_keep_alive_timeout_bounds_the_pooled_connection(agent, endpoints, clock, hint, kept) -> None:
     """Keep-Alive: timeout=N: the connection leaves the pool KEEP_ALIVE_MARGIN
     (0.5 s) before the app would close it."""
     d = post(agent)
@@ -521,7 +521,7 @@ def test_keep_alive_timeout_bounds_the_pooled_connection(agent, endpoints, clock
 
 
 @pytest.mark.parametrize("hint", [b"timeout=0", b"timeout=0, max=5"])
-def test_keep_alive_timeout_too_short_to_reuse(agent, endpoints, hint):
+def test_keep_alive_timeout_too_short_to_reuse(agent, endpoints, hint) -> None:
     d = post(agent)
     answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: " + hint + b"\r\nContent-Length: 0\r\n\r\n")
     assert d.result.code == 200
@@ -531,7 +531,7 @@ def test_keep_alive_timeout_too_short_to_reuse(agent, endpoints, hint):
 
 
 @pytest.mark.parametrize("hint", [b"timeout=abc", b"timeouts=1", b"max=1"])
-def test_keep_alive_without_a_timeout_keeps_the_pools_bound(agent, endpoints, clock, hint):
+def test_keep_alive_without_a_timeout_keeps_the_pools_bound(agent, endpoints, clock, hint) -> None:
     d = post(agent)
     answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: " + hint + b"\r\nContent-Length: 0\r\n\r\n")
     assert d.result.code == 200
@@ -539,9 +539,47 @@ def test_keep_alive_without_a_timeout_keeps_the_pools_bound(agent, endpoints, cl
     assert not endpoints.transports[0].disconnecting
 
 
-def test_status_101_is_not_an_answer_to_a_post(agent, endpoints):
+def test_status_101_is_not_an_answer_to_a_post(agent, endpoints) -> None:
     d = post(agent)
     answer(endpoints.transports[0], b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
     failure = d.result
     d.addErrback(lambda f: None)
     assert failure.check(ResponseFailed)
+
+
+def test_app_connections_turn_nagle_off() -> None:
+    """A request larger than a segment would have its last segment wait
+    for the app's delayed ACK with Nagle on."""
+    from twisted.internet.interfaces import ITCPTransport
+    from twisted.internet.protocol import Protocol
+    from zope.interface import implementer
+
+    from wsgw.appagent import _NoDelayEndpoint
+
+    @implementer(ITCPTransport)
+    class TCPTransport(StringTransport):
+        no_delay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.no_delay = enabled
+
+    class Endpoint:
+        def connect(self, factory):
+            protocol = Protocol()
+            protocol.makeConnection(TCPTransport())
+            return succeed(protocol)
+
+    protocol = _NoDelayEndpoint(Endpoint()).connect(None).result
+    assert protocol.transport.no_delay is True
+
+
+def test_endpoints_are_built_once_per_app_address() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import URI
+
+    from wsgw.appagent import AppEndpoints
+
+    endpoints = AppEndpoints(MemoryReactorClock())
+    first = endpoints.endpointForURI(URI.fromBytes(URL))
+    assert endpoints.endpointForURI(URI.fromBytes(URL)) is first
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8889/")) is not first

@@ -259,7 +259,7 @@ def split(draw, data: bytes) -> List[bytes]:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(st.data())
-def test_same_verdict_as_twisted(data):
+def test_same_verdict_as_twisted(data) -> None:
     method, raw, stricter = data.draw(answer())
     pieces = data.draw(split(raw))
     expected = ("rejected",) if stricter else twisted_verdict(method, [raw])
@@ -270,7 +270,7 @@ def test_same_verdict_as_twisted(data):
         assert twisted_verdict(method, pieces) == expected
 
 
-def test_the_rejections_the_agent_adds_are_accepted_by_twisted():
+def test_the_rejections_the_agent_adds_are_accepted_by_twisted() -> None:
     """The divergences listed above are real: Twisted accepts each."""
     for raw in [
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",

@@ -63,7 +63,7 @@ def _event(seq: int) -> Event:
 
 
 @pytest_twisted.ensureDeferred
-async def test_idle_connections_closed_by_the_app_cost_no_event():
+async def test_idle_connections_closed_by_the_app_cost_no_event() -> None:
     """Node closes each idle connection 200 ms after its last answer and
     does not say so: requests sent just as it closes are retried at once on
     a new connection, so every attempt succeeds."""
@@ -81,7 +81,7 @@ async def test_idle_connections_closed_by_the_app_cost_no_event():
 
 
 @pytest_twisted.ensureDeferred
-async def test_keep_alive_timeout_from_node_is_honoured():
+async def test_keep_alive_timeout_from_node_is_honoured() -> None:
     """Node's http server with keepAliveTimeout 1200 ms says
     `Keep-Alive: timeout=1`: a connection is reused within half a second,
     and never after."""
@@ -100,7 +100,7 @@ async def test_keep_alive_timeout_from_node_is_honoured():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_short_keep_alive_timeout_means_no_reuse():
+async def test_a_short_keep_alive_timeout_means_no_reuse() -> None:
     """keepAliveTimeout 200 ms: Node says `timeout=0`, so no connection is
     kept for a later event, and none goes stale."""
     app, process, url = await _start("200")

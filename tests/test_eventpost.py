@@ -48,11 +48,11 @@ def attempt(status, record=None):
     return app, d
 
 
-def test_provides_the_event_sink():
+def test_provides_the_event_sink() -> None:
     assert verifyObject(IEventSink, EventPoster(StubTreq(App(200)), URL, Clock()))
 
 
-def test_request_built_from_the_record():
+def test_request_built_from_the_record() -> None:
     """Body, JSON type, the event's id, the client's address and cookie."""
     app, d = attempt(200)
     assert d.result == 200
@@ -65,13 +65,13 @@ def test_request_built_from_the_record():
     assert headers.getRawHeaders(b"cookie") == [b"auth_token=a"]
 
 
-def test_no_cookie_header_without_a_cookie():
+def test_no_cookie_header_without_a_cookie() -> None:
     app, d = attempt(200, event(cookie=""))
     assert d.result == 200
     assert app.seen[0][1].getRawHeaders(b"cookie") is None
 
 
-def test_header_text_is_utf8_with_errors_replaced():
+def test_header_text_is_utf8_with_errors_replaced() -> None:
     app, d = attempt(200, event(cookie="n=\u00e9", remote_addr="\ud800"))
     assert d.result == 200
     headers = app.seen[0][1]
@@ -89,7 +89,7 @@ def test_header_text_is_utf8_with_errors_replaced():
         Event("c\r\n1", 0, "open", b"{}"),
     ],
 )
-def test_a_header_value_with_cr_lf_or_nul_is_refused_when_the_request_is_built(record):
+def test_a_header_value_with_cr_lf_or_nul_is_refused_when_the_request_is_built(record) -> None:
     """Twisted's Headers would turn CR and LF into spaces without a word:
     the record is refused before any request exists, as a rejection (no
     retry can mend it)."""
@@ -112,7 +112,7 @@ def test_a_header_value_with_cr_lf_or_nul_is_refused_when_the_request_is_built(r
         (404, AppRejected),
     ],
 )
-def test_failure_kinds(status, error):
+def test_failure_kinds(status, error) -> None:
     _, d = attempt(status)
     failure = d.result
     d.addErrback(lambda f: None)
@@ -121,7 +121,7 @@ def test_failure_kinds(status, error):
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307])
-def test_redirect_is_an_answer_not_followed(status):
+def test_redirect_is_an_answer_not_followed(status) -> None:
     app, d = attempt(status)
     assert d.result == status
     assert len(app.seen) == 1
@@ -139,7 +139,7 @@ class StalledClient:
         return d
 
 
-def test_attempt_is_bounded_as_a_whole():
+def test_attempt_is_bounded_as_a_whole() -> None:
     clock = Clock()
     stalled = StalledClient()
     d = EventPoster(stalled, URL, clock, timeout=2).post(event())
@@ -158,7 +158,7 @@ class CookieSetter(App):
         return super().render_POST(request)
 
 
-def test_cookies_the_app_sets_are_never_sent_with_later_events():
+def test_cookies_the_app_sets_are_never_sent_with_later_events() -> None:
     """A Set-Cookie answered to one connection's event must not ride along
     with the events of connections that sent no cookie of their own."""
     app = CookieSetter(200)
@@ -173,7 +173,7 @@ def test_cookies_the_app_sets_are_never_sent_with_later_events():
     assert app.seen[1][1].getRawHeaders(b"cookie") is None
 
 
-def test_the_cookie_jar_keeps_nothing():
+def test_the_cookie_jar_keeps_nothing() -> None:
     from http.cookiejar import Cookie
 
     jar = NoCookieJar()
@@ -182,7 +182,7 @@ def test_the_cookie_jar_keeps_nothing():
     assert len(jar) == 0
 
 
-def test_the_treq_client_keeps_the_jar_it_is_given():
+def test_the_treq_client_keeps_the_jar_it_is_given() -> None:
     """treq keeps the jar given (an empty jar is falsy: a treq that wrote
     `cookiejar or CookieJar()` would drop it)."""
     client = http_client_for(RequestTraversalAgent(App(200)))
@@ -197,7 +197,7 @@ def test_the_treq_client_keeps_the_jar_it_is_given():
         ("https://app.example:443/ws", b"app.example"),
     ],
 )
-def test_host_header_names_the_app(url, host):
+def test_host_header_names_the_app(url, host) -> None:
     """Host comes from the agent under treq (here treq's own test agent)."""
     app = App(200)
     agent = RequestTraversalAgent(app)
@@ -207,7 +207,7 @@ def test_host_header_names_the_app(url, host):
     assert app.seen[0][1].getRawHeaders(b"host") == [host]
 
 
-def test_body_goes_to_treq_as_bytes_written_in_one_call():
+def test_body_goes_to_treq_as_bytes_written_in_one_call() -> None:
     """No cooperator task per request: treq turns the body into a
     BytesBody, which writes it at once with its length known."""
     from twisted.internet.testing import StringTransport
@@ -229,7 +229,7 @@ def test_body_goes_to_treq_as_bytes_written_in_one_call():
         ("http://b\u00fccher.example/ws/\u00e9v?x=\u00e9", b"http://xn--bcher-kva.example/ws/%C3%A9v?x=%C3%A9"),
     ],
 )
-def test_the_url_becomes_a_uri_once(url, sent):
+def test_the_url_becomes_a_uri_once(url, sent) -> None:
     """treq converts the URL it is given to a URI on every request (66 µs
     for the app's one URL); the poster hands it one that is a URI already,
     converted once by hyperlink itself, and treq sends the same bytes."""
@@ -250,7 +250,7 @@ def test_the_url_becomes_a_uri_once(url, sent):
     assert seen == [sent]
 
 
-def test_a_url_that_cannot_be_a_uri_fails_each_attempt_not_the_start():
+def test_a_url_that_cannot_be_a_uri_fails_each_attempt_not_the_start() -> None:
     """hyperlink cannot IDNA-encode an IPv6 literal: treq fails each
     request to it, as it did; the poster is built all the same."""
     poster = EventPoster(StubTreq(App(200)), "http://[::1]:8080/ws", Clock())

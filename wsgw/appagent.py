@@ -376,9 +376,10 @@ class AppPool:
 @attr.s(frozen=True)
 class _NoDelayEndpoint:
     """
-    Connects like C{inner} and turns Nagle's algorithm off: should a
-    request ever go out in more than one write, with Nagle on the second
-    would wait for the app's delayed ACK (40 ms on Linux).
+    Connects like C{inner} and turns Nagle's algorithm off: a request
+    written in one call still goes out in several segments when it is
+    larger than one, and with Nagle on the last would wait for the app's
+    delayed ACK (40 ms on Linux).
     """
 
     inner: IStreamClientEndpoint = attr.ib()
