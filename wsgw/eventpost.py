@@ -37,7 +37,6 @@ import attr
 import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
-from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
@@ -61,11 +60,12 @@ class BadEvent(AppRejected):
     """
 
 
-class NoCookieJar(IndexableCookieJar):
+class NoCookieJar(CookieJar):
     """
     The cookie jar of a client that keeps no cookies: treq's
     C{HTTPClient} always asks one, and this one stores nothing and adds
-    nothing.
+    nothing.  (A plain C{CookieJar}: treq takes any, and its
+    C{IndexableCookieJar} is younger than the oldest treq wsgw supports.)
     """
 
     def add_cookie_header(self, request: Any) -> None:
@@ -93,8 +93,7 @@ def http_client_for(agent: IAgent) -> HTTPClient:
     A treq client over C{agent} that keeps no cookies and writes bytes
     bodies in one call.
     """
-    jar: CookieJar = NoCookieJar()
-    return HTTPClient(agent, cookiejar=jar, data_to_body_producer=_body_producer)
+    return HTTPClient(agent, cookiejar=NoCookieJar(), data_to_body_producer=_body_producer)
 
 
 def build_http_client(reactor: Any, max_connections: int) -> HTTPClient:
