@@ -1,31 +1,39 @@
 """
 Events to the app: L{EventPoster} turns one L{wsgw.events.Event} into one
-POST through treq and the answer into a verdict (L{IEventSink}).
+POST through treq, and the answer into a verdict (L{IEventSink}).
 
-The layers, each doing its job once:
+Three layers, each doing its job once and none undoing another's:
 
-  - L{EventPoster} builds the request from the record: the body, the
-    gateway's headers, the app's URL (parsed once), no redirects followed;
-    it judges the answer by its status and bounds the whole attempt.
-  - treq's C{HTTPClient} is the interface the event path calls.  Every
-    treq version from 22.1.0 on puts Twisted's C{CookieAgent} and
-    C{ContentDecoderAgent} over the agent it is given, on every request,
-    with no way to leave them out; so they are configured rather than
-    undone.  The cookie jar is L{NoCookieJar}, which keeps nothing: an
-    event carries its own client's C{Cookie}, and the app's C{Set-Cookie}
-    answer to one client must never ride along with another's events.
-    The content decoder asks for gzip (C{Accept-Encoding: gzip} goes to the
-    app as treq sends it); the gateway drains answers without reading them,
-    and bodies are kept only up to 64 KiB.  Bodies are L{BytesBody},
-    written in one call (treq's C{data_to_body_producer}).
-    treq turns the URL it is given into a URI on every request; for the
-    app's one URL that is the same URI every time, and it cost 66 µs in
-    hyperlink and idna per event (as much as the rest of the POST).  So the
-    conversion is done once, when the poster is built, and the URL handed
-    to treq is that URI, which says so (L{_URI}: its C{to_uri()} is
-    itself); treq's own code path is unchanged.
-  - L{wsgw.appagent.AppAgent}, the C{IAgent} under treq, writes what it is
-    given, adds C{Host} and the framing headers, and reads whole answers.
+  1. L{EventPoster} builds the request from the record (body, the
+     gateway's headers, the app's URL), follows no redirect, judges the
+     answer by its status and bounds the whole attempt.
+  2. treq's C{HTTPClient} is the interface the event path calls (the
+     design card).  Every treq from 22.1.0 to today puts Twisted's
+     C{CookieAgent} and C{ContentDecoderAgent} over the agent it is given,
+     on every request, with no option to leave them out; so they are
+     configured, not undone:
+
+       - the cookie jar is L{NoCookieJar}, which keeps nothing.  An event
+         carries its own client's C{Cookie}; the app's C{Set-Cookie} to one
+         client must never ride along with another client's events.
+       - C{Accept-Encoding: gzip}, which the decoder adds, goes to the app
+         as treq sends it.  The poster drains answers without keeping them,
+         so a compressed answer is decoded (its first 64 KiB, all the agent
+         keeps) only by an app that chose to compress.
+       - bodies are L{wsgw.appagent.BytesBody}, written in one call
+         (treq's C{data_to_body_producer} hook).
+       - treq turns the URL it is given into a URI on every request: for
+         the app's one URL, the same URI each time, at 66 µs per event in
+         hyperlink and idna (as much as the rest of the POST).  The poster
+         does that conversion once and hands treq its result, a URL that
+         says it is a URI already (L{_URI}: C{to_uri()} is itself).
+
+     The alternatives were worse: a subclass of C{HTTPClient} that skips
+     the wrappers is treq in name only, and calling the agent directly
+     leaves the design card.
+  3. L{wsgw.appagent.AppAgent}, the C{IAgent} under treq, writes what it
+     is given, adds C{Host} and the framing headers (the only place Host is
+     computed), and hands over whole answers.
 """
 
 from __future__ import annotations
