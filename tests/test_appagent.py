@@ -278,7 +278,7 @@ def test_through_treq_and_the_event_poster(agent, endpoints) -> None:
     d = poster.post(Event("c1", 0, "open", b"{}", remote_addr="::1"))
     written = endpoints.transports[0].value()
     answer(endpoints.transports[0], OK)
-    assert d.result == 200
+    assert d.result is None  # delivered, no reply asked for
     head = written.partition(b"\r\n\r\n")[0].split(b"\r\n")
     assert head[0] == b"POST /ws/message HTTP/1.1"
     names = sorted(line.partition(b":")[0].lower() for line in head[1:])
@@ -583,3 +583,17 @@ def test_endpoints_are_built_once_per_app_address() -> None:
     first = endpoints.endpointForURI(URI.fromBytes(URL))
     assert endpoints.endpointForURI(URI.fromBytes(URL)) is first
     assert endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8889/")) is not first
+
+
+def test_how_much_of_a_body_is_kept_is_the_agents_choice(clock, endpoints) -> None:
+    agent = AppAgent(clock, endpoints, AppPool(clock), max_kept_body=10)
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100)
+    assert d.result.body == b"x" * 10
+
+
+def test_an_inline_reply_through_treq_and_the_agent(agent, endpoints) -> None:
+    poster = EventPoster(http_client_for(agent), URL.decode(), Clock())
+    d = poster.post(Event("c1", 0, "message", b"{}"))
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nX-Wsgw-Reply: 1\r\nContent-Length: 5\r\n\r\nhello")
+    assert d.result == b"hello"

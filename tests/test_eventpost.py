@@ -55,7 +55,7 @@ def test_provides_the_event_sink() -> None:
 def test_request_built_from_the_record() -> None:
     """Body, JSON type, the event's id, the client's address and cookie."""
     app, d = attempt(200)
-    assert d.result == 200
+    assert d.result is None  # delivered, no reply asked for
     [(path, headers, body)] = app.seen
     assert path == b"/ws/message"
     assert json.loads(body) == {"action": "open"}
@@ -67,13 +67,13 @@ def test_request_built_from_the_record() -> None:
 
 def test_no_cookie_header_without_a_cookie() -> None:
     app, d = attempt(200, event(cookie=""))
-    assert d.result == 200
+    assert d.result is None  # delivered, no reply asked for
     assert app.seen[0][1].getRawHeaders(b"cookie") is None
 
 
 def test_header_text_is_utf8_with_errors_replaced() -> None:
     app, d = attempt(200, event(cookie="n=\u00e9", remote_addr="\ud800"))
-    assert d.result == 200
+    assert d.result is None  # delivered, no reply asked for
     headers = app.seen[0][1]
     assert headers.getRawHeaders(b"cookie") == ["n=\u00e9".encode()]
     assert headers.getRawHeaders(b"x-forwarded-for") == [b"?"]
@@ -123,7 +123,7 @@ def test_failure_kinds(status, error) -> None:
 @pytest.mark.parametrize("status", [301, 302, 303, 307])
 def test_redirect_is_an_answer_not_followed(status) -> None:
     app, d = attempt(status)
-    assert d.result == status
+    assert d.result is None  # delivered
     assert len(app.seen) == 1
 
 
@@ -168,7 +168,7 @@ def test_cookies_the_app_sets_are_never_sent_with_later_events() -> None:
     agent.flush()
     second = poster.post(event(cookie=""))
     agent.flush()
-    assert (first.result, second.result) == (200, 200)
+    assert (first.result, second.result) == (None, None)
     assert app.seen[0][1].getRawHeaders(b"cookie") == [b"auth_token=a"]
     assert app.seen[1][1].getRawHeaders(b"cookie") is None
 
@@ -203,7 +203,7 @@ def test_host_header_names_the_app(url, host) -> None:
     agent = RequestTraversalAgent(app)
     d = EventPoster(http_client_for(agent), url, Clock()).post(event())
     agent.flush()
-    assert d.result == 200
+    assert d.result is None  # delivered, no reply asked for
     assert app.seen[0][1].getRawHeaders(b"host") == [host]
 
 
@@ -258,3 +258,86 @@ def test_a_url_that_cannot_be_a_uri_fails_each_attempt_not_the_start() -> None:
     failure = d.result
     d.addErrback(lambda f: None)
     assert not failure.check(AppRejected)
+
+
+class Replier(App):
+    """Answers with C{body}, and the reply header when C{reply}."""
+
+    def __init__(self, status, body, reply="1"):
+        super().__init__(status)
+        self.body = body
+        self.reply = reply
+
+    def render_POST(self, request):
+        super().render_POST(request)
+        if self.reply is not None:
+            request.setHeader(b"X-Wsgw-Reply", self.reply.encode())
+        return self.body
+
+
+@pytest.mark.parametrize(
+    "status, reply, body, expected",
+    [
+        (200, "1", b'{"answer":42}', b'{"answer":42}'),
+        (201, "1", b"", b""),
+        (200, None, b"ignored", None),  # no header: the body means nothing
+        (200, "0", b"ignored", None),
+        (302, "1", b"ignored", None),  # only a 2xx answer replies
+    ],
+)
+def test_inline_reply_is_the_answers_body_when_asked(status, reply, body, expected) -> None:
+    app = Replier(status, body, reply)
+    stub = StubTreq(app)
+    d = EventPoster(stub, URL, Clock()).post(event())
+    stub.flush()
+    assert d.result == expected
+
+
+def test_batch_is_one_post_of_a_json_array_with_event_ids() -> None:
+    app = App(200)
+    stub = StubTreq(app)
+    events = [
+        Event("c1", 0, "open", b'{"data":{},"action":"open"}'),
+        Event("c2", 7, "message", b' { "data" : 1 } '),
+        Event('c"3', 1, "close", b"{}"),
+    ]
+    d = EventPoster(stub, URL, Clock()).post_batch(events)
+    stub.flush()
+    assert d.result is None
+    [(_path, headers, body)] = app.seen
+    assert headers.getRawHeaders(b"x-wsgw-batch") == [b"3"]
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert headers.getRawHeaders(b"x-wsgw-event-id") is None
+    assert json.loads(body) == [
+        {"event_id": "c1:0", "data": {}, "action": "open"},
+        {"event_id": "c2:7", "data": 1},
+        {"event_id": 'c"3:1'},
+    ]
+
+
+def test_a_batch_never_replies() -> None:
+    app = Replier(200, b"hello")
+    stub = StubTreq(app)
+    d = EventPoster(stub, URL, Clock()).post_batch([event()])
+    stub.flush()
+    assert d.result is None
+
+
+@pytest.mark.parametrize("status, error", [(503, AppUnavailable), (400, AppRejected)])
+def test_a_batch_is_judged_as_one_event_is(status, error) -> None:
+    stub = StubTreq(App(status))
+    d = EventPoster(stub, URL, Clock()).post_batch([event(), event(seq=4)])
+    stub.flush()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(error)
+
+
+def test_the_agent_keeps_enough_of_an_answer_to_judge_a_reply() -> None:
+    """A reply over --max-message-size arrives one byte longer than the
+    limit (refused as too big), never cut short to a smaller one."""
+    from wsgw.appagent import MAX_KEPT_BODY
+    from wsgw.eventpost import build_http_client
+
+    assert build_http_client(Clock(), 4)._agent.max_kept_body == MAX_KEPT_BODY
+    assert build_http_client(Clock(), 4, max_reply=1024 * 1024)._agent.max_kept_body == 1024 * 1024 + 1

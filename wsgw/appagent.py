@@ -50,9 +50,9 @@ from zope.interface import implementer
 
 #: An answer's head (status line and headers) may not be longer.
 MAX_HEAD = 64 * 1024
-#: Of an answer's body (which the gateway ignores) only this much is kept;
-#: the rest is read and dropped, so an app that answers with megabytes
-#: costs no memory.
+#: Of an answer's body only this much is kept by default (see
+#: L{AppAgent.max_kept_body}); the rest is read and dropped, so an app that
+#: answers with megabytes costs no memory.
 MAX_KEPT_BODY = 64 * 1024
 #: A connection whose answer said C{Keep-Alive: timeout=N} leaves the pool
 #: this many seconds before N have passed: the app's clock started when it
@@ -82,7 +82,7 @@ class Answer:
     code: int = attr.ib()
     phrase: bytes = attr.ib()
     headers: Headers = attr.ib()
-    #: The body's first L{MAX_KEPT_BODY} bytes, as sent (not decoded).
+    #: The body's first bytes (L{AppAgent.max_kept_body}), as sent (not decoded).
     body: bytes = attr.ib(default=b"")
     request = None
     previousResponse = None
@@ -143,9 +143,10 @@ class AppConnection(Protocol):
     One persistent connection to the app, one request at a time.
     """
 
-    def __init__(self, pool: AppPool, key: tuple) -> None:
+    def __init__(self, pool: AppPool, key: tuple, max_kept_body: int = MAX_KEPT_BODY) -> None:
         self._pool = pool
         self._key = key
+        self._max_kept_body = max_kept_body
         self._parser = HttpResponseParser(self)
         self._lenient_lines(True)
         self._waiting: Optional[Deferred[Answer]] = None
@@ -224,7 +225,7 @@ class AppConnection(Protocol):
             raise _HeadAnswered()
 
     def on_body(self, data: bytes) -> None:
-        room = MAX_KEPT_BODY - self._body_size
+        room = self._max_kept_body - self._body_size
         if room > 0:
             self._body.append(data[:room])
         self._body_size += len(data)
@@ -483,12 +484,13 @@ class AppAgent:
     given) and the framing headers.  Request bodies must be producers with
     the bytes at hand as C{.body} (L{BytesBody}).  The L{Deferred} fires
     once the whole answer has been read, with the connection back in the
-    pool.
+    pool; of its body the first C{max_kept_body} bytes are kept.
     """
 
     reactor: IReactorTime = attr.ib()
     endpoint_factory: IAgentEndpointFactory = attr.ib()
     pool: AppPool = attr.ib()
+    max_kept_body: int = attr.ib(default=MAX_KEPT_BODY)
     _targets: Dict[bytes, _Target] = attr.ib(factory=dict, init=False)
 
     def request(
@@ -536,7 +538,7 @@ class AppAgent:
             endpoint = self.endpoint_factory.endpointForURI(target.uri)
         except Exception:
             return fail()
-        factory = Factory.forProtocol(lambda: AppConnection(self.pool, target.key))
+        factory = Factory.forProtocol(lambda: AppConnection(self.pool, target.key, self.max_kept_body))
         connecting = endpoint.connect(factory)
 
         def connected(protocol: AppConnection) -> Deferred[Answer]:

@@ -1,12 +1,14 @@
 """
-Events to the app: L{EventPoster} turns one L{wsgw.events.Event} into one
-POST through treq, and the answer into a verdict (L{IEventSink}).
+Events to the app: L{EventPoster} turns one L{wsgw.events.Event} (or a
+batch of them) into one POST through treq, and the answer into a verdict
+and, when the app asks, an inline reply (L{IEventSink}).
 
 Three layers, each doing its job once and none undoing another's:
 
   1. L{EventPoster} builds the request from the record (body, the
      gateway's headers, the app's URL), follows no redirect, judges the
-     answer by its status and bounds the whole attempt.
+     answer by its status (and C{X-Wsgw-Reply}) and bounds the whole
+     attempt.
   2. treq's C{HTTPClient} is the interface the event path calls (the
      design card).  Every treq from 22.1.0 to today puts Twisted's
      C{CookieAgent} and C{ContentDecoderAgent} over the agent it is given,
@@ -38,8 +40,9 @@ Three layers, each doing its job once and none undoing another's:
 
 from __future__ import annotations
 
+import json
 from http.cookiejar import Cookie, CookieJar
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import attr
 import treq
@@ -47,14 +50,18 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .appagent import AppAgent, AppEndpoints, AppPool, BytesBody
+from .appagent import MAX_KEPT_BODY, AppAgent, AppEndpoints, AppPool, BytesBody
 from .events import Event
 from .forwarder import AppRejected, AppUnavailable
 from .interfaces import IEventSink
+
+log = Logger()
 
 _RETRY_STATUSES = frozenset({408, 429})
 _JSON = [b"application/json"]
@@ -104,13 +111,18 @@ def http_client_for(agent: IAgent) -> HTTPClient:
     return HTTPClient(agent, cookiejar=NoCookieJar(), data_to_body_producer=_body_producer)
 
 
-def build_http_client(reactor: Any, max_connections: int) -> HTTPClient:
+def build_http_client(reactor: Any, max_connections: int, max_reply: int = 0) -> HTTPClient:
     """
     A treq client over L{AppAgent}, whose pool keeps up to
     C{max_connections} connections to the app open between events.
+
+    Of each answer's body it keeps 64 KiB, or C{max_reply + 1} bytes when
+    that is more: a reply over C{max_reply} (C{--max-message-size}) then
+    arrives long enough to be refused as too big, never cut short.
     """
     pool = AppPool(reactor, max_idle=max_connections, idle_timeout=120.0)
-    return http_client_for(AppAgent(reactor, AppEndpoints(reactor), pool))
+    kept = max(MAX_KEPT_BODY, max_reply + 1)
+    return http_client_for(AppAgent(reactor, AppEndpoints(reactor), pool, max_kept_body=kept))
 
 
 class _URI(EncodedURL):
@@ -193,7 +205,7 @@ def _drain(_chunk: bytes) -> None:
 @attr.s(eq=False)
 class EventPoster:
     """
-    Posts events to C{url} with C{client}, one attempt per L{post}.
+    Posts events to C{url} with C{client}, one attempt per call.
 
     C{timeout} bounds the whole attempt, the answer's body included: an
     app that sends headers and then stalls must not hold the event forever.
@@ -210,37 +222,72 @@ class EventPoster:
     def __attrs_post_init__(self) -> None:
         self._parsed_url = _URI.of(self.url)
 
-    def post(self, event: Event) -> Deferred[int]:
+    def post(self, event: Event) -> Deferred[Optional[bytes]]:
         """
-        One attempt at delivering C{event}; fires with the app's status.
+        One attempt at delivering C{event}, alone in a request.  Fires with
+        the answer's body when the app asked that it go back to the event's
+        connection (a 2xx answer with C{X-Wsgw-Reply: 1}), else L{None}.
         """
         try:
             headers = request_headers(event)
         except BadEvent:
             return fail()
-        return self.send(event.body, headers)
+        return self.send(event.body, headers, replies=True)
 
-    def send(self, body: bytes, headers: Headers) -> Deferred[int]:
+    def post_batch(self, events: Sequence[Event]) -> Deferred[None]:
+        """
+        One attempt at delivering C{events} in one request: a JSON array of
+        their bodies, each with its C{event_id}, and C{X-Wsgw-Batch: <count>}.
+        The answer's body is ignored (no replies to a batch).
+        """
+        headers = Headers({b"Content-Type": _JSON, b"X-Wsgw-Batch": [b"%d" % len(events)]})
+        return self.send(batch_body(events), headers, replies=False)
+
+    def send(self, body: bytes, headers: Headers, replies: bool = False) -> Deferred[Optional[bytes]]:
         """
         One attempt at POSTing C{body} with C{headers}, judged as L{post}
-        judges it.
+        judges it; with C{replies}, an answer's reply is read.
         """
         try:
             d = self.client.post(self._parsed_url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
         except Exception:  # treq converts the URL before any Deferred exists
             return fail()
-        d.addCallback(_verdict)
+        d.addCallback(_verdict, replies)
         d.addTimeout(self.timeout, self.clock)
         return d
 
 
-def _verdict(response: IResponse) -> Deferred[int]:
+def batch_body(events: Sequence[Event]) -> bytes:
+    """
+    C{[{"event_id": "<conn_id>:<seq>", ...event...}, ...]}: each event's
+    JSON object as it is, its id spliced in first.
+    """
+    parts = []
+    for event in events:
+        body = event.body.strip()
+        rest = body[1:].lstrip()
+        parts.append(b'{"event_id":' + _json_text(event.event_id) + (b"" if rest.startswith(b"}") else b",") + rest)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _json_text(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=True).encode("ascii")
+
+
+def _wants_reply(response: IResponse) -> bool:
+    values = response.headers.getRawHeaders(b"x-wsgw-reply")
+    return values is not None and values[-1].strip() == b"1"
+
+
+def _verdict(response: IResponse, replies: bool) -> Deferred[Optional[bytes]]:
     status = response.code
+    if 200 <= status < 300 and replies and _wants_reply(response):
+        return treq.content(response).addErrback(_unreadable_reply, status)
     # Drained, not kept: over an agent that streams answers, the
     # connection goes back to its pool only once the body was read.
     d = treq.collect(response, _drain)
     if 200 <= status < 400:
-        return d.addCallback(lambda _: status)
+        return d.addCallback(lambda _: None)
     if status >= 500 or status in _RETRY_STATUSES:
         error: Exception = AppUnavailable(f"app answered HTTP {status}")
     else:
@@ -250,3 +297,10 @@ def _verdict(response: IResponse) -> Deferred[int]:
         raise error
 
     return d.addBoth(fail_with)
+
+
+def _unreadable_reply(failure: Failure, status: int) -> None:
+    # The event was delivered (2xx); only its reply is lost, e.g. a gzip
+    # body cut short at the agent's bound.  Retrying would post it again.
+    log.warn("the app's reply (HTTP {status}) could not be read: {why}", status=status, why=failure.getErrorMessage())
+    return None
