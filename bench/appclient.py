@@ -5,6 +5,7 @@ Client CPU per event POST: the app client before issue 11 (commit
 
     python -m bench.appclient              # N=20000 events per run, 3 rounds
     python -m bench.appclient -n 5000 --rounds 2
+    python -m bench.appclient --parsers    # answer parsers alone (needs h11)
 
 A trivial app (an asyncio server answering 200 with an empty body) runs in
 a subprocess on a loopback ephemeral port.  Both clients post the same
@@ -144,11 +145,60 @@ def _run(post: Callable[[Any], Any], events: List[Any], in_flight: int) -> Any:
     return done
 
 
+_TYPICAL = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 09:46:27 GMT\r\n"
+    b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok"
+)
+
+
+def parsers(n: int) -> None:
+    """CPU per answer read: the baseline's hand-written parser, llhttp in
+    today's agent, and h11 (which also frames the request)."""
+    import h11
+    import wsgw_baseline.apphttp as baseline
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    import wsgw.appagent as current
+
+    def agent_connection(module: Any) -> float:
+        pool = module.AppPool(Clock(), max_idle=2, idle_timeout=1e9)
+        connection = module.AppConnection(pool, ("app",))
+        connection.makeConnection(StringTransport())
+        started = time.process_time()
+        for _ in range(n):
+            connection.send(b"request")
+            connection.dataReceived(_TYPICAL)
+            pool.take(("app",))
+        return (time.process_time() - started) / n * 1e6
+
+    def with_h11() -> float:
+        connection = h11.Connection(h11.CLIENT)
+        started = time.process_time()
+        for _ in range(n):
+            connection.send(h11.Request(method="POST", target="/", headers=[("Host", "app"), ("Content-Length", "2")]))
+            connection.send(h11.Data(data=b"{}"))
+            connection.send(h11.EndOfMessage())
+            connection.receive_data(_TYPICAL)
+            while not isinstance(connection.next_event(), h11.EndOfMessage):
+                pass
+            connection.start_next_cycle()
+        return (time.process_time() - started) / n * 1e6
+
+    print(f"CPU per answer read, µs (N={n}): a 200 with five header lines")
+    for _ in range(2):
+        print(
+            f"  before (hand-written) {agent_connection(baseline):5.1f}   "
+            f"after (llhttp) {agent_connection(current):5.1f}   h11 {with_h11():5.1f}"
+        )
+
+
 def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=20000, help="events per run")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two clients")
     parser.add_argument("--in-flight", type=int, default=16)
+    parser.add_argument("--parsers", action="store_true", help="compare answer parsers only (h11 installed)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -157,6 +207,9 @@ def main(argv: List[str]) -> None:
     temp = tempfile.mkdtemp(prefix="wsgw-bench-appclient-")
     _baseline_package(temp)
     sys.path.insert(0, temp)
+    if args.parsers:
+        parsers(args.n)
+        return
     app = subprocess.Popen([sys.executable, "-m", "bench.appclient", "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         port = int(app.stdout.readline())

@@ -33,7 +33,7 @@ the app would drop it (L{KEEP_ALIVE_MARGIN}).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import attr
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -61,7 +61,6 @@ MAX_KEPT_BODY = 64 * 1024
 KEEP_ALIVE_MARGIN = 0.5
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_UNSAFE_VALUE = re.compile(rb"[\r\n\x00]")
 _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|,)\s*timeout\s*=\s*([0-9]{1,9})\s*(?:,|$)", re.IGNORECASE)
 
 
@@ -441,35 +440,52 @@ def _target(uri: bytes) -> _Target:
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
+#: Header names and methods found to be tokens (a handful in practice).
+_TOKENS_SEEN: Set[bytes] = set()
+
+
+def _check_token(token: bytes, what: str) -> None:
+    if token not in _TOKENS_SEEN:
+        if not _TOKEN.match(token):
+            raise ValueError(f"bad {what} {token[:40]!r}")
+        if len(_TOKENS_SEEN) < 256:
+            _TOKENS_SEEN.add(token)
+
+
 def serialize(method: bytes, target: _Target, headers: Optional[Headers], body: bytes) -> bytes:
     """
     The request as it goes on the wire.  A method that is not a token, a
     header name that is not a token or a value with CR, LF or NUL is
     refused here, where the request is built (L{ValueError}).
     """
-    if not _TOKEN.match(method):
-        raise ValueError(f"bad method {method[:40]!r}")
+    _check_token(method, "method")
     lines = [method, b" ", target.path, b" HTTP/1.1\r\n"]
+    count = 2  # the request line and the blank line that ends the head
     has_host = False
     if headers is not None:
         for name, values in headers.getAllRawHeaders():
             lower = name.lower()
             if lower in _FRAMING:
                 continue
-            if not _TOKEN.match(name):
-                raise ValueError(f"bad header name {name[:40]!r}")
+            _check_token(name, "header name")
             if lower == b"host":
                 has_host = True
             for value in values:
-                if _UNSAFE_VALUE.search(value):
-                    raise ValueError(f"header {name!r} has CR, LF or NUL in its value")
                 lines += (name, b": ", value, b"\r\n")
+                count += 1
     if not has_host:
         lines += (b"Host: ", target.host, b"\r\n")
+        count += 1
     if body or method in (b"POST", b"PUT", b"PATCH"):
-        lines += (b"Content-Length: %d\r\n" % len(body),)
-    lines += (b"\r\n", body)
-    return b"".join(lines)
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+        count += 1
+    lines.append(b"\r\n")
+    head = b"".join(lines)
+    # Each of the head's lines ends in the CRLF written here: any other CR
+    # or LF, or a NUL, came in a header value (or the request's path).
+    if head.count(b"\r") != count or head.count(b"\n") != count or b"\0" in head:
+        raise ValueError("CR, LF or NUL in a header value or the path")
+    return head + body
 
 
 @implementer(IAgent)
