@@ -149,8 +149,6 @@ class AppConnection(Protocol):
         self._parser = HttpResponseParser(self)
         self._lenient_lines(True)
         self._waiting: Optional[Deferred[Answer]] = None
-        #: Taken from the pool for the request in flight (not new).
-        self.reused = False
         self.lost = False
         self._reset(head_only=False)
 
@@ -538,7 +536,6 @@ class AppAgent:
         connection = self.pool.take(target.key)
         if connection is None:
             return self._connect(target, data, head_only)
-        connection.reused = True
 
         def stale(failure: Failure) -> object:
             # The app closed this idle connection as the request went out:
