@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -295,6 +295,7 @@ class AppForwarder:
         if request.first_try is None:
             request.first_try = request.attempt_started
         assert self.sink is not None
+        d: Deferred[Any]
         try:
             if self.batch > 1:
                 d = self.sink.post_batch(request.events)
