@@ -297,10 +297,7 @@ class AppForwarder:
         assert self.sink is not None
         d: Deferred[Any]
         try:
-            if self.batch > 1:
-                d = self.sink.post_batch(request.events)
-            else:
-                d = self.sink.post(request.events[0])
+            d = self.sink.post_batch(request.events) if self.batch > 1 else self.sink.post(request.events[0])
         except Exception:  # a bug in the sink must not wedge the streams
             d = fail()
         d.addCallbacks(self._delivered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
