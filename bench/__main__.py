@@ -39,7 +39,7 @@ def parse(argv):
         "--servers", help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)"
     )
     parser.add_argument(
-        "--only", default="W1,W2,W3,W3b,W4,W4r,W5", help="comma-separated workloads to run (default: all)"
+        "--only", default="W1,W2,W3,W3b,W4,W4r,W5,W6", help="comma-separated workloads to run (default: all)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
     parser.add_argument(

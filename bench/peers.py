@@ -46,7 +46,7 @@ class Server:
 
     name = "server"
     #: Workloads it can play; the others show "n/a".
-    workloads = ("W1", "W2", "W3", "W4", "W5")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def __init__(self, workdir: Path, ports: procs.Ports):
         self.workdir = workdir
@@ -298,7 +298,7 @@ class Nchan(Server):
     """
 
     name = "nchan"
-    workloads = ("W1", "W2", "W3", "W4", "W5")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def start(self, app_url: Optional[str]) -> None:
         root = self.workdir / "nginx"
