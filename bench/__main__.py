@@ -51,6 +51,11 @@ def parse(argv):
         help="also run wsgw at this commit (a git worktree), beside the working tree, for same-run ratios",
     )
     parser.add_argument(
+        "--pypy",
+        metavar="PYTHON",
+        help="also run the working tree under this interpreter (a PyPy with wsgw's dependencies), as wsgw-pypy",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -119,6 +124,8 @@ def main(argv=None) -> int:
     if args.baseline:
         base = peers.baseline(args.baseline, workdir)
         servers.insert(1, base)
+    if args.pypy:
+        servers.insert(1, peers.under(args.pypy))
     results = report.Results([cls.name for cls in servers])
     names = ", ".join(c.name for c in servers)
     log(f"mode {'quick' if args.quick else 'full'}, servers {names}, work folder {workdir}")
