@@ -8,9 +8,10 @@ or the command line below this module.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attr
@@ -19,6 +20,22 @@ DEFAULT_LISTEN = "tcp:40010"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENGINES = ("memory", "redis")
 _NODE_ID = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
+
+
+Networks = Sequence[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]
+
+
+def trusted_networks(cidrs: Sequence[str]) -> Networks:
+    """C{--trusted-proxy} values as networks; raises L{ValueError} naming a bad one."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"trusted proxy {cidr!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8, ::1)"
+            ) from None
+    return networks
 
 
 @attr.s(frozen=True, slots=True)
@@ -99,16 +116,31 @@ class Config:
     listen: Tuple[str, ...] = attr.ib(default=(DEFAULT_LISTEN,), converter=tuple)
     #: Where lifecycle events are POSTed; L{None} forwards nothing.
     app_url: Optional[str] = attr.ib(default=None)
+    #: Where the app decides, before each handshake is answered, whether
+    #: the connection may open; L{None} admits every one.
+    connect_url: Optional[str] = attr.ib(default=None)
+    #: How long a handshake waits for that decision before a 503.
+    connect_timeout: float = attr.ib(default=2.0)
+    #: Handshakes that may wait for the decision at once (more: 503).
+    connect_max_waiting: int = attr.ib(default=1000)
     #: A connection that sends nothing for this long is closed.
     ping_timeout: float = attr.ib(default=45.0)
     #: How often the heartbeat sweep looks for silent connections.
     ping_check_interval: float = attr.ib(default=5.0)
+    #: Send every client a WebSocket ping this often (0: never), for
+    #: clients that send no heartbeat of their own.
+    ws_ping_interval: float = attr.ib(default=0.0)
     #: Give up one attempt at POSTing an event after this long.
     app_timeout: float = attr.ib(default=10.0)
     #: Keep retrying a failed event (5xx, 429, connection errors) this long.
     retry_window: float = attr.ib(default=60.0)
+    #: C{/readyz} says the app is down (503) once its attempts have failed,
+    #: with no success in between, for this long; one failure never does.
+    app_down_after: float = attr.ib(default=10.0)
     #: At most this many event POSTs are in flight at once (all connections).
     max_in_flight: int = attr.ib(default=64)
+    #: Events one POST may carry (a JSON array of them); 1 posts each alone.
+    app_batch: int = attr.ib(default=1)
     #: Events waiting for the app, per connection, before the gateway
     #: stops reading from that client.
     max_backlog: int = attr.ib(default=1000)
@@ -130,6 +162,16 @@ class Config:
     drain_timeout: float = attr.ib(default=10.0)
     #: The request header that carries the signed-in user's name.
     user_header: str = attr.ib(default="X-Bfl-User")
+    #: Post C{online}/C{offline} events per user to the app...
+    presence_events: bool = attr.ib(default=False)
+    #: ...once a user has had no connection for this long (offline), so
+    #: that a reload or a blip does not flicker.
+    presence_grace: float = attr.ib(default=5.0)
+    #: Log each connection's open and close at info level.
+    log_connections: bool = attr.ib(default=False)
+    #: Peers (IP addresses or CIDR blocks) whose X-Original-Forwarded-For
+    #: and X-Forwarded-For are believed; empty: any peer's, as the original.
+    trusted_proxies: Tuple[str, ...] = attr.ib(default=(), converter=tuple)
     #: Refuse handshakes without the user header (401).
     require_user: bool = attr.ib(default=False)
     #: Origins allowed besides same-origin and none (fnmatch patterns such
@@ -173,6 +215,12 @@ class Config:
             raise ValueError("node_id must be 1 to 200 printable ASCII characters without spaces")
         if self.presence_ttl < 1:
             raise ValueError("presence_ttl must be at least 1 second: a node refreshes its presence every third of it")
+        trusted_networks(self.trusted_proxies)
+        if self.presence_events and self.engine == "redis":
+            raise ValueError(
+                "presence_events work with the memory engine only so far: across a cluster, exactly one online "
+                "and one offline per transition needs a coordination the redis engine does not do yet"
+            )
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ValueError("redis_prefix must be 1 to 200 printable ASCII characters without spaces")
 
