@@ -30,6 +30,7 @@ globalLogBeginner.beginLoggingTo(
 # (`pytest -m unit`).  Whole modules of integration tests are named here; a
 # module of mixed layers marks its integration tests itself.
 INTEGRATION_MODULES = {
+    "test_appagent_node.py",
     "test_bench_cluster_smoke.py",
     "test_bench_smoke.py",
     "test_browser.py",
@@ -41,8 +42,10 @@ INTEGRATION_MODULES = {
     "test_hostile.py",
     "test_leaks.py",
     "test_metrics.py",
+    "test_replies_batches.py",
     "test_security.py",
     "test_systemd.py",
+    "test_trusted_proxy.py",
 }
 
 

@@ -265,6 +265,7 @@ class Decider(Resource):
         return b"{}"
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_the_daemon_asks_the_app_before_every_handshake(tmp_path, node_ws):
     decider = Decider()
@@ -286,6 +287,7 @@ async def test_the_daemon_asks_the_app_before_every_handshake(tmp_path, node_ws)
         await app.port.stopListening()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_with_the_connect_url_down_handshakes_fail_closed(tmp_path, node_ws):
     from harness import free_port, scrape, upgrade_request

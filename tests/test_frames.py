@@ -112,6 +112,7 @@ def test_without_an_interval_the_gateway_sends_no_pings():
     service.stopService()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_only_answers_pings_stays_open_and_gets_raw_frames(tmp_path, node_ws):
     daemon = await start_daemon(
@@ -136,6 +137,7 @@ async def test_a_client_that_only_answers_pings_stays_open_and_gets_raw_frames(t
         await daemon.terminate()
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_without_gateway_pings_a_silent_node_client_times_out(tmp_path, node_ws):
     daemon = await start_daemon("--ping-timeout", "1", "--ping-check-interval", "0.2", cwd=tmp_path)

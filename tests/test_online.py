@@ -100,6 +100,7 @@ def test_presence_events_are_refused_with_the_redis_engine_for_now():
         Config(presence_events=True, engine="redis")
 
 
+@pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_the_daemon_posts_online_and_offline_around_a_users_connections(app, tmp_path, node_ws):
     daemon = await start_daemon("--app-url", app.url, "--presence-events", "--presence-grace", "0.3", cwd=tmp_path)

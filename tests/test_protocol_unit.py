@@ -13,10 +13,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, connect
 
-from fakes import FakeApp
-from wsgw.config import Config
+from fakes import FakeApp, make_gateway
 from wsgw.gateway import CLOSE_BY_APP, CLOSE_GOING_AWAY, CLOSE_TOO_SLOW
-from wsgw.service import make_gateway
+from wsgw.registry import Targets
+from wsgw.websocket import GatewayFactory, prepare_frame
 
 PEER = IPv4Address("TCP", "10.1.2.3", 5555)
 
@@ -37,14 +37,17 @@ class Client(WebSocketClientProtocol):
 class Setup:
     """A gateway on a Clock, its fake app, and client/server pairs."""
 
-    def __init__(self, **config):
+    def __init__(self, **factory_options):
         self.clock = Clock()
         self.app = FakeApp()
-        self.gateway = make_gateway(Config(**config), reactor=self.clock)
-        self.gateway.forwarder.post = self.app
+        self.gateway = make_gateway(self.clock, self.app, prepare=prepare_frame)
+        self.factory = GatewayFactory(self.gateway, reactor=self.clock, **factory_options)
+
+    def send(self, payload, user):
+        return self.gateway.send_here(payload, Targets(users=[user]))
 
     def pair(self, user="alice"):
-        server = self.gateway.factory.buildProtocol(PEER)
+        server = self.factory.buildProtocol(PEER)
         client = Client()
         client.factory = WebSocketClientFactory("ws://127.0.0.1:40010/ws", headers={"X-Bfl-User": user})
         pump = connect(
@@ -98,7 +101,7 @@ def test_a_close_the_gateway_started_reports_the_gateways_code_not_the_echo(setu
     """The client echoes the gateway's close frame; the app hears the code
     and reason of whoever closed first."""
     _server, client, pump = setup.pair(user="bob")
-    assert setup.gateway.close(users=["bob"]) == 1
+    assert setup.gateway.close_here(Targets(users=["bob"])) == 1
     pump.flush()
     assert client.close_info == CLOSE_BY_APP
     assert setup.close_event() == CLOSE_BY_APP
@@ -177,12 +180,12 @@ def test_a_client_that_does_not_read_is_aborted_past_max_outgoing():
     server, _client, pump = setup.pair(user="slow")
     server.pauseProducing()  # the transport's buffer is full
     frame = json.dumps("x" * 3000).encode()
-    assert [setup.gateway.send(frame, users=["slow"]) for _ in range(3)] == [1, 1, 1]
+    assert [setup.send(frame, "slow") for _ in range(3)] == [1, 1, 1]
     assert not server.transport.disconnecting
-    assert setup.gateway.send(frame, users=["slow"]) == 1  # 12 KB > 10,000 bytes
+    assert setup.send(frame, "slow") == 1  # 12 KB > 10,000 bytes
     assert server.transport.disconnecting
     # It left the indexes at once: the next send matches nobody.
-    assert setup.gateway.send(frame, users=["slow"]) == 0
+    assert setup.send(frame, "slow") == 0
     pump.flush()
     assert setup.close_event() == CLOSE_TOO_SLOW
 
@@ -193,8 +196,8 @@ def test_a_client_whose_buffer_drains_in_time_is_kept():
     frame = json.dumps("y" * 3000).encode()
     for _ in range(3):
         server.pauseProducing()
-        setup.gateway.send(frame, users=["steady"])
-        setup.gateway.send(frame, users=["steady"])
+        setup.send(frame, "steady")
+        setup.send(frame, "steady")
         server.resumeProducing()  # drained: the count starts again
     pump.flush()
     assert not server.transport.disconnecting

@@ -13,10 +13,10 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from fakes import FakeApp, open_conn
+from fakes import FakeApp, make_gateway, open_conn
 from wsgw.config import Config
 from wsgw.gateway import CLOSE_GOING_AWAY, CLOSE_PING_TIMEOUT
-from wsgw.service import GatewayService, ListenerService, make_gateway, make_service
+from wsgw.service import GatewayService, ListenerService, make_node, make_service
 from wsgw.systemd import SystemdNotifier, notify, watchdog_interval
 
 # -- ListenerService -------------------------------------------------------------
@@ -73,16 +73,14 @@ def caplog_events():
 # -- GatewayService: heartbeat sweep and drain --------------------------------------
 
 
-def _gateway(reactor, **config):
+def _gateway(reactor, **options):
     app = FakeApp()
-    gateway = make_gateway(Config(**config), reactor=reactor)
-    gateway.forwarder.post = app
-    return gateway, app
+    return make_gateway(reactor, app, **options), app
 
 
 def test_the_gateway_service_sweeps_silent_connections_on_its_interval():
     reactor = MemoryReactorClock()
-    gateway, _app = _gateway(reactor, ping_timeout=10.0)
+    gateway = make_node(Config(ping_timeout=10.0), reactor).gateway
     sweeps = []
     expire_silent = gateway.expire_silent
     gateway.expire_silent = lambda: sweeps.append(reactor.seconds()) or expire_silent()

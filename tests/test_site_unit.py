@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from wsgw.config import Config
-from wsgw.service import make_gateway
+from wsgw.service import make_node
 from wsgw.web import GatewaySite, make_resource
 
 LOCAL = IPv4Address("TCP", "127.0.0.1", 5555)
@@ -27,8 +27,8 @@ class Connected:
     def __init__(self):
         self.clock = Clock()
         config = Config(handshake_timeout=HANDSHAKE_TIMEOUT, max_api_body=MAX_BODY)
-        self.gateway = make_gateway(config, reactor=self.clock)
-        self.site = GatewaySite(make_resource(self.gateway, config), config, reactor=self.clock)
+        self.node = make_node(config, reactor=self.clock)
+        self.site = GatewaySite(make_resource(self.node), config, reactor=self.clock)
         self.channel = self.site.buildProtocol(LOCAL)
         self.transport = StringTransport(peerAddress=LOCAL)
         self.channel.makeConnection(self.transport)
