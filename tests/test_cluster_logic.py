@@ -80,7 +80,7 @@ def results(d):
 
 
 def test_a_send_counts_every_node_that_received_it():
-    clock, gateway, cluster = make_node()
+    _clock, gateway, cluster = make_node()
     open_conn(gateway, "a", user="alice")
     answer = results(cluster.send(b'"hi"', Targets(users=["alice"])))
     [(channel, raw)] = cluster.link.published()
@@ -100,7 +100,7 @@ def test_a_send_counts_every_node_that_received_it():
 
 
 def test_answers_before_the_publish_returns_are_counted():
-    clock, gateway, cluster = make_node()
+    _clock, _gateway, cluster = make_node()
     answer = results(cluster.close(Targets(users=["bob"])))
     command = parse_command(cluster.link.published()[0][1])
     cluster._message("wsgw:replies:n1", encode_reply("n2", command.request_id, 1))
@@ -125,7 +125,7 @@ def test_a_node_that_does_not_answer_makes_the_count_partial():
 
 
 def test_with_redis_down_a_send_reaches_this_node_and_says_partial():
-    clock, gateway, cluster = make_node()
+    _clock, gateway, cluster = make_node()
     conn = open_conn(gateway, "a", user="alice")
     cluster.link.up = False
     answer = results(cluster.send(b"1", Targets(users=["alice"])))
@@ -134,7 +134,7 @@ def test_with_redis_down_a_send_reaches_this_node_and_says_partial():
 
 
 def test_a_send_to_local_conn_ids_asks_nobody():
-    clock, gateway, cluster = make_node()
+    _clock, gateway, cluster = make_node()
     open_conn(gateway, "a")
     open_conn(gateway, "b")
     assert [(r.matched, r.partial) for r in results(cluster.send(b"1", Targets(conn_ids=["a", "b", "a"])))] == [
@@ -147,7 +147,7 @@ def test_a_send_to_local_conn_ids_asks_nobody():
 
 
 def test_a_command_from_another_node_is_applied_and_answered():
-    clock, gateway, cluster = make_node("n2")
+    _clock, gateway, cluster = make_node("n2")
     conn = open_conn(gateway, "a", user="alice", public=True)
     open_conn(gateway, "b", user="alice")
     raw = encode_command(Command("n1", "r1", "send", Targets(users=["alice"], access=AccessType.PUBLIC), b'{"x":1}'))
@@ -162,7 +162,7 @@ def test_a_command_from_another_node_is_applied_and_answered():
 
 
 def test_presence_follows_the_registry():
-    clock, gateway, cluster = make_node()
+    _clock, gateway, cluster = make_node()
     conn = open_conn(gateway, "a", user="alice", token="t")
     [(args, _d)] = cluster.link.commands
     assert args[:3] == ("HSET", "wsgw:conns:n1", "a")
@@ -172,7 +172,7 @@ def test_presence_follows_the_registry():
 
 
 def test_after_redis_was_down_the_whole_hash_is_written_again():
-    clock, gateway, cluster = make_node()
+    _clock, gateway, cluster = make_node()
     cluster.link.up = False
     cluster._state(False)
     open_conn(gateway, "a")
@@ -187,7 +187,7 @@ def test_after_redis_was_down_the_whole_hash_is_written_again():
 
 
 def test_a_refresh_that_finds_the_hash_gone_writes_it_again():
-    clock, gateway, cluster = make_node()
+    _clock, gateway, cluster = make_node()
     cluster.link.up = True
     open_conn(gateway, "a")
     cluster.link.commands.clear()
@@ -198,7 +198,7 @@ def test_a_refresh_that_finds_the_hash_gone_writes_it_again():
 
 
 def test_malformed_messages_are_counted_and_logged_at_most_once_a_minute(caplog_events):
-    clock, gateway, cluster = make_node()
+    clock, _gateway, cluster = make_node()
     for raw in ["nope", b"\xff", "[]", '{"v":1}']:
         cluster._message("wsgw:commands", raw)
     assert cluster.stats.malformed == 4
@@ -258,7 +258,7 @@ def test_a_command_with_any_field_replaced_is_valid_or_refused(field, value):
 
 
 def test_presence_records_round_trip():
-    clock, gateway, _cluster = make_node()
+    _clock, gateway, _cluster = make_node()
     conn = open_conn(gateway, "a", user="名前", public=True)
     conn.user_agent = "agent"
     assert parse_presence(presence_record(conn)) == ("名前", True, conn.describe())

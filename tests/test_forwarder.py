@@ -50,7 +50,7 @@ def test_a_slow_connection_does_not_hold_back_others():
     fwd.enqueue(event("slow", 0))
     for n in range(5):
         fwd.enqueue(event("fast", n))
-        [d for e, _, d in app.pending if e["conn_id"] == "fast"][0].callback(None)
+        next(d for e, _, d in app.pending if e["conn_id"] == "fast").callback(None)
     assert [e["data"] for e, _, _ in app.attempts if e["conn_id"] == "fast"] == [0, 1, 2, 3, 4]
     assert len(app.pending) == 1
 

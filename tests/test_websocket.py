@@ -7,11 +7,10 @@ import json
 
 import pytest
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.test.iosim import FakeTransport, connect
-
-from twisted.internet import reactor
 
 from fakes import FakeApp, make_gateway
 from wsgw.internals import frame_bytes
@@ -62,7 +61,7 @@ def factory(gateway):
 
 
 def test_handshake_identifies_and_forwards_open(gateway, app, factory):
-    server, client, pump = pair(factory, {"X-Bfl-User": "alice", "Cookie": "auth_token=abc"})
+    server, _client, pump = pair(factory, {"X-Bfl-User": "alice", "Cookie": "auth_token=abc"})
     pump.flush()
     [(event, record, _)] = app.attempts
     assert event["action"] == "open"
@@ -73,7 +72,7 @@ def test_handshake_identifies_and_forwards_open(gateway, app, factory):
 
 
 def test_ping_pong_bytes_and_message_forwarding(gateway, app, factory):
-    server, client, pump = pair(factory)
+    _server, client, pump = pair(factory)
     pump.flush()
     client.sendMessage(b'{"event":"ping","data":{}}')
     client.sendMessage(b'{"event":"hello","data":{"x":1}}')
@@ -84,13 +83,13 @@ def test_ping_pong_bytes_and_message_forwarding(gateway, app, factory):
 
 
 def test_one_of_several_subprotocols_is_selected(gateway, factory):
-    server, client, pump = pair(factory, protocols=["v2.chat", "v1.chat"])
+    _server, client, pump = pair(factory, protocols=["v2.chat", "v1.chat"])
     pump.flush()
     assert client.websocket_protocol_in_use == "v2.chat"
 
 
 def test_oversized_message_closes_with_1009_and_close_event(gateway, app, factory):
-    server, client, pump = pair(factory)
+    _server, client, pump = pair(factory)
     pump.flush()
     client.sendMessage(b'"' + b"x" * 2000 + b'"')
     pump.flush()
@@ -101,7 +100,7 @@ def test_oversized_message_closes_with_1009_and_close_event(gateway, app, factor
 
 
 def test_send_through_gateway_reaches_client(gateway, app, factory):
-    server, client, pump = pair(factory, {"X-Bfl-User": "bob"})
+    _server, client, pump = pair(factory, {"X-Bfl-User": "bob"})
     pump.flush()
     assert gateway.send_here(json.dumps({"hi": 1}).encode(), Targets(users=["bob"])) == 1
     pump.flush()
@@ -125,7 +124,7 @@ def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gatew
 
     printed = []
     monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value) or "")
-    server, client, pump = pair(factory)
+    server, _client, pump = pair(factory)
     pump.flush()
     assert server.state == server.STATE_OPEN
     # (The test's client is Autobahn's too, and prints its own settings.)
@@ -170,7 +169,7 @@ def test_an_unsolicited_pong_is_a_sign_of_life(gateway, factory):
 
 
 def test_the_gateway_ping_reaches_the_client_which_answers(gateway, factory):
-    server, client, pump = pair(factory)
+    server, _client, pump = pair(factory)
     pump.flush()
     server.conn.last_seen = 0.0
     gateway.ping_all()
