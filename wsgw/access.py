@@ -10,7 +10,7 @@ import fnmatch
 import functools
 import hmac
 import ipaddress
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import attr
@@ -18,14 +18,14 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReactorTime
 
 
-def peer_host(address) -> Optional[str]:
+def peer_host(address: object) -> Optional[str]:
     """The IP address of a peer, or L{None} for a non-IP (UNIX) peer."""
     if isinstance(address, (IPv4Address, IPv6Address)):
         return address.host
     return None
 
 
-def is_local(address) -> bool:
+def is_local(address: object) -> bool:
     """
     Loopback peers (127.0.0.0/8, ::1, and IPv4-mapped loopback) and UNIX
     socket peers, whom filesystem permissions already vetted.
@@ -70,7 +70,7 @@ class ApiAccess:
     token: Optional[str] = attr.ib(default=None, repr=False)
     allow_remote: bool = attr.ib(default=False)
 
-    def refusal(self, request) -> Optional[Tuple[int, str]]:
+    def refusal(self, request: Any) -> Optional[Tuple[int, str]]:
         """C{(status, message)} when C{request} may not use the API."""
         if not self.allow_remote and not is_local(request.getClientAddress()):
             return 403, "the API answers loopback callers only"
@@ -96,6 +96,10 @@ def _host_netloc(host: str) -> str:
     return host
 
 
+def _lowered(patterns: Sequence[str]) -> Tuple[str, ...]:
+    return tuple(pattern.lower() for pattern in patterns)
+
+
 @attr.s(frozen=True)
 class OriginPolicy:
     """
@@ -105,7 +109,7 @@ class OriginPolicy:
     no C{Origin} (not browsers) and same-origin pages are allowed.
     """
 
-    patterns: Sequence[str] = attr.ib(default=(), converter=lambda ps: tuple(p.lower() for p in ps))
+    patterns: Sequence[str] = attr.ib(default=(), converter=_lowered)
 
     def allows(self, origin: Optional[str], hosts: Sequence[str]) -> bool:
         """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Sequence, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -38,7 +38,7 @@ class ApiError(Exception):
 def read_json_object(request: Request, max_body: int) -> Dict[str, Any]:
     if getattr(request, "too_large", False):
         raise ApiError(413, f"request body is over the limit of {max_body} bytes")
-    content = request.content
+    content = cast(IO[bytes], request.content)  # set for every request that has come in whole
     content.seek(0, 2)
     size = content.tell()
     if size > max_body:

@@ -33,14 +33,14 @@ the app would drop it (L{KEEP_ALIVE_MARGIN}).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, cast
 
 import attr
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, IStreamClientEndpoint, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -141,6 +141,9 @@ class AppConnection(Protocol):
     """
     One persistent connection to the app, one request at a time.
     """
+
+    #: A TCP (or TLS) transport: it can abort.
+    transport: Any
 
     def __init__(self, pool: AppPool, key: tuple, max_kept_body: int = MAX_KEPT_BODY) -> None:
         self._pool = pool
@@ -291,9 +294,9 @@ class AppConnection(Protocol):
             self._pool.put(self._key, self, self._keep_for)
         else:
             self.transport.loseConnection()
-        waiting.callback(answer)
+        cast(Deferred, waiting).callback(answer)  # both set while a request is answered
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self._pool.forget(self._key, self)
         waiting, self._waiting = self._waiting, None
@@ -383,7 +386,7 @@ class _NoDelayEndpoint:
     inner: IStreamClientEndpoint = attr.ib()
 
     def connect(self, factory: Factory) -> Deferred[Protocol]:
-        def no_delay(protocol: Protocol) -> Protocol:
+        def no_delay(protocol: Any) -> Any:
             if ITCPTransport.providedBy(protocol.transport):
                 protocol.transport.setTcpNoDelay(True)
             return protocol
@@ -522,6 +525,7 @@ class AppAgent:
                 return fail()
             if len(self._targets) < 100:
                 self._targets[uri] = target
+        body: object
         if bodyProducer is None:
             body = b""
         else:
@@ -537,7 +541,7 @@ class AppAgent:
         if connection is None:
             return self._connect(target, data, head_only)
 
-        def stale(failure: Failure) -> object:
+        def stale(failure: Failure) -> Any:
             # The app closed this idle connection as the request went out:
             # nothing was answered, so the request goes out once more, now.
             if failure.check(ResponseNeverReceived):

@@ -67,7 +67,7 @@ def table(rows: List[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def show_list(answer) -> str:
-    rows = []
+    rows: List[Sequence[str]] = []
     for entry in answer["data"]:
         for access, conns in (("private", entry["conns"]), ("public", entry["public_conns"])):
             for conn in conns:

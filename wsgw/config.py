@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attr
@@ -201,7 +201,7 @@ class Config:
     #: How long a cluster-wide send/close/list waits for the other nodes.
     cluster_timeout: float = attr.ib(default=2.0)
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         if self.admin_allow_remote and not self.admin_token:
             raise ValueError("admin_allow_remote needs an admin_token: the API would be open to anyone")
         if self.engine not in ENGINES:
@@ -228,7 +228,7 @@ class Config:
         return parse_redis_url(self.redis_url)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides) -> Config:
+    def from_environ(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> Config:
         """
         A config whose app URL falls back to the Olares C{WS_PORT}/C{WS_URL}
         variables when no explicit one is given.

@@ -154,7 +154,9 @@ class ConnectHook:
     def _failed(self, failure: Failure) -> Any:
         if failure.check(CancelledError):
             return failure  # the caller's: the client hung up
-        return self._unavailable("unreachable", failure.getErrorMessage() or failure.type.__name__)
+        return self._unavailable(
+            "unreachable", failure.getErrorMessage() or (failure.type.__name__ if failure.type is not None else "")
+        )
 
     def _unavailable(self, result: str, why: str) -> Verdict:
         if not self._failing:

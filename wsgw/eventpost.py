@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 from http.cookiejar import Cookie, CookieJar
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, cast
 
 import attr
 import treq
@@ -108,7 +108,11 @@ def http_client_for(agent: IAgent) -> HTTPClient:
     A treq client over C{agent} that keeps no cookies and writes bytes
     bodies in one call.
     """
-    return HTTPClient(agent, cookiejar=NoCookieJar(), data_to_body_producer=_body_producer)
+    return HTTPClient(
+        agent,
+        cookiejar=NoCookieJar(),  # type: ignore[arg-type]  # treq takes any CookieJar
+        data_to_body_producer=_body_producer,
+    )
 
 
 def build_http_client(reactor: Any, max_connections: int, max_reply: int = 0) -> HTTPClient:
@@ -154,7 +158,7 @@ class _URI(EncodedURL):
             self._text = super().to_text()
         return self._text
 
-    def replace(self, **changes: Any) -> EncodedURL:
+    def replace(self, **changes: Any) -> EncodedURL:  # type: ignore[override]
         # A changed URL may hold text that is not URI-safe: a plain URL.
         return EncodedURL(**_fields(self)).replace(**changes)
 
@@ -241,7 +245,7 @@ class EventPoster:
         The answer's body is ignored (no replies to a batch).
         """
         headers = Headers({b"Content-Type": _JSON, b"X-Wsgw-Batch": [b"%d" % len(events)]})
-        return self.send(batch_body(events), headers, replies=False)
+        return cast("Deferred[None]", self.send(batch_body(events), headers, replies=False))  # no reply read
 
     def send(self, body: bytes, headers: Headers, replies: bool = False) -> Deferred[Optional[bytes]]:
         """
@@ -252,9 +256,9 @@ class EventPoster:
             d = self.client.post(self._parsed_url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
         except Exception:  # treq converts the URL before any Deferred exists
             return fail()
-        d.addCallback(_verdict, replies)
-        d.addTimeout(self.timeout, self.clock)
-        return d
+        judged: Deferred[Optional[bytes]] = d.addCallback(_verdict, replies)  # the same Deferred
+        judged.addTimeout(self.timeout, self.clock)
+        return judged
 
 
 def batch_body(events: Sequence[Event]) -> bytes:

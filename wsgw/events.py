@@ -9,7 +9,7 @@ re-encoded on its way to the app.
 from __future__ import annotations
 
 import base64
-from json.encoder import encode_basestring, encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Optional, Tuple
 
 import attr

@@ -62,7 +62,7 @@ class Backoff:
     rng: Callable[[], float] = attr.ib(default=random.random)
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap, self.first * (2 ** min(attempt, 30)))
+        ceiling: float = min(self.cap, self.first * (2 ** min(attempt, 30)))
         return ceiling / 2 + self.rng() * ceiling / 2
 
 
@@ -318,7 +318,7 @@ class AppForwarder:
     def _failed(self, failure: Failure, request: _Request) -> None:
         now = self.clock.seconds()
         self.stats.observe(now - request.attempt_started)
-        reason = failure.getErrorMessage() or failure.type.__name__
+        reason = failure.getErrorMessage() or (failure.type.__name__ if failure.type is not None else "")
         assert request.first_try is not None
         elapsed = now - request.first_try
         request.failures += 1

@@ -109,7 +109,7 @@ def identify(
     return Connection(
         conn_id=new_conn_id(),
         user_name=_header(headers, user_header.lower()).strip(),
-        token=str(uuid.uuid4()) if public else token,
+        token=token or str(uuid.uuid4()),
         access_public=public,
         user_agent=_header(headers, "user-agent"),
         remote_addr=client_address(headers, peer, trusted),

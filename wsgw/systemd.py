@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -58,13 +59,15 @@ class SystemdNotifier(Service):
     stopped (and says C{STOPPING=1}) first.
     """
 
-    def __init__(self, listening: Deferred, reactor, environ: Mapping[str, str] = os.environ):
+    def __init__(
+        self, listening: Deferred[List[IListeningPort]], reactor: IReactorTime, environ: Mapping[str, str] = os.environ
+    ):
         self.listening = listening
         self.reactor = reactor
         self.environ = environ
         self._watchdog: Optional[LoopingCall] = None
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         if not self.environ.get("NOTIFY_SOCKET"):
             return
@@ -75,12 +78,12 @@ class SystemdNotifier(Service):
             self._watchdog.clock = self.reactor
             self._watchdog.start(interval, now=True)
 
-    def _ready(self, ports):
+    def _ready(self, ports: List[IListeningPort]) -> List[IListeningPort]:
         where = ", ".join(str(port.getHost()) for port in ports)
         notify(f"READY=1\nSTATUS=serving on {where}", self.environ)
         return ports
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -244,7 +244,7 @@ class Options(usage.Options):
             self[name] = []
 
     def postOptions(self) -> None:
-        settings = {}
+        settings: Dict[str, Any] = {}
         for name, (field, _text) in _REPEATABLE.items():
             values = self[name] or self.environ.get(env_name(name), "").split()
             if values:

@@ -5,10 +5,13 @@ C{Site} that serves it with the gateway's limits.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Optional, Union, cast
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -55,7 +58,7 @@ class WebSocketEntry(Resource):
         # WebSocket protocol be the transport's producer in its place.
         channel = request.channel
         if channel.transport is not None:
-            channel.transport.unregisterProducer()
+            cast(Any, channel.transport).unregisterProducer()
         result: Union[bytes, int] = self._websocket.render(request)
         return result
 
@@ -170,22 +173,24 @@ class BoundedRequest(Request):
     API answers 413 without the gateway holding an oversized body.
     """
 
+    channel: GatewayChannel
     too_large = False
     _received = 0
 
-    def gotLength(self, length):
+    def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self.channel.site.max_body:
             self.too_large = True
         super().gotLength(None if self.too_large else length)
 
-    def handleContentChunk(self, data):
+    def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
         self._received += len(data)
         if self._received > self.channel.site.max_body:
             self.too_large = True
-            self.content.seek(0)
-            self.content.truncate()
+            content = cast(IO[bytes], self.content)  # made by gotLength
+            content.seek(0)
+            content.truncate()
             return
         super().handleContentChunk(data)
 
@@ -197,27 +202,29 @@ class GatewayChannel(HTTPChannel):
     C{handshake_timeout}, however slowly it trickles in.
     """
 
-    _first_request_deadline = None
+    site: GatewaySite
+    transport: Any  # a TCP (or TLS) transport: it can abort
+    _first_request_deadline: Optional[IDelayedCall] = None
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         super().connectionMade()
         self._first_request_deadline = self.callLater(self.site.handshake_timeout, self._no_request_in_time)
 
-    def allContentReceived(self):
+    def allContentReceived(self) -> None:
         self._cancel_deadline()
         super().allContentReceived()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         super().connectionLost(reason)
 
-    def _cancel_deadline(self):
+    def _cancel_deadline(self) -> None:
         if self._first_request_deadline is not None:
             if self._first_request_deadline.active():
                 self._first_request_deadline.cancel()
             self._first_request_deadline = None
 
-    def _no_request_in_time(self):
+    def _no_request_in_time(self) -> None:
         self._first_request_deadline = None
         log.info(
             "no complete request within {timeout}s from {peer}; dropping it",
@@ -239,7 +246,7 @@ class GatewaySite(Site):
     CPU of a C{send}).
     """
 
-    protocol = GatewayChannel
+    protocol = GatewayChannel  # type: ignore[assignment]  # Twisted types it as a plain callable
     requestFactory = BoundedRequest
 
     def __init__(self, resource: Resource, config: Config, reactor: Any = None):

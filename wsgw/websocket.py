@@ -8,10 +8,9 @@ It also bounds what waits in memory for a client that does not read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Tuple, Union
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -63,8 +62,12 @@ class GatewayProtocol(WebSocketServerProtocol):
     #: The app's decision on this handshake, while it is awaited.
     _deciding: Optional[Deferred[Verdict]] = None
 
+    #: A TCP (or TLS) transport: a consumer this protocol produces for, and
+    #: a producer whose reading it pauses.
+    transport: Any
+
     #: The settings are copied by L{internals.copy_settings} instead.
-    CONFIG_ATTRS = ()
+    CONFIG_ATTRS = ()  # type: ignore[assignment]  # Autobahn only iterates it
 
     def connectionMade(self) -> None:
         internals.copy_settings(self, self.factory)
@@ -72,7 +75,9 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self.transport is not None:
             self.transport.registerProducer(self, True)
 
-    def onConnect(self, request: ConnectionRequest) -> Optional[str]:
+    def onConnect(  # type: ignore[override]  # Autobahn takes a Deferred too
+        self, request: ConnectionRequest
+    ) -> Union[Optional[str], Deferred[Optional[str]]]:
         headers = request.headers
         try:
             conn = identify(headers, _peer(request.peer), self.factory.user_header, self.factory.trusted_proxies)
@@ -203,7 +208,7 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     # -- IChannel: what the gateway drives -----------------------------------
 
-    def deliver(self, frame: PreparedMessage) -> None:
+    def deliver(self, frame: Any) -> None:  # a PreparedMessage from prepare_frame
         if self.state != self.STATE_OPEN or self._aborted:
             return
         data = internals.frame_bytes(frame)
@@ -273,7 +278,7 @@ class GatewayFactory(WebSocketServerFactory):
     from twisted.web (see L{wsgw.web.make_resource}).
     """
 
-    protocol = GatewayProtocol
+    protocol = GatewayProtocol  # type: ignore[assignment]  # its factory is a GatewayFactory
 
     def __init__(
         self,

@@ -171,7 +171,7 @@ class Presence:
         link = self._link
         if link is None:
             return succeed(None)
-        d = link.command("DEL", self.conns_key, self.alive_key)
+        d: Deferred[Any] = link.command("DEL", self.conns_key, self.alive_key)
         d.addCallback(lambda _: link.command("SREM", self.keys.nodes, self.node_id))
         return d
 

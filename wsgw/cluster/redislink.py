@@ -10,7 +10,7 @@ connection that is down: while it is down, callers are told so at once.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import attr
 import txredisapi
@@ -18,6 +18,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -35,7 +36,7 @@ class RedisDown(Exception):
 def redis_endpoint(address: RedisAddress, reactor, timeout: float):
     if address.path:
         return UNIXClientEndpoint(reactor, address.path, timeout=timeout)
-    endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
     if address.tls:
         endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
     return endpoint
@@ -76,6 +77,8 @@ class _LinkFactory(Factory):
 
     isLazy = True
     noisy = False
+    #: A txredisapi protocol class, called with its settings.
+    protocol: Any
 
     def __init__(self, protocol, address: RedisAddress, reply_timeout: float, lost, on_message=None):
         self.protocol = protocol
