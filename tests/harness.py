@@ -192,11 +192,13 @@ class Daemon:
         return bounded(self.proto.ended, 30, "the daemon to exit")
 
 
-async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_format="text"):
+async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_format="text", wrapper=()):
     """
     `twist wsgw ARGS` on an ephemeral loopback port (unless ARGS give
     --listen); waits until C{listeners} ports listen.  C{Daemon.ports}
     holds them in the order they started, C{Daemon.port} the first.
+    C{wrapper}: a command that runs the daemon's command line (its argv
+    follows), e.g. tests/unit_exec.py to apply a unit's restrictions.
     """
     proto = DaemonProtocol()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
@@ -207,7 +209,8 @@ async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_
     if not any(a.startswith("--listen") for a in args):
         argv += ["--listen", "tcp:0:interface=127.0.0.1"]
     argv += list(args)
-    process = reactor.spawnProcess(proto, sys.executable, argv, env=environment, path=str(cwd))
+    argv = [*wrapper, *argv]
+    process = reactor.spawnProcess(proto, argv[0], argv, env=environment, path=str(cwd))
     pattern = re.compile(r"starting on (\d+)")
 
     def listening():
