@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 import readme_commands as rc
+
+from harness import start_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [(ROOT / "README.rst", "README.rst"), (ROOT / "examples" / "README.rst", "examples/README.rst")]
@@ -160,3 +163,41 @@ def test_readme_commands_run_as_written(tmp_path, node_ws):
     for r in ran:
         if r["kind"] in ("gateway", "app"):
             assert r.get("stopped") in (0, -15), f"{r['file']}:{r['line']} ended {r.get('stopped')}: {r.get('log')}"
+
+
+def _startup_lines_shown():
+    """The lines under "its start-up looks like this" in "Try it in a minute"."""
+    text = (ROOT / "README.rst").read_text()
+    intro = text.index("start-up looks like this")
+    intro_line = text[:intro].count("\n") + 1
+    return next(lines for first, _, lines in rc.literal_blocks(text) if first > intro_line)
+
+
+def _normal(line):
+    """A log line without what changes from run to run: time, addresses, port."""
+    line = re.sub(r"^\S*\d\d:\d\d:\d\d\S* ", "", line.strip())
+    line = re.sub(r"0x[0-9a-f]+", "0x…", line)
+    return re.sub(r"\b(?:40010|PORT)\b", "PORT", line)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_startup_output_is_as_shown(tmp_path):
+    """What "Try it in a minute" shows the gateway printing is what it prints (--log-format=text, as in a terminal)."""
+    shown = [_normal(line) for line in _startup_lines_shown() if line.strip()]
+    assert shown, "the README shows no start-up lines"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    daemon = await start_process(
+        [sys.executable, "-m", "twisted", "--log-format=text", "wsgw", "--listen", "tcp:0:interface=127.0.0.1"]
+        + ["--app-url", "http://127.0.0.1:8888/ws/message"],
+        re.escape(shown[-1]).replace("PORT", r"\d+").replace("0x…", "0x[0-9a-f]+"),
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        port = re.search(r"starting on (\d+)", "\n".join(daemon.lines))
+        printed = [_normal(line.replace(port.group(1), "PORT") if port else line) for line in daemon.lines]
+        assert printed[: len(shown)] == shown
+    finally:
+        await daemon.terminate()
