@@ -12,8 +12,23 @@ import sys
 import pytest
 import pytest_twisted
 from test_browser import BROWSER_DIR, CHROMIUM, EXAMPLES, Driver, LineProcess, playwright_core, spawn
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 
 from harness import bounded, free_port, start_daemon
+
+
+class RefuseThenHang(Protocol):
+    """The first handshake is refused (403); later ones never get an answer."""
+
+    def connectionMade(self):
+        self.factory.seen += 1
+        if self.factory.seen == 1:
+            self.transport.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.loseConnection()
+        else:
+            self.factory.hanging.append(self.transport)
+
 
 pytestmark = [
     pytest.mark.integration,
@@ -51,11 +66,31 @@ async def test_page_says_why_it_cannot_connect_and_connects_with_the_allowed_ori
         )
         assert status.startswith(f"cannot connect to {strict.ws_url}: refused or unreachable"), status
         assert f"--allowed-origin {page_origin}" in status, status
-        # The next attempt keeps the error in view.
-        retrying = await driver.wait(
-            "refused", "document.getElementById('status').textContent.startsWith('connecting… (last attempt:')"
+        # Through the next attempt (after 1 s, refused again) the error stays in view.
+        again = await driver.wait(
+            "refused",
+            "document.body.dataset.state === 'error' && document.getElementById('status').textContent.endsWith("
+            "'; reconnecting in 2 s') && document.getElementById('status').textContent",
         )
-        assert retrying
+        assert again.startswith(f"cannot connect to {strict.ws_url}"), again
+
+        # While the next attempt is under way, the last error stays in view.
+        factory = Factory.forProtocol(RefuseThenHang)
+        factory.seen, factory.hanging = 0, []
+        hang = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        hang_url = f"ws://127.0.0.1:{hang.getHost().port}/ws"
+        try:
+            await driver.call("open", name="retrying", url=f"{page_origin}/?ws={hang_url}")
+            retrying = await driver.wait(
+                "retrying",
+                "document.body.dataset.state === 'error' && document.getElementById('status').textContent"
+                ".startsWith('connecting… (last attempt:') && document.getElementById('status').textContent",
+            )
+            assert retrying.startswith(f"connecting… (last attempt: cannot connect to {hang_url}"), retrying
+        finally:
+            for transport in factory.hanging:
+                transport.abortConnection()
+            await hang.stopListening()
 
         # Started with --allowed-origin, the same page connects (as anonymous: no proxy names it).
         await driver.call("open", name="allowed", url=f"{page_origin}/?ws={allowing.ws_url}")
@@ -69,7 +104,7 @@ async def test_page_says_why_it_cannot_connect_and_connects_with_the_allowed_ori
             if driver.status is None:
                 driver.transport.closeStdin()
             await driver.stop(None)
+        await strict.terminate()
+        await allowing.terminate()  # while the app is up to take the close event
         if app is not None:
             await app.stop()
-        await strict.terminate()
-        await allowing.terminate()
