@@ -6,24 +6,27 @@ connections, survive transient failures, and never wedge the gateway.
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
+from zope.interface import implementer
+
 from fakes import FakeApp
-from wsgw.appclient import AppRejected, AppUnavailable
-from wsgw.forwarder import AppForwarder, Backoff
+from wsgw.events import Event
+from wsgw.forwarder import AppForwarder, AppHealth, AppRejected, AppUnavailable, Backoff
+from wsgw.interfaces import IEventSink, IReadThrottle
 
 
 def event(conn_id, n):
-    return (f'{{"conn_id":"{conn_id}","action":"message","data":{n}}}'.encode(), {})
+    return Event(conn_id, n, "message", f'{{"conn_id":"{conn_id}","action":"message","data":{n}}}'.encode())
 
 
 def make(app, clock=None, **kw):
-    return AppForwarder(clock=clock or Clock(), post=app, backoff=Backoff(rng=lambda: 0.0), **kw)
+    return AppForwarder(clock=clock or Clock(), sink=app, backoff=Backoff(rng=lambda: 0.0), **kw)
 
 
 def test_one_connection_one_request_at_a_time_in_order():
     app = FakeApp()
     fwd = make(app)
     for n in range(3):
-        fwd.enqueue("a", event("a", n))
+        fwd.enqueue(event("a", n))
     assert len(app.pending) == 1
     app.answer_all()
     assert [e["data"] for e, _, _ in app.attempts] == [0, 1, 2]
@@ -35,7 +38,7 @@ def test_connections_proceed_in_parallel_up_to_the_limit():
     app = FakeApp()
     fwd = make(app, max_in_flight=2)
     for conn_id in "abc":
-        fwd.enqueue(conn_id, event(conn_id, 0))
+        fwd.enqueue(event(conn_id, 0))
     assert [e["conn_id"] for e, _, _ in app.pending] == ["a", "b"]
     app.pending[1][2].callback(200)  # b answers first: c takes its slot
     assert [e["conn_id"] for e, _, _ in app.pending] == ["a", "c"]
@@ -44,9 +47,9 @@ def test_connections_proceed_in_parallel_up_to_the_limit():
 def test_a_slow_connection_does_not_hold_back_others():
     app = FakeApp()
     fwd = make(app, max_in_flight=4)
-    fwd.enqueue("slow", event("slow", 0))
+    fwd.enqueue(event("slow", 0))
     for n in range(5):
-        fwd.enqueue("fast", event("fast", n))
+        fwd.enqueue(event("fast", n))
         [d for e, _, d in app.pending if e["conn_id"] == "fast"][0].callback(200)
     assert [e["data"] for e, _, _ in app.attempts if e["conn_id"] == "fast"] == [0, 1, 2, 3, 4]
     assert len(app.pending) == 1
@@ -56,8 +59,8 @@ def test_transient_failure_is_retried_without_reordering():
     clock = Clock()
     app = FakeApp()
     fwd = make(app, clock)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("a", event("a", 1))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))
     app.pending[0][2].errback(ConnectionRefusedError())
     assert app.pending == []  # waiting out the back-off, event 1 not sent ahead
     clock.advance(0.05)
@@ -81,8 +84,8 @@ def test_backoff_is_capped_and_jittered():
 def test_rejected_event_is_given_up_at_once_and_the_next_goes_on():
     app = FakeApp()
     fwd = make(app)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("a", event("a", 1))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))
     app.pending[0][2].errback(AppRejected("app answered HTTP 400"))
     assert [e["data"] for e, _, _ in app.pending] == [1]
     assert fwd.stats.dropped == 1
@@ -93,8 +96,8 @@ def test_event_given_up_after_the_retry_window():
     clock = Clock()
     app = FakeApp()
     fwd = make(app, clock, retry_window=10.0)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("a", event("a", 1))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))
     while app.pending and app.pending[0][0]["data"] == 0:
         app.pending[0][2].errback(ConnectionRefusedError())
         clock.advance(5.0)
@@ -106,13 +109,15 @@ def test_event_given_up_after_the_retry_window():
 def test_a_bug_in_post_does_not_wedge_the_stream():
     calls = []
 
-    def post(body, headers):
-        calls.append(body)
-        raise RuntimeError("boom")
+    @implementer(IEventSink)
+    class Broken:
+        def post(self, event):
+            calls.append(event)
+            raise RuntimeError("boom")
 
     clock = Clock()
-    fwd = AppForwarder(clock=clock, post=post, retry_window=1.0, backoff=Backoff(rng=lambda: 0.0))
-    fwd.enqueue("a", event("a", 0))
+    fwd = AppForwarder(clock=clock, sink=Broken(), retry_window=1.0, backoff=Backoff(rng=lambda: 0.0))
+    fwd.enqueue(event("a", 0))
     clock.advance(2.0)
     assert fwd.stats.dropped == 1
     assert len(fwd) == 0
@@ -121,10 +126,18 @@ def test_a_bug_in_post_does_not_wedge_the_stream():
 def test_full_backlog_pauses_the_client_and_half_resumes_it():
     app = FakeApp()
     calls = []
-    fwd = make(app, max_backlog=4)
-    fwd.throttle = lambda conn_id, paused: calls.append((conn_id, paused))
+
+    @implementer(IReadThrottle)
+    class Recorded:
+        def backlog_full(self, conn_id):
+            calls.append((conn_id, True))
+
+        def backlog_eased(self, conn_id):
+            calls.append((conn_id, False))
+
+    fwd = make(app, max_backlog=4, throttle=Recorded())
     for n in range(4):
-        fwd.enqueue("a", event("a", n))
+        fwd.enqueue(event("a", n))
     assert calls == [("a", True)]
     assert fwd.is_throttled("a")
     app.pending[0][2].callback(200)
@@ -138,7 +151,7 @@ def test_drained_fires_when_everything_is_delivered():
     app = FakeApp()
     fwd = make(app)
     assert fwd.drained().called
-    fwd.enqueue("a", event("a", 0))
+    fwd.enqueue(event("a", 0))
     d = fwd.drained()
     assert not d.called
     app.answer_all()
@@ -146,8 +159,8 @@ def test_drained_fires_when_everything_is_delivered():
 
 
 def test_no_app_means_nothing_is_queued():
-    fwd = AppForwarder(clock=Clock(), post=None)
-    fwd.enqueue("a", event("a", 0))
+    fwd = AppForwarder(clock=Clock(), sink=None)
+    fwd.enqueue(event("a", 0))
     assert len(fwd) == 0
     assert not fwd.enabled
 
@@ -158,9 +171,9 @@ def test_waiting_retries_do_not_hold_slots():
     clock = Clock()
     app = FakeApp()
     fwd = make(app, clock, max_in_flight=2)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("b", event("b", 0))
-    fwd.enqueue("c", event("c", 0))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("b", 0))
+    fwd.enqueue(event("c", 0))
     for _, _, d in app.pending:
         d.errback(AppUnavailable("app answered HTTP 503"))
     assert [e["conn_id"] for e, _, _ in app.pending] == ["c"]

@@ -103,10 +103,16 @@ class Config:
     ping_timeout: float = attr.ib(default=45.0)
     #: How often the heartbeat sweep looks for silent connections.
     ping_check_interval: float = attr.ib(default=5.0)
+    #: Send every client a WebSocket ping this often (0: never), for
+    #: clients that send no heartbeat of their own.
+    ws_ping_interval: float = attr.ib(default=0.0)
     #: Give up one attempt at POSTing an event after this long.
     app_timeout: float = attr.ib(default=10.0)
     #: Keep retrying a failed event (5xx, 429, connection errors) this long.
     retry_window: float = attr.ib(default=60.0)
+    #: C{/readyz} says the app is down (503) once its attempts have failed,
+    #: with no success in between, for this long; one failure never does.
+    app_down_after: float = attr.ib(default=10.0)
     #: At most this many event POSTs are in flight at once (all connections).
     max_in_flight: int = attr.ib(default=64)
     #: Events waiting for the app, per connection, before the gateway

@@ -14,19 +14,32 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from .appclient import AppRejected
+from .events import Event
+from .interfaces import IEventSink, IReadThrottle
 
 log = Logger()
 
-#: C{(body, headers)} of one event POST.
-Event = Tuple[bytes, Dict[bytes, bytes]]
+
+class AppRejected(Exception):
+    """
+    The app answered in a way that retrying will not change (a 4xx other
+    than 408 and 429): the event is given up at once.
+    """
+
+
+class AppUnavailable(Exception):
+    """
+    The app answered with a status worth retrying (5xx, 408, 429).
+    """
 
 
 @attr.s(slots=True, frozen=True)
@@ -61,7 +74,7 @@ class ForwardStats:
     retried: int = attr.ib(default=0)
     dropped: int = attr.ib(default=0)
     #: Attempts per latency bucket (the last counts those over every bound).
-    latency_counts: list = attr.ib(factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_counts: List[int] = attr.ib(factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = attr.ib(default=0.0)
 
     def observe(self, seconds: float) -> None:
@@ -71,6 +84,43 @@ class ForwardStats:
                 self.latency_counts[index] += 1
                 return
         self.latency_counts[-1] += 1
+
+
+@attr.s(slots=True)
+class AppHealth:
+    """
+    Whether the app is reachable, as a sustained condition rather than the
+    verdict of the last attempt: one 503, one slow answer or one stale
+    keep-alive is retried and changes nothing.  The app is I{down} once
+    attempts have failed without a single success in between for at least
+    C{down_after} seconds (the first failure and the latest are that far
+    apart); any answer it gives, even one refusing an event, is a success.
+    """
+
+    down_after: float = attr.ib(default=10.0)
+    #: When the app last answered; None before its first answer.
+    last_success: Optional[float] = attr.ib(default=None)
+    #: The first and the latest failure since the last success.
+    failing_since: Optional[float] = attr.ib(default=None)
+    last_failure: Optional[float] = attr.ib(default=None)
+
+    def succeeded(self, now: float) -> None:
+        self.last_success = now
+        self.failing_since = self.last_failure = None
+
+    def failed(self, now: float) -> None:
+        if self.failing_since is None:
+            self.failing_since = now
+        self.last_failure = now
+
+    @property
+    def state(self) -> str:
+        """C{unknown}, C{up}, C{failing} (not for long enough to count) or C{down}."""
+        if self.failing_since is not None and self.last_failure is not None:
+            if self.last_failure - self.failing_since >= self.down_after:
+                return "down"
+            return "failing"
+        return "unknown" if self.last_success is None else "up"
 
 
 @attr.s(slots=True, eq=False)
@@ -93,43 +143,50 @@ class EventStream:
     throttled: bool = attr.ib(default=False)
 
 
+@implementer(IReadThrottle)
+class NoThrottle:
+    """For a forwarder whose clients nobody can pause (tests, tools)."""
+
+    def backlog_full(self, conn_id: str) -> None:
+        pass
+
+    def backlog_eased(self, conn_id: str) -> None:
+        pass
+
+
 @attr.s(eq=False)
 class AppForwarder:
     """
     Posts events to the app with per-connection order and bounded
     parallelism.
 
-    C{post(body, headers)} performs one attempt and returns a L{Deferred}
-    that fires when the app accepted the event, or fails: with
-    L{AppRejected} for an answer that retrying cannot change, any other
-    failure for one worth retrying.
+    C{sink} (an L{IEventSink}) makes one attempt per call; L{None} means
+    no app is configured and nothing is forwarded.
 
-    C{throttle(conn_id, paused)} is told when a connection's backlog
-    reaches C{max_backlog} events or C{max_backlog_bytes} (C{paused=True})
-    and when it has fallen to half of both again (C{paused=False}), so the
-    caller can stop reading from that client meanwhile.
+    C{throttle} is told when a connection's backlog reaches C{max_backlog}
+    events or C{max_backlog_bytes} and when it has fallen to half of both
+    again, so that reading from that client stops meanwhile.
     """
 
     clock: IReactorTime = attr.ib()
-    post: Optional[Callable[[bytes, Dict[bytes, bytes]], Deferred]] = attr.ib()
+    sink: Optional[IEventSink] = attr.ib()
+    throttle: IReadThrottle = attr.ib(factory=NoThrottle)
     max_in_flight: int = attr.ib(default=64)
     max_backlog: int = attr.ib(default=1000)
     max_backlog_bytes: int = attr.ib(default=4 * 1024 * 1024)
     retry_window: float = attr.ib(default=60.0)
     backoff: Backoff = attr.ib(factory=Backoff)
-    throttle: Callable[[str, bool], None] = attr.ib(default=lambda conn_id, paused: None)
     stats: ForwardStats = attr.ib(factory=ForwardStats)
+    health: AppHealth = attr.ib(factory=AppHealth)
 
-    #: What the last answer said of the app: "unknown", "up" or "down".
-    app_state: str = attr.ib(default="unknown", init=False)
     _streams: Dict[str, EventStream] = attr.ib(factory=dict, init=False)
     _ready: Deque[EventStream] = attr.ib(factory=deque, init=False)
     _in_flight: int = attr.ib(default=0, init=False)
-    _drain_waiters: list = attr.ib(factory=list, init=False)
+    _drain_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
 
     @property
     def enabled(self) -> bool:
-        return self.post is not None
+        return self.sink is not None
 
     @property
     def in_flight(self) -> int:
@@ -149,18 +206,19 @@ class AppForwarder:
         stream = self._streams.get(conn_id)
         return stream is not None and stream.throttled
 
-    def enqueue(self, conn_id: str, event: Event) -> None:
+    def enqueue(self, event: Event) -> None:
         """
-        Queue the next event of C{conn_id} behind its earlier ones.
+        Queue C{event} behind the earlier events of its connection.
         """
-        if self.post is None:
+        if self.sink is None:
             return
+        conn_id = event.conn_id
         stream = self._streams.get(conn_id)
         idle = stream is None
-        if idle:
+        if stream is None:
             stream = self._streams[conn_id] = EventStream(conn_id)
         stream.pending.append(event)
-        stream.size += len(event[0])
+        stream.size += len(event.body)
         if not stream.throttled and (len(stream.pending) >= self.max_backlog or stream.size >= self.max_backlog_bytes):
             stream.throttled = True
             log.info(
@@ -168,7 +226,7 @@ class AppForwarder:
                 conn_id=conn_id,
                 backlog=len(stream.pending),
             )
-            self.throttle(conn_id, True)
+            self.throttle.backlog_full(conn_id)
         if idle:
             self._ready.append(stream)
             self._pump()
@@ -183,27 +241,32 @@ class AppForwarder:
         stream.attempt_started = self.clock.seconds()
         if stream.first_try is None:
             stream.first_try = stream.attempt_started
-        body, headers = stream.pending[0]
+        assert self.sink is not None
         try:
-            d = self.post(body, headers)
-        except Exception as e:  # a bug in post must not wedge the stream
-            d = Deferred()
-            d.errback(e)
+            d = self.sink.post(stream.pending[0])
+        except Exception:  # a bug in the sink must not wedge the stream
+            d = fail()
         d.addCallbacks(self._delivered, self._failed, callbackArgs=(stream,), errbackArgs=(stream,))
 
-    def _delivered(self, _ignored, stream: EventStream) -> None:
+    def _delivered(self, _ignored: Any, stream: EventStream) -> None:
+        now = self.clock.seconds()
         self.stats.delivered += 1
-        self.stats.observe(self.clock.seconds() - stream.attempt_started)
-        self.app_state = "up"
+        self.stats.observe(now - stream.attempt_started)
+        self.health.succeeded(now)
         self._finish_head(stream)
 
-    def _failed(self, failure, stream: EventStream) -> None:
-        self.stats.observe(self.clock.seconds() - stream.attempt_started)
+    def _failed(self, failure: Failure, stream: EventStream) -> None:
+        now = self.clock.seconds()
+        self.stats.observe(now - stream.attempt_started)
         reason = failure.getErrorMessage() or failure.type.__name__
-        elapsed = self.clock.seconds() - stream.first_try
+        assert stream.first_try is not None
+        elapsed = now - stream.first_try
         stream.failures += 1
         permanent = failure.check(AppRejected) is not None
-        self.app_state = "up" if permanent else "down"
+        if permanent:
+            self.health.succeeded(now)  # it answered: it is up
+        else:
+            self.health.failed(now)
         if permanent or elapsed >= self.retry_window:
             self.stats.dropped += 1
             log.warn(
@@ -232,8 +295,8 @@ class AppForwarder:
         self._pump()
 
     def _finish_head(self, stream: EventStream) -> None:
-        body, _headers = stream.pending.popleft()
-        stream.size -= len(body)
+        event = stream.pending.popleft()
+        stream.size -= len(event.body)
         stream.first_try = None
         stream.failures = 0
         self._in_flight -= 1
@@ -243,7 +306,7 @@ class AppForwarder:
             and stream.size <= self.max_backlog_bytes // 2
         ):
             stream.throttled = False
-            self.throttle(stream.conn_id, False)
+            self.throttle.backlog_eased(stream.conn_id)
         if stream.pending:
             self._ready.append(stream)
         else:
@@ -254,13 +317,13 @@ class AppForwarder:
             for d in waiters:
                 d.callback(None)
 
-    def drained(self) -> Deferred:
+    def drained(self) -> Deferred[None]:
         """
         A L{Deferred} that fires once every queued event has been delivered
         or given up.
         """
         if not self._streams:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._drain_waiters.append(d)
         return d

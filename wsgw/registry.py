@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import attr
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from .interfaces import IChannel, IReadThrottle
 
 
 class AccessType(enum.IntEnum):
@@ -23,13 +27,40 @@ class AccessType(enum.IntEnum):
     PUBLIC = 2
 
 
+def _strings(values: Iterable[str]) -> Tuple[str, ...]:
+    return tuple(values)
+
+
+@attr.s(frozen=True, slots=True, kw_only=True)
+class Targets:
+    """
+    Which connections a C{send} or C{close} is for: those that match every
+    criterion given (the original gateway's intersection rule).  An empty
+    criterion is absent; with none at all, nothing matches.
+    """
+
+    conn_ids: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    users: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    tokens: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    #: Narrows C{users} to private or public connections
+    #: (C{users_access_type}).
+    access: AccessType = attr.ib(default=AccessType.ALL, converter=AccessType)
+
+    def __bool__(self) -> bool:
+        return bool(self.conn_ids or self.users or self.tokens)
+
+    def only_conn_ids(self) -> bool:
+        """Conn ids are the only criterion."""
+        return bool(self.conn_ids) and not self.users and not self.tokens
+
+
 @attr.s(slots=True, eq=False, kw_only=True)
 class Connection:
     """
     One client connection as the gateway knows it.
 
-    C{channel} is whatever carries frames to the client (the WebSocket
-    protocol in the daemon); the registry never looks inside it.
+    C{channel} carries frames to the client (the WebSocket protocol in the
+    daemon) until the connection has ended; the registry never uses it.
     """
 
     conn_id: str = attr.ib()
@@ -39,7 +70,7 @@ class Connection:
     user_agent: str = attr.ib(default="")
     remote_addr: str = attr.ib(default="")
     cookie: str = attr.ib(default="", repr=False)
-    channel: Any = attr.ib(default=None, repr=False)
+    channel: Optional[IChannel] = attr.ib(default=None, repr=False)
     #: When the client was last heard from (reactor seconds).
     last_seen: float = attr.ib(default=0.0)
     #: Sequence number of this connection's next event to the app.
@@ -97,7 +128,7 @@ class Registry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Connection]:
         return iter(list(self._by_id.values()))
 
     def add(self, conn: Connection) -> None:
@@ -123,21 +154,11 @@ class Registry:
     def get(self, conn_id: str) -> Optional[Connection]:
         return self._by_id.get(conn_id)
 
-    def select(
-        self,
-        conn_ids: Sequence[str] = (),
-        users: Sequence[str] = (),
-        tokens: Sequence[str] = (),
-        access: AccessType = AccessType.ALL,
-    ) -> List[Connection]:
+    def select(self, targets: Targets) -> List[Connection]:
         """
-        The connections that match every given criterion (the intersection
-        rule of the original gateway).  Empty criteria are absent; with no
-        criterion at all nothing matches.
-
-        C{access} narrows the C{users} criterion to private or public
-        connections, as C{users_access_type} does in the original.
+        The connections C{targets} names, in the order they opened.
         """
+        conn_ids, users, tokens, access = targets.conn_ids, targets.users, targets.tokens, targets.access
         candidates: List[Iterable[Connection]] = []
         if conn_ids:
             candidates.append([c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None])
@@ -201,3 +222,45 @@ def _access_allows(access: AccessType, conn: Connection) -> bool:
     if access is AccessType.PUBLIC:
         return conn.access_public
     return True
+
+
+@implementer(IReadThrottle)
+@attr.s(slots=True)
+class LiveConnections:
+    """
+    Connections open or closing whose C{close} event is not queued yet:
+    a superset of the registry, which a closing connection leaves at once.
+
+    The forwarder pauses and resumes reading from these through
+    L{IReadThrottle}.
+    """
+
+    clock: IReactorTime = attr.ib()
+    _by_id: Dict[str, Connection] = attr.ib(factory=dict, init=False)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, conn: Connection) -> None:
+        self._by_id[conn.conn_id] = conn
+
+    def discard(self, conn: Connection) -> None:
+        self._by_id.pop(conn.conn_id, None)
+
+    def holds(self, conn: Connection) -> bool:
+        return self._by_id.get(conn.conn_id) is conn
+
+    def snapshot(self) -> List[Connection]:
+        return list(self._by_id.values())
+
+    def backlog_full(self, conn_id: str) -> None:
+        conn = self._by_id.get(conn_id)
+        if conn is not None and conn.channel is not None:
+            conn.channel.pause_reading()
+
+    def backlog_eased(self, conn_id: str) -> None:
+        conn = self._by_id.get(conn_id)
+        if conn is not None and conn.channel is not None:
+            # Paused is not silent: the heartbeat starts counting afresh.
+            conn.last_seen = self.clock.seconds()
+            conn.channel.resume_reading()
