@@ -36,7 +36,7 @@ from pathlib import Path
 MARKER = re.compile(r"^\.\. readme-commands: (?:not run: (?P<reason>\S.*)|(?P<exact>output as shown))\s*$")
 ANY_MARKER = re.compile(r"^\.\. readme-commands:")
 COMMAND = re.compile(
-    r"^(?:\.venv/bin/|/opt/wsgw/bin/|curl |node |npm |bash |apt-get |python3? |twist |wsgw-ctl |pip |"
+    r"^(?!\S+ = )(?:\.venv/bin/|/opt/wsgw/bin/|curl |node (?:-|\S+\.js\b)|npm |bash |apt-get |python3? |twist |wsgw-ctl |pip |"
     r"cp |echo |install |systemctl |sysctl |journalctl |chmod |cd |\(cd |ss |nginx )"
 )
 # Programs of the virtualenv, which is never activated: always by path.

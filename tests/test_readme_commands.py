@@ -78,6 +78,9 @@ def test_markers_are_known_and_each_has_a_block(tmp_path):
         ("curl -s moon", "needs the moon", ["{}"]),
         ("node x.js", None, []),
     ]
+    # Code is not a command, even where a line starts with a program's name.
+    doc.write_text("code::\n\n    node = make_node(config, reactor)\n    cp = copy(x)\n    const ws = 1;\n")
+    assert rc.commands(doc) == []
     doc.write_text(".. readme-commands: skip it\n\n::\n\n    curl x\n")
     with pytest.raises(ValueError, match="does not know"):
         rc.commands(doc)
