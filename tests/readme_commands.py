@@ -16,8 +16,10 @@ prints its first line) and stopped by PID: a server when a later command
 takes its port, everything at the end of its file, last started first.
 
     python tests/readme_commands.py PLAN.json RESULTS.json
+    python tests/readme_commands.py --startup COMMAND LAST_LINE_REGEX RESULTS.json
 
-runs a plan made by L{plan} (tests/test_readme_commands.py does, inside a
+runs a plan made by L{plan}, or prints what one command shows on a terminal
+at start-up, (tests/test_readme_commands.py does, inside a
 private network namespace, so the README's own ports are free).
 """
 
@@ -306,7 +308,57 @@ def run(plan, root, logs):
     return results
 
 
+def startup(command, last, seconds=START_WITHIN):
+    """
+    The lines C{command} prints on a terminal (a pseudo-terminal here, so
+    Twisted logs text as it would for a reader) until one matches C{last};
+    then it is stopped.
+    """
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_", "LISTEN_"))},
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+    )
+    os.close(follower)
+    output, regex = b"", re.compile(last, re.M)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and not regex.search(output.decode("utf-8", "replace")):
+            ready, _, _ = select.select([leader], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the command exited and the terminal closed
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        os.close(leader)
+    return output.decode("utf-8", "replace").replace("\r\n", "\n").splitlines()
+
+
 def main(argv):
+    if argv[0] == "--startup":
+        try:
+            loopback_up()
+        except OSError:
+            pass
+        command, last, results_path = argv[1:]
+        Path(results_path).write_text(json.dumps(startup(command, last)))
+        return 0
     plan_path, results_path = argv
     try:
         loopback_up()
