@@ -5,7 +5,6 @@ In-memory stand-ins for the gateway's edges: the app and client channels.
 import json
 
 from twisted.internet.defer import Deferred
-
 from zope.interface import implementer
 
 from wsgw.config import Config
@@ -24,10 +23,16 @@ class FakeApp:
 
     def __init__(self):
         self.attempts = []  # (event dict, Event, Deferred)
+        self.batches = []  # ([event dict], [Event], Deferred)
 
     def post(self, event):
         d = Deferred()
         self.attempts.append((json.loads(event.body), event, d))
+        return d
+
+    def post_batch(self, events):
+        d = Deferred()
+        self.batches.append(([json.loads(e.body) for e in events], events, d))
         return d
 
     @property
@@ -37,7 +42,7 @@ class FakeApp:
     def answer_all(self):
         """Accept every pending attempt, including ones that answering starts."""
         while self.pending:
-            self.pending[0][2].callback(200)
+            self.pending[0][2].callback(None)
 
     def summary(self):
         return [(e["conn_id"], e["action"], e["data"]) for e, _, _ in self.attempts]
@@ -74,8 +79,8 @@ def make_gateway(clock, sink=None, *, prepare=None, registry=None, membership=No
     A gateway wired as the daemon's is, forwarding to C{sink}; its frames
     are the payloads themselves unless C{prepare} says otherwise.
     """
-    live = LiveConnections(clock)
-    forwarder = AppForwarder(clock=clock, sink=sink, throttle=live, **forwarder_options)
+    live = LiveConnections(clock, prepare or (lambda payload, binary: payload))
+    forwarder = AppForwarder(clock=clock, sink=sink, throttle=live, replies=live, **forwarder_options)
     given = {"prepare": prepare, "registry": registry, "membership": membership}
     return Gateway(
         clock=clock,

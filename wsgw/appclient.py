@@ -266,7 +266,7 @@ class AppClient:
         # Read (and discard) the body so the connection returns to the pool.
         d = treq.content(response)
         if 200 <= status < 400:
-            return d.addCallback(lambda _: status)
+            return d.addCallback(lambda _: None)
         if status >= 500 or status in _RETRY_STATUSES:
             error: Exception = AppUnavailable(f"app answered HTTP {status}")
         else:

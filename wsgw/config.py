@@ -115,6 +115,8 @@ class Config:
     app_down_after: float = attr.ib(default=10.0)
     #: At most this many event POSTs are in flight at once (all connections).
     max_in_flight: int = attr.ib(default=64)
+    #: Events one POST may carry (a JSON array of them); 1 posts each alone.
+    app_batch: int = attr.ib(default=1)
     #: Events waiting for the app, per connection, before the gateway
     #: stops reading from that client.
     max_backlog: int = attr.ib(default=1000)
@@ -136,6 +138,8 @@ class Config:
     drain_timeout: float = attr.ib(default=10.0)
     #: The request header that carries the signed-in user's name.
     user_header: str = attr.ib(default="X-Bfl-User")
+    #: Log each connection's open and close at info level.
+    log_connections: bool = attr.ib(default=False)
     #: Refuse handshakes without the user header (401).
     require_user: bool = attr.ib(default=False)
     #: Origins allowed besides same-origin and none (fnmatch patterns such

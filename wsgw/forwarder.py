@@ -2,19 +2,26 @@
 Delivery of lifecycle events to the app.
 
 Each connection has an L{EventStream}: its events wait there and go to the
-app one at a time, in order, so the app sees C{open}, the messages, then
-C{close}.  Different connections proceed in parallel, up to
-C{max_in_flight} requests at once.  A failed attempt that may succeed later
-(connection refused or reset, time-out, 5xx, 429) is retried with capped
-exponential back-off and jitter until C{retry_window} has passed since the
-event's first attempt; only then is the event given up, counted and logged.
+app in order, so the app sees C{open}, the messages, then C{close}, and a
+connection never has two requests in flight.  Different connections
+proceed in parallel, up to C{max_in_flight} requests at once.
+
+A request carries one event, or with C{batch} above 1 up to that many, of
+any connections, in a JSON array: a batch forms from what waits while the
+earlier requests are in flight (no timer: under light traffic each event
+goes at once, alone).
+
+A failed attempt that may succeed later (connection refused or reset,
+time-out, 5xx, 429) is retried, the same events together, with capped
+exponential back-off and jitter until C{retry_window} has passed since
+their first attempt; only then are they given up, counted and logged.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -24,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .events import Event
-from .interfaces import IEventSink, IReadThrottle
+from .interfaces import IEventSink, IReadThrottle, IReplies
 
 log = Logger()
 
@@ -73,6 +80,9 @@ class ForwardStats:
     delivered: int = attr.ib(default=0)
     retried: int = attr.ib(default=0)
     dropped: int = attr.ib(default=0)
+    #: Requests that carried more than one event, and the events in them.
+    batches: int = attr.ib(default=0)
+    batched_events: int = attr.ib(default=0)
     #: Attempts per latency bucket (the last counts those over every bound).
     latency_counts: List[int] = attr.ib(factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = attr.ib(default=0.0)
@@ -134,23 +144,37 @@ class EventStream:
     pending: Deque[Event] = attr.ib(factory=deque)
     #: Bytes of the bodies in C{pending}.
     size: int = attr.ib(default=0)
-    #: When the head event was first attempted, and how often it failed.
-    first_try: Optional[float] = attr.ib(default=None)
-    failures: int = attr.ib(default=0)
-    #: When the attempt in flight began.
-    attempt_started: float = attr.ib(default=0.0)
     #: The gateway stopped reading from the client because of this backlog.
     throttled: bool = attr.ib(default=False)
 
 
-@implementer(IReadThrottle)
+@attr.s(slots=True, eq=False)
+class _Request:
+    """
+    Events on their way in one request, the first C{count} of each of
+    their streams, and how trying to deliver them has gone.
+    """
+
+    parts: List[Tuple[EventStream, int]] = attr.ib(factory=list)
+    events: List[Event] = attr.ib(factory=list)
+    #: When these events were first attempted, and how often that failed.
+    first_try: Optional[float] = attr.ib(default=None)
+    failures: int = attr.ib(default=0)
+    #: When the attempt in flight began.
+    attempt_started: float = attr.ib(default=0.0)
+
+
+@implementer(IReadThrottle, IReplies)
 class NoThrottle:
-    """For a forwarder whose clients nobody can pause (tests, tools)."""
+    """For a forwarder whose clients nobody can pause or answer (tests, tools)."""
 
     def backlog_full(self, conn_id: str) -> None:
         pass
 
     def backlog_eased(self, conn_id: str) -> None:
+        pass
+
+    def reply(self, event: Event, body: bytes) -> None:
         pass
 
 
@@ -165,22 +189,30 @@ class AppForwarder:
 
     C{throttle} is told when a connection's backlog reaches C{max_backlog}
     events or C{max_backlog_bytes} and when it has fallen to half of both
-    again, so that reading from that client stops meanwhile.
+    again, so that reading from that client stops meanwhile.  C{replies}
+    takes what the app answers to an event for its connection (one event
+    per request only).
     """
 
     clock: IReactorTime = attr.ib()
     sink: Optional[IEventSink] = attr.ib()
     throttle: IReadThrottle = attr.ib(factory=NoThrottle)
+    replies: IReplies = attr.ib(factory=NoThrottle)
     max_in_flight: int = attr.ib(default=64)
     max_backlog: int = attr.ib(default=1000)
     max_backlog_bytes: int = attr.ib(default=4 * 1024 * 1024)
     retry_window: float = attr.ib(default=60.0)
+    #: Events one request may carry; 1 posts each event alone.
+    batch: int = attr.ib(default=1)
     backoff: Backoff = attr.ib(factory=Backoff)
     stats: ForwardStats = attr.ib(factory=ForwardStats)
     health: AppHealth = attr.ib(factory=AppHealth)
 
     _streams: Dict[str, EventStream] = attr.ib(factory=dict, init=False)
+    #: Streams with events and no request in flight, in the order they got ready.
     _ready: Deque[EventStream] = attr.ib(factory=deque, init=False)
+    #: Requests whose back-off has passed, waiting for a free slot.
+    _retries: Deque[_Request] = attr.ib(factory=deque, init=False)
     _in_flight: int = attr.ib(default=0, init=False)
     _drain_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
 
@@ -232,85 +264,117 @@ class AppForwarder:
             self._pump()
 
     def _pump(self) -> None:
-        while self._ready and self._in_flight < self.max_in_flight:
-            stream = self._ready.popleft()
+        while self._in_flight < self.max_in_flight:
+            if self._retries:
+                request = self._retries.popleft()
+            elif self._ready:
+                request = self._next_request()
+            else:
+                return
             self._in_flight += 1
-            self._attempt(stream)
+            self._attempt(request)
 
-    def _attempt(self, stream: EventStream) -> None:
-        stream.attempt_started = self.clock.seconds()
-        if stream.first_try is None:
-            stream.first_try = stream.attempt_started
+    def _next_request(self) -> _Request:
+        """
+        The next request: the head event of the first ready stream, or in
+        batches as many waiting events as fit, stream by stream in order.
+        """
+        request = _Request()
+        room = self.batch
+        while room and self._ready:
+            stream = self._ready.popleft()
+            count = min(room, len(stream.pending))
+            request.parts.append((stream, count))
+            for index in range(count):
+                request.events.append(stream.pending[index])
+            room -= count
+        return request
+
+    def _attempt(self, request: _Request) -> None:
+        request.attempt_started = self.clock.seconds()
+        if request.first_try is None:
+            request.first_try = request.attempt_started
         assert self.sink is not None
         try:
-            d = self.sink.post(stream.pending[0])
-        except Exception:  # a bug in the sink must not wedge the stream
+            if self.batch > 1:
+                d = self.sink.post_batch(request.events)
+            else:
+                d = self.sink.post(request.events[0])
+        except Exception:  # a bug in the sink must not wedge the streams
             d = fail()
-        d.addCallbacks(self._delivered, self._failed, callbackArgs=(stream,), errbackArgs=(stream,))
+        d.addCallbacks(self._delivered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
 
-    def _delivered(self, _ignored: Any, stream: EventStream) -> None:
+    def _delivered(self, reply: Optional[bytes], request: _Request) -> None:
         now = self.clock.seconds()
-        self.stats.delivered += 1
-        self.stats.observe(now - stream.attempt_started)
+        events = len(request.events)
+        self.stats.delivered += events
+        if self.batch > 1:
+            self.stats.batches += 1
+            self.stats.batched_events += events
+        self.stats.observe(now - request.attempt_started)
         self.health.succeeded(now)
-        self._finish_head(stream)
+        if reply is not None and self.batch == 1:
+            self.replies.reply(request.events[0], reply)
+        self._finish(request)
 
-    def _failed(self, failure: Failure, stream: EventStream) -> None:
+    def _failed(self, failure: Failure, request: _Request) -> None:
         now = self.clock.seconds()
-        self.stats.observe(now - stream.attempt_started)
+        self.stats.observe(now - request.attempt_started)
         reason = failure.getErrorMessage() or failure.type.__name__
-        assert stream.first_try is not None
-        elapsed = now - stream.first_try
-        stream.failures += 1
+        assert request.first_try is not None
+        elapsed = now - request.first_try
+        request.failures += 1
         permanent = failure.check(AppRejected) is not None
         if permanent:
             self.health.succeeded(now)  # it answered: it is up
         else:
             self.health.failed(now)
+        first = request.events[0]
         if permanent or elapsed >= self.retry_window:
-            self.stats.dropped += 1
+            self.stats.dropped += len(request.events)
             log.warn(
-                "gave up an event of {conn_id} after {attempts} attempt(s): {reason}",
-                conn_id=stream.conn_id,
-                attempts=stream.failures,
+                "gave up {count} event(s) of {conn_id} after {attempts} attempt(s): {reason}",
+                count=len(request.events),
+                conn_id=first.conn_id if len(request.parts) == 1 else f"{len(request.parts)} connections",
+                attempts=request.failures,
                 reason=reason,
             )
-            self._finish_head(stream)
+            self._finish(request)
             return
         self.stats.retried += 1
-        delay = min(self.backoff.delay(stream.failures - 1), max(0.0, self.retry_window - elapsed))
+        delay = min(self.backoff.delay(request.failures - 1), max(0.0, self.retry_window - elapsed))
         log.info(
             "app unavailable for {conn_id} ({reason}); retrying in {delay:.2f}s",
-            conn_id=stream.conn_id,
+            conn_id=first.conn_id if len(request.parts) == 1 else f"{len(request.parts)} connections",
             reason=reason,
             delay=delay,
         )
         # Give the slot back while waiting: other connections go on.
         self._in_flight -= 1
-        self.clock.callLater(delay, self._retry, stream)
+        self.clock.callLater(delay, self._retry, request)
         self._pump()
 
-    def _retry(self, stream: EventStream) -> None:
-        self._ready.append(stream)
+    def _retry(self, request: _Request) -> None:
+        self._retries.append(request)
         self._pump()
 
-    def _finish_head(self, stream: EventStream) -> None:
-        event = stream.pending.popleft()
-        stream.size -= len(event.body)
-        stream.first_try = None
-        stream.failures = 0
+    def _finish(self, request: _Request) -> None:
+        """The request's events are delivered or given up: their streams go on."""
         self._in_flight -= 1
-        if (
-            stream.throttled
-            and len(stream.pending) <= self.max_backlog // 2
-            and stream.size <= self.max_backlog_bytes // 2
-        ):
-            stream.throttled = False
-            self.throttle.backlog_eased(stream.conn_id)
-        if stream.pending:
-            self._ready.append(stream)
-        else:
-            del self._streams[stream.conn_id]
+        for stream, count in request.parts:
+            for _ in range(count):
+                stream.size -= len(stream.pending.popleft().body)
+            if (
+                stream.throttled
+                and len(stream.pending) <= self.max_backlog // 2
+                and stream.size <= self.max_backlog_bytes // 2
+            ):
+                stream.throttled = False
+                self.throttle.backlog_eased(stream.conn_id)
+            if stream.pending:
+                self._ready.append(stream)
+            else:
+                del self._streams[stream.conn_id]
         self._pump()
         if not self._streams:
             waiters, self._drain_waiters = self._drain_waiters, []

@@ -111,6 +111,9 @@ class Gateway:
     #: frame is encoded once for every recipient.
     prepare: Callable[[bytes, bool], object] = attr.ib(default=_unprepared)
     stats: GatewayStats = attr.ib(factory=GatewayStats)
+    #: Log every connection's open and close at info level: a line each,
+    #: which at thousands of handshakes a second costs more than the rest.
+    log_connections: bool = attr.ib(default=False)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
     #: Always reachable: this process is the whole of it.
@@ -132,14 +135,15 @@ class Gateway:
         self.membership.joined(conn)
         self.live.add(conn)
         self.stats.opened += 1
-        log.info(
-            "open {conn_id} user={user_name!r} public={access_public} from {remote_addr}",
-            conn_id=conn.conn_id,
-            user_name=conn.user_name,
-            access_public=conn.access_public,
-            remote_addr=conn.remote_addr,
-        )
-        log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=_shortened(conn.token))
+        if self.log_connections:
+            log.info(
+                "open {conn_id} user={user_name!r} public={access_public} from {remote_addr}",
+                conn_id=conn.conn_id,
+                user_name=conn.user_name,
+                access_public=conn.access_public,
+                remote_addr=conn.remote_addr,
+            )
+            log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=_shortened(conn.token))
         self._forward(conn, "open", events.EMPTY_OBJECT, events.open_extra(conn))
         if self._shutting_down:  # its handshake was already under way
             self.close_connection(conn, *CLOSE_GOING_AWAY)
@@ -176,7 +180,8 @@ class Gateway:
         conn.channel = None
         self.live.discard(conn)
         self.stats.count(self.stats.closed, close_reason_label(code))
-        log.info("close {conn_id} code={code} reason={reason!r}", conn_id=conn.conn_id, code=code, reason=reason)
+        if self.log_connections:
+            log.info("close {conn_id} code={code} reason={reason!r}", conn_id=conn.conn_id, code=code, reason=reason)
         if not len(self.live):
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:

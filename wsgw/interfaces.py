@@ -9,6 +9,7 @@ mypy and a test double all see the same contract.
     time (the app client in the daemon).
   - L{IReadThrottle}: how the forwarder asks that a client with too large
     a backlog be read no more for a while.
+  - L{IReplies}: where the app's inline replies to events go.
   - L{IMembership}: who hears of connections joining and leaving the
     registry (a cluster node mirrors them into Redis).
   - L{IConnections}: C{send}, C{close} and C{list} as the API offers them,
@@ -17,7 +18,7 @@ mypy and a test double all see the same contract.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import attr
 from twisted.internet.defer import Deferred
@@ -59,13 +60,21 @@ class IEventSink(Interface):
     The app, as the forwarder sees it.
     """
 
-    def post(event: Event) -> Deferred[object]:
+    def post(event: Event) -> Deferred[Optional[bytes]]:
         """
-        One attempt at delivering C{event}.
+        One attempt at delivering C{event}, alone in a request.
 
-        @return: a L{Deferred} that fires when the app accepted it, or fails
+        @return: a L{Deferred} that fires when the app accepted it, with
+            the body the app asked to send back to the event's connection
+            (a 2xx answer with C{X-Wsgw-Reply: 1}) or L{None}; or fails
             with L{wsgw.forwarder.AppRejected} when retrying cannot help
             (the event is given up) or any other error when it may.
+        """
+
+    def post_batch(events: Sequence[Event]) -> Deferred[None]:
+        """
+        One attempt at delivering C{events} together, in one request;
+        fires or fails as L{post} does (an answer's body is ignored).
         """
 
 
@@ -79,6 +88,19 @@ class IReadThrottle(Interface):
 
     def backlog_eased(conn_id: str) -> None:
         """The backlog of C{conn_id} fell back: read it again."""
+
+
+class IReplies(Interface):
+    """
+    What the app answers to an event, for the event's connection.
+    """
+
+    def reply(event: Event, body: bytes) -> None:
+        """
+        Send C{body} to the connection of C{event} as one text frame, if it
+        is still open, C{body} is UTF-8 and not over the message limit; a
+        reply to a C{close} event goes nowhere.
+        """
 
 
 class IMembership(Interface):

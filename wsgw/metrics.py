@@ -65,6 +65,24 @@ class GatewayCollector:
         ):
             yield CounterMetricFamily(name, text, value=value)
 
+        replies = gateway.live.reply_stats
+        replied = CounterMetricFamily(
+            "wsgw_app_replies",
+            "Inline replies (X-Wsgw-Reply) to events: sent, refused (not UTF-8, too big), dropped (no open connection).",
+            labels=["result"],
+        )
+        replied.add_metric(["sent"], replies.sent)
+        replied.add_metric(["dropped"], replies.dropped)
+        for reason, count in sorted(replies.refused.items()):
+            replied.add_metric([f"refused_{reason}"], count)
+        yield replied
+        yield CounterMetricFamily(
+            "wsgw_app_batches", "Event POSTs that carried a batch (--app-batch).", value=fstats.batches
+        )
+        yield CounterMetricFamily(
+            "wsgw_app_batched_events", "Events delivered in batches (--app-batch).", value=fstats.batched_events
+        )
+
         buckets, cumulative = [], 0
         for bound, count in zip(LATENCY_BUCKETS, fstats.latency_counts):
             cumulative += count

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from .interfaces import IChannel, IReadThrottle
+from .interfaces import IChannel, IReadThrottle, IReplies
+
+if TYPE_CHECKING:
+    from .events import Event
+
+_log = Logger()
 
 
 class AccessType(enum.IntEnum):
@@ -224,7 +230,20 @@ def _access_allows(access: AccessType, conn: Connection) -> bool:
     return True
 
 
-@implementer(IReadThrottle)
+@attr.s(slots=True)
+class ReplyStats:
+    """Inline replies: sent, refused (not UTF-8, too big), or with nowhere to go."""
+
+    sent: int = attr.ib(default=0)
+    refused: Dict[str, int] = attr.ib(factory=dict)
+    dropped: int = attr.ib(default=0)
+
+
+def _unprepared(payload: bytes, binary: bool = False) -> object:
+    return payload
+
+
+@implementer(IReadThrottle, IReplies)
 @attr.s(slots=True)
 class LiveConnections:
     """
@@ -232,10 +251,15 @@ class LiveConnections:
     a superset of the registry, which a closing connection leaves at once.
 
     The forwarder pauses and resumes reading from these through
-    L{IReadThrottle}.
+    L{IReadThrottle}, and hands them the app's inline replies through
+    L{IReplies}: a reply of at most C{max_reply} bytes of UTF-8 is framed
+    with C{prepare} and sent while the connection is still open.
     """
 
     clock: IReactorTime = attr.ib()
+    prepare: Callable[[bytes, bool], object] = attr.ib(default=_unprepared)
+    max_reply: int = attr.ib(default=1024 * 1024)
+    reply_stats: ReplyStats = attr.ib(factory=ReplyStats)
     _by_id: Dict[str, Connection] = attr.ib(factory=dict, init=False)
 
     def __len__(self) -> int:
@@ -264,3 +288,31 @@ class LiveConnections:
             # Paused is not silent: the heartbeat starts counting afresh.
             conn.last_seen = self.clock.seconds()
             conn.channel.resume_reading()
+
+    def reply(self, event: Event, body: bytes) -> None:
+        stats = self.reply_stats
+        if not body:
+            return
+        conn = self._by_id.get(event.conn_id)
+        if event.action == "close" or conn is None or conn.channel is None or conn.closing:
+            stats.dropped += 1
+            return
+        if len(body) > self.max_reply:
+            self._refuse(event, "too_big", f"{len(body)} bytes, over --max-message-size ({self.max_reply})")
+            return
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse(event, "not_utf8", "not UTF-8 text")
+            return
+        conn.channel.deliver(self.prepare(body, False))
+        stats.sent += 1
+
+    def _refuse(self, event: Event, reason: str, why: str) -> None:
+        refused = self.reply_stats.refused
+        refused[reason] = refused.get(reason, 0) + 1
+        _log.warn(
+            "refused the app's reply to {event_id}: {why}",
+            event_id=event.event_id,
+            why=why,
+        )

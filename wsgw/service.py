@@ -26,7 +26,8 @@ from .forwarder import AppForwarder, AppHealth
 from .gateway import Gateway, NoMembership
 from .interfaces import IConnections
 from .registry import LiveConnections, Registry
-from .web import GatewaySite, make_resource
+from .router import RouterFactory
+from .web import GatewaySite, make_resource, websocket_factory
 from .websocket import prepare_frame
 
 if TYPE_CHECKING:
@@ -64,11 +65,13 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         if http_client is None:
             http_client = build_http_client(reactor, config.max_in_flight)
         sink = AppClient(http_client, config.app_url, reactor, config.app_timeout)
-    live = LiveConnections(reactor)
+    live = LiveConnections(reactor, prepare_frame, max_reply=config.max_message_size)
     forwarder = AppForwarder(
         clock=reactor,
         sink=sink,
         throttle=live,
+        replies=live,
+        batch=config.app_batch,
         max_in_flight=config.max_in_flight,
         max_backlog=config.max_backlog,
         max_backlog_bytes=config.max_backlog_bytes,
@@ -87,6 +90,7 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         live=live,
         registry=registry,
         ping_timeout=config.ping_timeout,
+        log_connections=config.log_connections,
         membership=presence or NoMembership(),
         prepare=prepare_frame,
     )
@@ -237,8 +241,11 @@ def make_service(config: Config, reactor: Any = None, node: Optional[Node] = Non
         node = make_node(config, reactor)
     # With --admin-listen the API is served there alone and /ws elsewhere.
     separate_api = bool(config.admin_listen)
-    site = GatewaySite(make_resource(node, api=not separate_api), config, reactor=reactor)
-    listeners = [ListenerService(description, site, reactor) for description in config.listen]
+    websocket = websocket_factory(node)
+    site = GatewaySite(make_resource(node, api=not separate_api, factory=websocket), config, reactor=reactor)
+    # Upgrades of /ws go straight to Autobahn; everything else to the site.
+    front = RouterFactory(site, websocket, reactor, config.handshake_timeout, site.rate_limiter)
+    listeners = [ListenerService(description, front, reactor) for description in config.listen]
     if separate_api:
         admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)
         listeners += [ListenerService(description, admin_site, reactor) for description in config.admin_listen]

@@ -170,6 +170,10 @@ _REPEATABLE: Dict[str, Tuple[str, str]] = {
 _FLAGS: Dict[str, Tuple[str, str]] = {
     "require-user": ("require_user", "refuse handshakes without the user header (401)"),
     "admin-allow-remote": ("admin_allow_remote", "let API callers other than loopback in (needs an admin token)"),
+    "log-connections": (
+        "log_connections",
+        "log each connection's open and close (info level; off: counted in /metrics only)",
+    ),
 }
 
 

@@ -12,15 +12,18 @@ from typing import Any, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from . import internals
+from .admission import HandshakePolicy, Refusal
 from .gateway import CLOSE_TOO_SLOW, Gateway
 from .identity import identify
 from .interfaces import IChannel
+from .jsonio import to_json
 from .registry import Connection
 
 _log = Logger()
@@ -48,6 +51,8 @@ class GatewayProtocol(WebSocketServerProtocol):
     #: (code, reason) when the gateway closed this connection.
     _closed_by_gateway: Optional[Tuple[int, str]] = None
     _aborted = False
+    #: Why the handshake was refused, when it was.
+    _refused: Optional[Refusal] = None
 
     #: The settings are copied by L{internals.copy_settings} instead.
     CONFIG_ATTRS = ()
@@ -59,15 +64,46 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.transport.registerProducer(self, True)
 
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
+        headers = request.headers
         try:
-            self.conn = identify(request.headers, _peer(request.peer), self.factory.user_header)
-            self.conn.channel = self
+            conn = identify(headers, _peer(request.peer), self.factory.user_header)
         except Exception:
             _log.failure("could not read the identity of a new connection")
             raise
+        refusal = self.factory.policy.refusal(
+            headers.get("origin"), [headers.get("host", ""), headers.get("x-forwarded-host", "")], conn.user_name
+        )
+        if refusal is not None:
+            self._refused = refusal
+            stats = self.factory.gateway.stats
+            stats.count(stats.refused, refusal.label)
+            _log.info("handshake refused: {message}", message=refusal.message)
+            raise ConnectionDeny(refusal.status, refusal.message)
+        conn.channel = self
+        self.conn = conn
         # Select one of the offered subprotocols: echoing the whole list,
         # as the original does, makes browsers fail the handshake.
         return request.protocols[0] if request.protocols else None
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """
+        A refused handshake is answered as every other error of the
+        gateway's: in JSON, saying what was wrong (Autobahn's own answer has
+        no body), and with C{Retry-After} when a limit was reached.
+        """
+        body = to_json({"code": code, "message": reason}) + b"\n"
+        head = [
+            b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Error")),
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+        retry_after = self._refused.retry_after if self._refused is not None else None
+        if retry_after is not None:
+            head.append(b"Retry-After: %d" % retry_after)
+        for name, value in responseHeaders or ():
+            head.append(f"{name}: {value}".encode("latin-1", "replace"))
+        self.sendData(b"\r\n".join(head) + b"\r\n\r\n" + body)
 
     def onOpen(self) -> None:
         assert self.conn is not None
@@ -197,6 +233,7 @@ class GatewayFactory(WebSocketServerFactory):
         gateway: Gateway,
         *,
         reactor: Any,
+        policy: Optional[HandshakePolicy] = None,
         user_header: str = "X-Bfl-User",
         max_message_size: int = 1024 * 1024,
         max_outgoing: int = 1024 * 1024,
@@ -204,6 +241,8 @@ class GatewayFactory(WebSocketServerFactory):
     ):
         super().__init__(reactor=reactor)
         self.gateway = gateway
+        #: What a handshake must pass: by default, anything.
+        self.policy = policy or HandshakePolicy(gateway.registry)
         self.user_header = user_header
         self.max_outgoing = max_outgoing
         self.setProtocolOptions(
