@@ -8,9 +8,10 @@ or the command line below this module.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attr
@@ -19,6 +20,22 @@ DEFAULT_LISTEN = "tcp:40010"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENGINES = ("memory", "redis")
 _NODE_ID = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
+
+
+Networks = Sequence[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]
+
+
+def trusted_networks(cidrs: Sequence[str]) -> Networks:
+    """C{--trusted-proxy} values as networks; raises L{ValueError} naming a bad one."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"trusted proxy {cidr!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8, ::1)"
+            ) from None
+    return networks
 
 
 @attr.s(frozen=True, slots=True)
@@ -99,6 +116,13 @@ class Config:
     listen: Tuple[str, ...] = attr.ib(default=(DEFAULT_LISTEN,), converter=tuple)
     #: Where lifecycle events are POSTed; L{None} forwards nothing.
     app_url: Optional[str] = attr.ib(default=None)
+    #: Where the app decides, before each handshake is answered, whether
+    #: the connection may open; L{None} admits every one.
+    connect_url: Optional[str] = attr.ib(default=None)
+    #: How long a handshake waits for that decision before a 503.
+    connect_timeout: float = attr.ib(default=2.0)
+    #: Handshakes that may wait for the decision at once (more: 503).
+    connect_max_waiting: int = attr.ib(default=1000)
     #: A connection that sends nothing for this long is closed.
     ping_timeout: float = attr.ib(default=45.0)
     #: How often the heartbeat sweep looks for silent connections.
@@ -140,6 +164,9 @@ class Config:
     user_header: str = attr.ib(default="X-Bfl-User")
     #: Log each connection's open and close at info level.
     log_connections: bool = attr.ib(default=False)
+    #: Peers (IP addresses or CIDR blocks) whose X-Original-Forwarded-For
+    #: and X-Forwarded-For are believed; empty: any peer's, as the original.
+    trusted_proxies: Tuple[str, ...] = attr.ib(default=(), converter=tuple)
     #: Refuse handshakes without the user header (401).
     require_user: bool = attr.ib(default=False)
     #: Origins allowed besides same-origin and none (fnmatch patterns such
@@ -183,6 +210,7 @@ class Config:
             raise ValueError("node_id must be 1 to 200 printable ASCII characters without spaces")
         if self.presence_ttl < 1:
             raise ValueError("presence_ttl must be at least 1 second: a node refreshes its presence every third of it")
+        trusted_networks(self.trusted_proxies)
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ValueError("redis_prefix must be 1 to 200 printable ASCII characters without spaces")
 

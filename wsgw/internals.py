@@ -16,8 +16,8 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.internet import ClientService
 from twisted.internet import tcp
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper
 
 # -- Autobahn: the settings copy -----------------------------------------------
 

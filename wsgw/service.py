@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from .appclient import AppClient, build_http_client
 from .config import Config
+from .connect import ConnectHook
 from .forwarder import AppForwarder, AppHealth
 from .gateway import Gateway, NoMembership
 from .interfaces import IConnections
@@ -51,6 +52,8 @@ class Node:
     connections: IConnections
     #: The node's part in a cluster (a service to run), with the Redis engine.
     cluster: Optional[Cluster] = None
+    #: Asks the app before each handshake is answered (--connect-url).
+    connect_hook: Optional[ConnectHook] = None
 
 
 def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> Node:
@@ -94,12 +97,18 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         membership=presence or NoMembership(),
         prepare=prepare_frame,
     )
+    hook = None
+    if config.connect_url:
+        # A pool of its own: a backlog of events must not delay handshakes.
+        hook = ConnectHook(
+            build_http_client(reactor, config.max_in_flight), config.connect_url, reactor, config.connect_timeout
+        )
     if presence is None:
-        return Node(config, reactor, gateway, gateway)
+        return Node(config, reactor, gateway, gateway, connect_hook=hook)
     from .cluster import make_cluster
 
     cluster = make_cluster(config, gateway, presence, reactor)
-    return Node(config, reactor, gateway, cluster, cluster)
+    return Node(config, reactor, gateway, cluster, cluster, connect_hook=hook)
 
 
 @attr.s(eq=False)

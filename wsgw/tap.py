@@ -77,6 +77,18 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "URL that receives open/message/close events as POSTs "
         "(default: http://127.0.0.1:$WS_PORT$WS_URL when WS_PORT is set, else forward nothing)",
     ),
+    "connect-url": (
+        "connect_url",
+        str,
+        "URL the app decides at, before each handshake is answered, whether the connection may open "
+        "(2xx admits, 4xx refuses with that status; no answer, 5xx: 503) [default: admit all]",
+    ),
+    "connect-timeout": ("connect_timeout", _positive_float, "seconds a handshake waits for --connect-url's answer"),
+    "connect-max-waiting": (
+        "connect_max_waiting",
+        _positive_int,
+        "handshakes that may wait for --connect-url's answer at once (more: 503)",
+    ),
     "ping-timeout": ("ping_timeout", _positive_float, "close a connection silent this many seconds"),
     "ping-check-interval": ("ping_check_interval", _positive_float, "seconds between heartbeat sweeps"),
     "ws-ping-interval": (
@@ -93,6 +105,11 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "seconds of failed event POSTs, with no success between, before /readyz says the app is down (503)",
     ),
     "max-in-flight": ("max_in_flight", _positive_int, "event POSTs in flight at once, all connections"),
+    "app-batch": (
+        "app_batch",
+        _positive_int,
+        "events one POST may carry, of any connections, as a JSON array (1: each event alone, as the original)",
+    ),
     "max-backlog": ("max_backlog", _positive_int, "events queued per connection before reading from it pauses"),
     "max-backlog-bytes": (
         "max_backlog_bytes",
@@ -159,6 +176,11 @@ _REPEATABLE: Dict[str, Tuple[str, str]] = {
         "unix:/run/wsgw.sock, systemd:domain=INET:index=0 [default: tcp:40010]",
     ),
     "admin-listen": ("admin_listen", "endpoint that serves the API alone; /ws is then not served there"),
+    "trusted-proxy": (
+        "trusted_proxies",
+        "IP address or CIDR block of a proxy whose X-Original-Forwarded-For / X-Forwarded-For are believed; "
+        "the client's address is then the nearest one not trusted [default: believe any peer, as the original]",
+    ),
     "allowed-origin": (
         "allowed_origins",
         "Origin pattern (fnmatch, e.g. https://*.example.com) a browser handshake may come from, "

@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site
 from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
 from .admission import HandshakePolicy
 from .api import JsonTree, conn_api
-from .config import Config
+from .config import Config, trusted_networks
 from .health import Health, Readiness
 from .jsonio import error_response
 from .metrics import MetricsPage
@@ -122,11 +122,14 @@ def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
         require_user=config.require_user,
         max_connections=config.max_connections,
         max_connections_per_user=config.max_connections_per_user,
+        max_waiting=config.connect_max_waiting if node.connect_hook is not None else 0,
     )
     return GatewayFactory(
         node.gateway,
         reactor=node.reactor,
         policy=policy,
+        connect_hook=node.connect_hook,
+        trusted_proxies=trusted_networks(config.trusted_proxies) if config.trusted_proxies else None,
         user_header=config.user_header,
         max_message_size=config.max_message_size,
         max_outgoing=config.max_outgoing,
@@ -157,7 +160,7 @@ def make_resource(
         access = ApiAccess(config.admin_token, config.admin_allow_remote)
         ws.putChild(b"conn", GuardedApi(conn_api(node.connections, config.max_api_body), access))
         root.putChild(b"tapr", tapr)
-        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster), access))
+        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster, node.connect_hook), access))
     return root
 
 
