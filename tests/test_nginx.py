@@ -11,6 +11,7 @@ Only the ports, the certificate paths and the listen address are changed.
 """
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
-from harness import free_port, node_client, start_daemon, start_process
+from harness import api, free_port, node_client, start_daemon, start_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "examples" / "nginx" / "wsgw.conf"
@@ -53,6 +54,22 @@ def recipe_for(port, gateway_port, app_port, key_path, cert_path):
     return text
 
 
+def readme_gateway_flags():
+    """The flags of the gateway command under "Behind nginx" in README.rst, but its --listen and --app-url."""
+    text = (ROOT / "README.rst").read_text()
+    section = text[text.index("Behind nginx\n") : text.index("Troubleshooting\n")]
+    command = next(line.strip() for line in section.splitlines() if line.strip().startswith(".venv/bin/twist wsgw"))
+    words, flags = shlex.split(command)[2:], []
+    while words:
+        word = words.pop(0)
+        if word in ("--listen", "--app-url"):
+            words.pop(0)
+        else:
+            flags.append(word)
+    assert "--require-user" in flags and "--trusted-proxy" in flags, command
+    return flags
+
+
 def nginx_conf(prefix, site):
     """A whole nginx.conf around the recipe (it belongs in http {})."""
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers read the test's private files
@@ -74,7 +91,9 @@ async def test_nginx_recipe_in_front_of_the_gateway(tmp_path, node_ws):
     assert NGINX is not None, "CI=true: nginx must be installed (.ci/run installs nginx-light)"
     key_path, cert_path = make_certificate(tmp_path)
     app_port, proxy_port = free_port(), free_port()
-    daemon = await start_daemon("--require-user", "--app-url", f"http://127.0.0.1:{app_port}/ws/message", cwd=tmp_path)
+    daemon = await start_daemon(
+        *readme_gateway_flags(), "--app-url", f"http://127.0.0.1:{app_port}/ws/message", cwd=tmp_path
+    )
     app = proxy = None
     try:
         app = await start_process(
@@ -97,15 +116,20 @@ async def test_nginx_recipe_in_front_of_the_gateway(tmp_path, node_ws):
 
         # Signed in (the demo's cookie), a forged user header replaced, and
         # the page's own origin accepted by the gateway's same-origin check.
-        alice = await node_client(
-            url, {"Cookie": "auth_token=tok-alice", "X-Bfl-User": "mallory", "Origin": origin}, env=trust
-        )
+        forged = {"X-Bfl-User": "mallory", "X-Original-Forwarded-For": "203.0.113.9"}
+        alice = await node_client(url, {"Cookie": "auth_token=tok-alice", "Origin": origin, **forged}, env=trust)
         hello = await alice.wait(
             lambda events: next((e for e in events if "hello" in e.get("message", "")), None), "hello"
         )
         assert '"user":"alice"' in hello["message"].replace(" ", "")
         alice.send('{"event":"ping","data":{}}')  # the gateway's heartbeat, through the proxy
         await alice.wait(lambda events: any(e.get("message") == '{"event":"pong"}' for e in events), "pong")
+
+        # The address is nginx's view of the client, not what the client claimed.
+        status, listed = await api(daemon, "list")
+        assert status == 200
+        (entry,) = listed["data"]
+        assert entry["name"] == "alice" and [c["remoteAddr"] for c in entry["conns"]] == ["127.0.0.1"]
 
         # Not signed in: the proxy refuses; another site's page: the gateway refuses.
         with pytest.raises(AssertionError, match="HTTP 401"):
