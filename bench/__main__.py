@@ -38,7 +38,9 @@ def parse(argv):
     parser.add_argument(
         "--servers", help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)"
     )
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads to run (default: all)")
+    parser.add_argument(
+        "--only", default="W1,W2,W3,W3b,W4,W4r,W5", help="comma-separated workloads to run (default: all)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
     parser.add_argument(
         "--w1-sizes", metavar="N,N", help="W1 connection counts to run instead of the mode's (e.g. 10000)"

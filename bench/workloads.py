@@ -32,6 +32,11 @@ from .peers import HEARTBEAT, Server, Wsgw
 from .report import NA, Results
 
 
+def per_op(cpu: dict, operations: int) -> Optional[float]:
+    """Server CPU microseconds per operation over a measured stretch."""
+    return 1e6 * cpu["server_cpu_s"] / operations if operations else None
+
+
 @dataclass(frozen=True)
 class Params:
     """Sizes of every workload; L{FULL} is the benchmark, L{QUICK} a smoke run."""
@@ -259,6 +264,7 @@ class Runner:
 
     W1_METRICS = [
         ("handshakes/s", "↑"),
+        ("server CPU µs per handshake", "↓"),
         ("handshakes refused (then retried)", ""),
         ("RSS per connection, KiB", "↓"),
         ("server CPU during handshakes, %", ""),
@@ -293,6 +299,8 @@ class Runner:
             idle = meter.stop()
             name = server_cls.name
             r.add(label, "handshakes/s", name, opened["rate"], "↑")
+            # The open event's POST included: a handshake costs both.
+            r.add(label, "server CPU µs per handshake", name, per_op(cpu, n), "↓", digits=0)
             r.add(label, "RSS per connection, KiB", name, (after - before) / alive / 1024, "↓")
             r.add(label, "server CPU during handshakes, %", name, cpu["server_cpu_pct"], digits=0)
             r.add(label, "load generator CPU during handshakes, %", name, cpu["loadgen_cpu_pct"], digits=0)
@@ -321,6 +329,7 @@ class Runner:
         ("latency p50, ms", "↓"),
         ("latency p99, ms", "↓"),
         ("lost/dup/reordered", ""),
+        ("server CPU µs per delivery", "↓"),
         ("server CPU, %", ""),
         ("load generator CPU, %", ""),
     ]
@@ -352,6 +361,7 @@ class Runner:
             r.add(label, "latency p50, ms", name, answer["latencyMs"]["p50"], "↓")
             r.add(label, "latency p99, ms", name, answer["latencyMs"]["p99"], "↓")
             r.add(label, "lost/dup/reordered", name, checks(answer))
+            r.add(label, "server CPU µs per delivery", name, per_op(cpu, answer["deliveries"]), "↓", digits=1)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], digits=0)
             r.add(label, "load generator CPU, %", name, cpu["loadgen_cpu_pct"], digits=0)
             if answer["publishErrors"]:
@@ -368,6 +378,7 @@ class Runner:
     W3_METRICS = [
         ("events/s", "↑"),
         ("lost/dup/reordered", ""),
+        ("server CPU µs per event", "↓"),
         ("server CPU, %", ""),
         ("load generator CPU, %", ""),
         ("app CPU, %", ""),
@@ -377,6 +388,21 @@ class Runner:
         p = self.params
         label = f"W3 forwarding, {p.w3_conns:,} conns x {p.w3_messages} msgs"
         self.each_server("W3", label, self.W3_METRICS, lambda cls: self._w3(cls, label))
+
+    #: Events one POST may carry in W3b (wsgw's --app-batch).
+    W3B_BATCH = 50
+
+    def w3b(self) -> None:
+        """W3 with wsgw batching events (--app-batch 50); the peers play their W3 again."""
+        p = self.params
+        label = f"W3b forwarding in batches of {self.W3B_BATCH}, {p.w3_conns:,} conns x {p.w3_messages} msgs"
+
+        def run(cls) -> None:
+            if issubclass(cls, Wsgw):
+                cls = type(cls.__name__, (cls,), {"extra_args": (*cls.extra_args, "--app-batch", str(self.W3B_BATCH))})
+            self._w3(cls, label)
+
+        self.each_server("W3", label, self.W3_METRICS, run)
 
     def _w3(self, server_cls, label: str) -> None:
         p, r = self.params, self.results
@@ -399,6 +425,7 @@ class Runner:
             name = server_cls.name
             r.add(label, "events/s", name, answer["rate"], "↑", digits=0)
             r.add(label, "lost/dup/reordered", name, checks(answer))
+            r.add(label, "server CPU µs per event", name, per_op(cpu, answer["received"]), "↓", digits=0)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], digits=0)
             r.add(label, "load generator CPU, %", name, cpu["loadgen_cpu_pct"], digits=0)
             r.add(label, "app CPU, %", name, cpu["app_cpu_pct"], digits=0)
@@ -413,6 +440,7 @@ class Runner:
         ("latency p99, ms", "↓"),
         ("achieved msg/s", ""),
         ("lost/dup/reordered", ""),
+        ("server CPU µs per round trip", "↓"),
         ("server CPU, %", "↓"),
         ("load generator + app CPU, %", ""),
     ]
@@ -422,12 +450,25 @@ class Runner:
         label = f"W4 round trip, {p.w4_rate} msg/s for {p.w4_seconds:g}s"
         self.each_server("W4", label, self.W4_METRICS, lambda cls: self._w4(cls, label))
 
-    def _w4(self, server_cls, label: str) -> None:
+    def w4r(self) -> None:
+        """W4 with the app's answer as an inline reply (wsgw only): no push API call."""
+        p = self.params
+        label = f"W4r round trip by inline reply, {p.w4_rate} msg/s for {p.w4_seconds:g}s"
+
+        def run(cls) -> None:
+            if not issubclass(cls, Wsgw):
+                self.results.not_applicable(label, self.W4_METRICS, cls.name, "n/a (no inline replies)")
+                return
+            self._w4(cls, label, mode="reply")
+
+        self.each_server("W4", label, self.W4_METRICS, run)
+
+    def _w4(self, server_cls, label: str, mode: str = "echo") -> None:
         p, r = self.params, self.results
         with self.session(server_cls) as s:
             s.open("rt", p.w4_conns, s.server.clients("W4"), p)
             s.settle()
-            s.app.mode("echo")
+            s.app.mode(mode)
             meter = s.meter().start()
             answer = s.load.call(
                 timeout=p.w4_seconds + 60,
@@ -445,6 +486,7 @@ class Runner:
             r.add(label, "latency p99, ms", name, answer["latencyMs"]["p99"], "↓", digits=2)
             r.add(label, "achieved msg/s", name, answer["received"] / p.w4_seconds, digits=0)
             r.add(label, "lost/dup/reordered", name, checks(answer))
+            r.add(label, "server CPU µs per round trip", name, per_op(cpu, answer["received"]), "↓", digits=0)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], "↓", digits=0)
             r.add(label, "load generator + app CPU, %", name, cpu["loadgen_cpu_pct"] + cpu["app_cpu_pct"], digits=0)
             self.verify(label, name, answer)
@@ -568,7 +610,7 @@ class Runner:
                         label, f"{what} at {high:,} ÷ at {low:,} others", server_cls.name, value, "↓", digits=2
                     )
 
-    ALL = ("W1", "W2", "W3", "W4", "W5")
+    ALL = ("W1", "W2", "W3", "W3B", "W4", "W4R", "W5")
 
     def run(self, only: Sequence[str] = ALL) -> None:
         for name in self.ALL:

@@ -13,13 +13,13 @@ import wsgw
 #: Bottom first.  Modules of one layer do not import each other, except
 #: where a layer is a package (the cluster engine's parts).
 LAYERS = [
-    ["wsgw.interfaces", "wsgw.jsonio", "wsgw.internals", "wsgw.config", "wsgw.access", "wsgw.appagent", "wsgw.apphttp"],
+    ["wsgw.interfaces", "wsgw.jsonio", "wsgw.internals", "wsgw.config", "wsgw.access", "wsgw.appagent"],
     ["wsgw.registry"],
     ["wsgw.events", "wsgw.identity", "wsgw.admission"],
-    ["wsgw.connect"],
+    ["wsgw.connect", "wsgw.online"],
     ["wsgw.forwarder"],
     ["wsgw.gateway"],
-    ["wsgw.websocket", "wsgw.eventpost", "wsgw.appclient", "wsgw.api", "wsgw.health", "wsgw.metrics"],
+    ["wsgw.websocket", "wsgw.eventpost", "wsgw.api", "wsgw.health", "wsgw.metrics"],
     ["wsgw.cluster.wire", "wsgw.cluster.redislink"],
     ["wsgw.cluster.node"],
     ["wsgw.cluster"],

@@ -90,7 +90,7 @@ def test_the_api_and_everything_else_go_to_twisted_web():
     ],
 )
 def test_a_refused_upgrade_is_answered_in_json_saying_why(settings, headers, status, retry_after):
-    _clock, node, factory = front(**settings)
+    _clock, _node, factory = front(**settings)
     if settings.get("max_connections") or settings.get("max_connections_per_user"):
         connect(factory, UPGRADE.replace(b"alice", b"bob"))  # takes the one place
     request = UPGRADE.replace(b"X-Bfl-User: alice\r\n", headers)
@@ -103,7 +103,7 @@ def test_a_refused_upgrade_is_answered_in_json_saying_why(settings, headers, sta
 
 
 def test_upgrades_count_against_the_rate_limit():
-    _clock, node, factory = front(rate_limit=1.0)  # bursts of 2
+    _clock, _node, factory = front(rate_limit=1.0)  # bursts of 2
     statuses = [answer(connect(factory, UPGRADE))[0][0].split(b" ")[1] for _ in range(3)]
     assert statuses == [b"101", b"101", b"429"]
 

@@ -162,6 +162,11 @@ class Config:
     drain_timeout: float = attr.ib(default=10.0)
     #: The request header that carries the signed-in user's name.
     user_header: str = attr.ib(default="X-Bfl-User")
+    #: Post C{online}/C{offline} events per user to the app...
+    presence_events: bool = attr.ib(default=False)
+    #: ...once a user has had no connection for this long (offline), so
+    #: that a reload or a blip does not flicker.
+    presence_grace: float = attr.ib(default=5.0)
     #: Log each connection's open and close at info level.
     log_connections: bool = attr.ib(default=False)
     #: Peers (IP addresses or CIDR blocks) whose X-Original-Forwarded-For
@@ -211,6 +216,11 @@ class Config:
         if self.presence_ttl < 1:
             raise ValueError("presence_ttl must be at least 1 second: a node refreshes its presence every third of it")
         trusted_networks(self.trusted_proxies)
+        if self.presence_events and self.engine == "redis":
+            raise ValueError(
+                "presence_events work with the memory engine only so far: across a cluster, exactly one online "
+                "and one offline per transition needs a coordination the redis engine does not do yet"
+            )
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ValueError("redis_prefix must be 1 to 200 printable ASCII characters without spaces")
 

@@ -93,6 +93,11 @@ def open_extra(conn: Connection) -> bytes:
     return b',"user_agent":' + json_string(conn.user_agent) + b',"remote_addr":' + json_string(conn.remote_addr)
 
 
+def presence_event(action: str, user_name: str) -> bytes:
+    """C{{"action": "online"|"offline", "user_name": ..., "data": {}}}."""
+    return b'{"action":"' + action.encode("ascii") + b'","user_name":' + json_string(user_name) + b',"data":{}}'
+
+
 BINARY_EXTRA = b',"binary":true'
 
 

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from . import events
 from .forwarder import AppForwarder
 from .interfaces import IChannel, IConnections, IMembership, Listing, Reach
+from .online import OnlineUsers
 from .registry import Connection, LiveConnections, Registry, Targets
 
 log = Logger()
@@ -114,17 +115,24 @@ class Gateway:
     #: Log every connection's open and close at info level: a line each,
     #: which at thousands of handshakes a second costs more than the rest.
     log_connections: bool = attr.ib(default=False)
+    #: Post C{online}/C{offline} events per user, with this grace period
+    #: in seconds (None: none are posted).
+    presence_grace: Optional[float] = attr.ib(default=None)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
     #: Always reachable: this process is the whole of it.
     up = True
 
+    #: Who is online, with presence events on.
+    online: Optional[OnlineUsers] = attr.ib(default=None, init=False)
     _all_closed: List[Deferred[None]] = attr.ib(factory=list, init=False)
     _pong: Any = attr.ib(default=None, init=False)
     _shutting_down: bool = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._pong = self.prepare(events.PONG, False)
+        if self.presence_grace is not None:
+            self.online = OnlineUsers(self.clock, self._forward_presence, self.presence_grace)
 
     # -- what the WebSocket side reports ---------------------------------
 
@@ -134,6 +142,8 @@ class Gateway:
         self.registry.add(conn)
         self.membership.joined(conn)
         self.live.add(conn)
+        if self.online is not None:
+            self.online.opened(conn)  # its "online" goes ahead of the "open"
         self.stats.opened += 1
         if self.log_connections:
             log.info(
@@ -176,6 +186,8 @@ class Gateway:
             return
         self._unregister(conn)
         self._forward(conn, "close", events.EMPTY_OBJECT, events.close_extra(code, reason))
+        if self.online is not None:
+            self.online.ended(conn)  # any "offline" goes behind the "close"
         conn.ended = True
         conn.channel = None
         self.live.discard(conn)
@@ -276,6 +288,8 @@ class Gateway:
         C{timeout} seconds, until their C{close} events reached the app.
         """
         self._shutting_down = True
+        if self.online is not None:
+            self.online.shutting_down()
         log.info("shutting down: closing {count} connection(s)", count=len(self.live))
         for conn in self.live.snapshot():
             try:
@@ -324,6 +338,19 @@ class Gateway:
         conn.next_seq = seq + 1
         body = events.encode_event(action.encode("ascii"), data, conn.event_tail, extra)
         self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body, conn.cookie, conn.remote_addr))
+
+    def _forward_presence(self, conn: Connection, action: str) -> None:
+        """
+        C{online} or C{offline} of C{conn}'s user, in C{conn}'s stream (so in
+        order with its events) and numbered in its sequence (so the app can
+        drop a repeat by its event id, as any other).
+        """
+        if not self.forwarder.enabled:
+            return
+        seq = conn.next_seq
+        conn.next_seq = seq + 1
+        body = events.presence_event(action, conn.user_name)
+        self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body))
 
 
 def channel(conn: Connection) -> IChannel:

@@ -68,6 +68,18 @@ class GatewayCollector:
         ):
             yield CounterMetricFamily(name, text, value=value)
 
+        online = gateway.online
+        if online is not None:
+            yield GaugeMetricFamily(
+                "wsgw_users_online",
+                "Users online (--presence-events), those in their grace period included.",
+                value=len(online),
+            )
+            went = CounterMetricFamily("wsgw_presence_events", "online and offline events posted.", labels=["action"])
+            went.add_metric(["online"], online.went_online)
+            went.add_metric(["offline"], online.went_offline)
+            yield went
+
         replies = gateway.live.reply_stats
         replied = CounterMetricFamily(
             "wsgw_app_replies",

@@ -20,9 +20,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .appclient import AppClient, build_http_client
 from .config import Config
 from .connect import ConnectHook
+from .eventpost import EventPoster, build_http_client
 from .forwarder import AppForwarder, AppHealth
 from .gateway import Gateway, NoMembership
 from .interfaces import IConnections
@@ -66,8 +66,8 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
     sink = None
     if config.app_url:
         if http_client is None:
-            http_client = build_http_client(reactor, config.max_in_flight)
-        sink = AppClient(http_client, config.app_url, reactor, config.app_timeout)
+            http_client = build_http_client(reactor, config.max_in_flight, config.max_message_size)
+        sink = EventPoster(http_client, config.app_url, reactor, config.app_timeout)
     live = LiveConnections(reactor, prepare_frame, max_reply=config.max_message_size)
     forwarder = AppForwarder(
         clock=reactor,
@@ -94,6 +94,7 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         registry=registry,
         ping_timeout=config.ping_timeout,
         log_connections=config.log_connections,
+        presence_grace=config.presence_grace if config.presence_events else None,
         membership=presence or NoMembership(),
         prepare=prepare_frame,
     )

@@ -83,6 +83,11 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "URL the app decides at, before each handshake is answered, whether the connection may open "
         "(2xx admits, 4xx refuses with that status; no answer, 5xx: 503) [default: admit all]",
     ),
+    "presence-grace": (
+        "presence_grace",
+        _non_negative_float,
+        "seconds a user must have no connection before its offline event (with --presence-events)",
+    ),
     "connect-timeout": ("connect_timeout", _positive_float, "seconds a handshake waits for --connect-url's answer"),
     "connect-max-waiting": (
         "connect_max_waiting",
@@ -192,6 +197,10 @@ _REPEATABLE: Dict[str, Tuple[str, str]] = {
 _FLAGS: Dict[str, Tuple[str, str]] = {
     "require-user": ("require_user", "refuse handshakes without the user header (401)"),
     "admin-allow-remote": ("admin_allow_remote", "let API callers other than loopback in (needs an admin token)"),
+    "presence-events": (
+        "presence_events",
+        "post online/offline events per user to the app (offline after --presence-grace with no connection)",
+    ),
     "log-connections": (
         "log_connections",
         "log each connection's open and close (info level; off: counted in /metrics only)",
