@@ -467,10 +467,12 @@ class StopOnSignal(Service):
             signal.signal(signum, self._received)
 
     def _received(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
         if self.stopping:
+            log.info("received {signal} again; still draining", signal=name)
             return
         self.stopping = True
-        log.info("received {signal}; closing connections and draining", signal=signal.Signals(signum).name)
+        log.info("received {signal}; closing connections and draining", signal=name)
         self.reactor.callFromThread(self.reactor.stop)
 
 
