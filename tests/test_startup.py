@@ -5,14 +5,16 @@ as a real process.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
-from typing import Any, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
 
+import wsgw
 from harness import RecordingApp, py_client, start_daemon
 
 
@@ -58,3 +60,73 @@ async def test_sigint_is_a_requested_stop_too(tmp_path: Path) -> None:
     assert (await treq.get(daemon.base + "/healthz")).code == 200
     assert await daemon.terminate(signal.SIGINT) == (0, None)
     assert any("received SIGINT; closing connections and draining" in line for line in daemon.log_lines())
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_up_says_where_it_serves_and_where_events_go(app: RecordingApp, tmp_path: Path) -> None:
+    sock = tmp_path / "api.sock"
+    daemon = await start_daemon(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--admin-listen",
+        f"unix:{sock}",
+        "--app-url",
+        app.url,
+        cwd=tmp_path,
+        listeners=1,
+    )
+    try:
+        ready = await daemon.proto.waiters.wait(
+            lambda: [line for line in daemon.log_lines() if "[wsgw.tap#" in line and " ready" in line],
+            "the ready line",
+        )
+        lines = [line.split("] ", 1)[1] for line in daemon.log_lines() if "[wsgw.tap#" in line]
+        assert lines == [
+            f"serving /ws at ws://127.0.0.1:{daemon.port}/ws (tcp:0:interface=127.0.0.1)",
+            f"serving the API alone at http://localhost/tapr/ws/conn/ on unix:{sock} (unix:{sock})",
+            f"posting client events to {app.url}",
+            f"wsgw {wsgw.__version__} ready, engine memory",
+        ], ready
+    finally:
+        await daemon.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_up_warns_when_events_go_nowhere(tmp_path: Path) -> None:
+    daemon = await start_daemon(cwd=tmp_path)
+    try:
+        await daemon.proto.waiters.wait(lambda: any(" ready, engine" in line for line in daemon.log_lines()), "ready")
+        lines = [line.split(" ", 1)[1] for line in daemon.log_lines() if "[wsgw.tap#" in line]
+        assert lines[0] == (
+            f"[wsgw.tap#info] serving /ws at ws://127.0.0.1:{daemon.port}/ws and the API at"
+            f" http://127.0.0.1:{daemon.port}/tapr/ws/conn/ (tcp:0:interface=127.0.0.1)"
+        )
+        assert lines[1] == (
+            "[wsgw.tap#warn] no app URL is set (--app-url, or WS_PORT/WS_URL): client events go nowhere,"
+            " only the API can reach clients"
+        )
+    finally:
+        await daemon.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_log_records_carry_the_rendered_message(tmp_path: Path) -> None:
+    daemon = await start_daemon(cwd=tmp_path, log_format="json")
+    try:
+        records = await daemon.proto.waiters.wait(
+            lambda: [r for r in map(json_record, daemon.log_lines()) if r and " ready, engine" in r.get("text", "")],
+            "the ready record",
+        )
+        assert records[0]["log_format"] == "wsgw {version} ready, engine {engine}"
+        assert records[0]["text"] == f"wsgw {wsgw.__version__} ready, engine memory"
+        assert records[0]["version"] == wsgw.__version__
+    finally:
+        await daemon.terminate()
+
+
+def json_record(line: str) -> Optional[Dict[str, Any]]:
+    try:
+        record = json.loads(line.strip("\x1e"))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

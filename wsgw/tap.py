@@ -19,9 +19,10 @@ import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from . import __version__
@@ -476,11 +477,87 @@ class StopOnSignal(Service):
         self.reactor.callFromThread(self.reactor.stop)
 
 
+def listener_urls(description: str, address: object, websocket: bool, api: bool) -> Dict[str, str]:
+    """
+    Where a listener serves, as URLs a user can paste: C{ws_url} for C{/ws}
+    and C{api_url} for the API, each when served there.
+    """
+    secure = description.split(":", 1)[0] == "ssl"
+    if isinstance(address, UNIXAddress):
+        path = address.name.decode() if isinstance(address.name, bytes) else str(address.name)
+        return _urls(
+            websocket, api, f"ws://localhost/ws on unix:{path}", f"http://localhost/tapr/ws/conn/ on unix:{path}"
+        )
+    host = getattr(address, "host", "?")
+    port = getattr(address, "port", "?")
+    where = f"[{host}]:{port}" if isinstance(address, IPv6Address) else f"{host}:{port}"
+    ws_scheme, http_scheme = ("wss", "https") if secure else ("ws", "http")
+    return _urls(websocket, api, f"{ws_scheme}://{where}/ws", f"{http_scheme}://{where}/tapr/ws/conn/")
+
+
+def _urls(websocket: bool, api: bool, ws_url: str, api_url: str) -> Dict[str, str]:
+    urls = {}
+    if websocket:
+        urls["ws_url"] = ws_url
+    if api:
+        urls["api_url"] = api_url
+    return urls
+
+
+def announce(config: Config, ports: Sequence[Any]) -> None:
+    """
+    Says what start-up did: one line per listener with its URLs, where
+    events go (or a warning that they go nowhere), the engine and version.
+    C{ports} are in C{make_service}'s order: C{config.listen}, then
+    C{config.admin_listen}.
+    """
+    descriptions = list(config.listen) + list(config.admin_listen)
+    separate_api = bool(config.admin_listen)
+    for index, (description, port) in enumerate(zip(descriptions, ports)):
+        websocket = index < len(config.listen)
+        urls = listener_urls(description, port.getHost(), websocket, api=not (websocket and separate_api))
+        if websocket and "api_url" in urls:
+            text = "serving /ws at {ws_url} and the API at {api_url} ({endpoint})"
+        elif websocket:
+            text = "serving /ws at {ws_url} ({endpoint})"
+        else:
+            text = "serving the API alone at {api_url} ({endpoint})"
+        log.info(text, endpoint=description, **urls)
+    if config.app_url:
+        log.info("posting client events to {app_url}", app_url=config.app_url)
+    else:
+        log.warn(
+            "no app URL is set (--app-url, or WS_PORT/WS_URL): client events go nowhere, only the API can reach clients"
+        )
+    log.info("wsgw {version} ready, engine {engine}", version=__version__, engine=config.engine)
+
+
+def render_messages(event: Dict[str, Any]) -> None:
+    """
+    Puts the rendered message (C{text}) beside its template (C{log_format})
+    in each event, for C{twist --log-format=json}, whose records otherwise
+    hold only the template and its fields.  It is added to the global
+    publisher before twist begins logging, so it sees each event before
+    the JSON writer does.
+    """
+    if "log_format" in event and "text" not in event:
+        event["text"] = formatEvent(event)
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    parent = getattr(options, "parent", None)
+    if parent is not None and parent.get("logFormat") == "json":
+        globalLogPublisher.addObserver(render_messages)
     service = make_service(options.config, reactor=reactor)
     StopOnSignal(reactor).setServiceParent(service)
+
+    def listening(ports: List[Any]) -> List[Any]:
+        announce(options.config, ports)
+        return ports
+
+    service.listening.addCallback(listening)
     SystemdNotifier(service.listening, reactor, options.environ).setServiceParent(service)
     return service
 
