@@ -6,10 +6,15 @@ as a real process.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
@@ -130,3 +135,49 @@ def json_record(line: str) -> Optional[Dict[str, Any]]:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def held_port(ephemeral: bool) -> socket.socket:
+    """A listening socket on a loopback port inside (or outside) Linux's ephemeral range."""
+    if ephemeral:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))  # the kernel picks from the ephemeral range
+        sock.listen()
+        return sock
+    for port in range(20000, 20200):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.listen()
+        return sock
+    raise AssertionError("no free port in 20000-20199")
+
+
+def start_on(port: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_", "LISTEN_"))}
+    environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", "--log-format=text", "wsgw", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=environment,
+    )
+
+
+@pytest.mark.parametrize("ephemeral", [True, False])
+def test_a_port_in_use_is_one_line_without_a_traceback(ephemeral: bool, tmp_path: Path) -> None:
+    sock = held_port(ephemeral)
+    port = sock.getsockname()[1]
+    try:
+        result = start_on(port, tmp_path)
+    finally:
+        sock.close()
+    assert result.returncode == 1
+    output = (result.stderr + result.stdout).strip().splitlines()
+    assert len(output) == 1, "\n".join(output)
+    assert output[0].startswith(f"cannot listen on tcp:{port}:interface=127.0.0.1: ")

@@ -20,7 +20,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -544,22 +546,44 @@ def render_messages(event: Dict[str, Any]) -> None:
         event["text"] = formatEvent(event)
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
+class Daemon(MultiService):
+    """
+    The daemon: the gateway's service with signal handling and systemd
+    notification beside it.  A listener that cannot listen has logged why
+    (the port, the holder, what to do); the start then ends with that line
+    and exit status 1, not with the same error again as a traceback.
+    """
+
+    def __init__(self, listening: Deferred[List[Any]]):
+        super().__init__()
+        self.listening = listening
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError:
+            self.listening.addErrback(lambda failure: None)  # the listener has said why
+            raise SystemExit(1) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> Daemon:
     if reactor is None:
         from twisted.internet import reactor
     parent = getattr(options, "parent", None)
     if parent is not None and parent.get("logFormat") == "json":
         globalLogPublisher.addObserver(render_messages)
     service = make_service(options.config, reactor=reactor)
-    StopOnSignal(reactor).setServiceParent(service)
+    daemon = Daemon(service.listening)
+    service.setServiceParent(daemon)
+    StopOnSignal(reactor).setServiceParent(daemon)
 
     def listening(ports: List[Any]) -> List[Any]:
         announce(options.config, ports)
         return ports
 
     service.listening.addCallback(listening)
-    SystemdNotifier(service.listening, reactor, options.environ).setServiceParent(service)
-    return service
+    SystemdNotifier(service.listening, reactor, options.environ).setServiceParent(daemon)
+    return daemon
 
 
 #: twist's own options, which the C{wsgw} command passes on to twist.
