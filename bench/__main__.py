@@ -44,6 +44,11 @@ def parse(argv):
         "--w1-sizes", metavar="N,N", help="W1 connection counts to run instead of the mode's (e.g. 10000)"
     )
     parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run wsgw at this commit (a git worktree), beside the working tree, for same-run ratios",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -107,8 +112,12 @@ def main(argv=None) -> int:
     pin_cores()
 
     only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
-    results = report.Results([cls.name for cls in servers])
     workdir = Path(tempfile.mkdtemp(prefix="wsgw-bench-"))
+    base = None
+    if args.baseline:
+        base = peers.baseline(args.baseline, workdir)
+        servers.insert(1, base)
+    results = report.Results([cls.name for cls in servers])
     names = ", ".join(c.name for c in servers)
     log(f"mode {'quick' if args.quick else 'full'}, servers {names}, work folder {workdir}")
     started = time.monotonic()
@@ -118,6 +127,8 @@ def main(argv=None) -> int:
             procs.py_spy()  # fail now, not in the middle of a run
         Runner(params, servers, workdir, results, log, args.profile).run(only)
     finally:
+        if base is not None:
+            peers.remove_baseline(base)
         if args.keep or results.failures:
             log(f"configs and logs kept in {workdir}")
         else:

@@ -109,15 +109,18 @@ class Wsgw(Server):
     name = "wsgw"
     #: More options for `twist wsgw` (the cluster benchmark's engine settings).
     extra_args: Sequence[str] = ()
+    #: A checkout of another commit to run instead of the wsgw this runner
+    #: imports (see L{baseline}).
+    source: Optional[Path] = None
 
     def start(self, app_url: Optional[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
-        # The daemon runs the wsgw this runner imports, installed or not.
+        # The daemon runs the wsgw this runner imports, installed or not,
+        # or the baseline's checkout.
         import wsgw
 
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(Path(wsgw.__file__).resolve().parent.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
+        source = self.source or Path(wsgw.__file__).resolve().parent.parent
+        env["PYTHONPATH"] = os.pathsep.join([str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         argv = [
             sys.executable,
             "-m",
@@ -385,6 +388,36 @@ class Nchan(Server):
 
 
 SERVERS = {"wsgw": Wsgw, "pushpin": Pushpin, "nchan": Nchan}
+
+
+def baseline(rev: str, workdir: Path) -> type:
+    """
+    wsgw at commit C{rev}, checked out (a detached git worktree) under
+    C{workdir}, as a server of its own: run beside the working tree in the
+    same run, its figures make same-run ratios ("twice as cheap as before").
+    Its dependencies are this runner's.
+    """
+    top = Path(__file__).resolve().parent.parent
+    short = subprocess.run(
+        ["git", "rev-parse", "--short", rev], capture_output=True, text=True, check=True, cwd=top, timeout=30
+    ).stdout.strip()
+    checkout = workdir / f"baseline-{short}"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(checkout), rev],
+        capture_output=True,
+        check=True,
+        cwd=top,
+        timeout=120,
+    )
+    return type(
+        "WsgwBaseline", (Wsgw,), {"name": f"wsgw@{short}", "source": checkout, "version": staticmethod(lambda: short)}
+    )
+
+
+def remove_baseline(cls: type) -> None:
+    """Take the baseline's worktree away again."""
+    top = Path(__file__).resolve().parent.parent
+    subprocess.run(["git", "worktree", "remove", "--force", str(cls.source)], capture_output=True, cwd=top, timeout=60)
 
 
 def _running(name: str) -> List[int]:

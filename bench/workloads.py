@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import procs
 from .loadgen import App, LoadGen
-from .peers import HEARTBEAT, Server
+from .peers import HEARTBEAT, Server, Wsgw
 from .report import NA, Results
 
 
@@ -496,7 +496,7 @@ class Runner:
     def _w5_calls(self, s: Session) -> List[tuple]:
         """(target, client group, API call) for one connection and for one user's connections."""
         payload = {"event": "bench", "data": "x" * max(0, self.params.payload - 30)}
-        if s.server.name == "wsgw":
+        if isinstance(s.server, Wsgw):
             # An app addresses one connection by the conn_id it got in the open event.
             ids = s.server.conn_ids("w5one")
             if len(ids) != 1:

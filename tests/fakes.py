@@ -5,23 +5,34 @@ In-memory stand-ins for the gateway's edges: the app and client channels.
 import json
 
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
+from wsgw.config import Config
 from wsgw.forwarder import AppForwarder
 from wsgw.gateway import Gateway
-from wsgw.registry import Connection
+from wsgw.interfaces import IChannel, IEventSink
+from wsgw.registry import Connection, LiveConnections
+from wsgw.service import Node
 
 
+@implementer(IEventSink)
 class FakeApp:
     """
     Records every POST attempt; each stays pending until the test answers it.
     """
 
     def __init__(self):
-        self.attempts = []  # (event dict, headers, Deferred)
+        self.attempts = []  # (event dict, Event, Deferred)
+        self.batches = []  # ([event dict], [Event], Deferred)
 
-    def __call__(self, body, headers):
+    def post(self, event):
         d = Deferred()
-        self.attempts.append((json.loads(body), headers, d))
+        self.attempts.append((json.loads(event.body), event, d))
+        return d
+
+    def post_batch(self, events):
+        d = Deferred()
+        self.batches.append(([json.loads(e.body) for e in events], events, d))
         return d
 
     @property
@@ -31,12 +42,13 @@ class FakeApp:
     def answer_all(self):
         """Accept every pending attempt, including ones that answering starts."""
         while self.pending:
-            self.pending[0][2].callback(200)
+            self.pending[0][2].callback(None)
 
     def summary(self):
         return [(e["conn_id"], e["action"], e["data"]) for e, _, _ in self.attempts]
 
 
+@implementer(IChannel)
 class FakeChannel:
     """What a WebSocket protocol offers the gateway, recorded."""
 
@@ -44,9 +56,13 @@ class FakeChannel:
         self.frames = []
         self.closed_with = None
         self.paused = False
+        self.pings = 0
 
     def deliver(self, frame):
         self.frames.append(frame)
+
+    def ping(self):
+        self.pings += 1
 
     def close_with(self, code, reason):
         self.closed_with = (code, reason)
@@ -58,9 +74,20 @@ class FakeChannel:
         self.paused = False
 
 
-def make_gateway(clock, post=None, **forwarder_options):
-    forwarder = AppForwarder(clock=clock, post=post, **forwarder_options)
-    return Gateway(clock=clock, forwarder=forwarder)
+def make_gateway(clock, sink=None, *, prepare=None, registry=None, membership=None, **forwarder_options):
+    """
+    A gateway wired as the daemon's is, forwarding to C{sink}; its frames
+    are the payloads themselves unless C{prepare} says otherwise.
+    """
+    live = LiveConnections(clock, prepare or (lambda payload, binary: payload))
+    forwarder = AppForwarder(clock=clock, sink=sink, throttle=live, replies=live, **forwarder_options)
+    given = {"prepare": prepare, "registry": registry, "membership": membership}
+    return Gateway(
+        clock=clock,
+        forwarder=forwarder,
+        live=live,
+        **{name: value for name, value in given.items() if value is not None},
+    )
 
 
 def open_conn(gateway, conn_id, user="alice", token=None, public=False, cookie=""):
@@ -74,3 +101,8 @@ def open_conn(gateway, conn_id, user="alice", token=None, public=False, cookie="
     )
     gateway.opened(conn)
     return conn
+
+
+def node_of(gateway, config=None, cluster=None):
+    """The L{Node} of an in-memory gateway, as make_resource takes it."""
+    return Node(config or Config(), gateway.clock, gateway, cluster or gateway, cluster)

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from fakes import make_gateway, open_conn
+from fakes import make_gateway, node_of, open_conn
 from wsgw.access import OriginPolicy, PeerRateLimiter, bearer_matches, is_local
 from wsgw.config import Config
 from wsgw.web import make_resource
@@ -103,7 +103,7 @@ LOCAL = IPv4Address("TCP", "127.0.0.1", 5000)
 def guarded(**config):
     gateway = make_gateway(Clock())
     open_conn(gateway, "a1", "alice")
-    return make_resource(gateway, Config(**config))
+    return make_resource(node_of(gateway, Config(**config)))
 
 
 def test_api_refuses_remote_callers_by_default():

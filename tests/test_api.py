@@ -8,7 +8,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from fakes import FakeApp, make_gateway, open_conn
+from fakes import FakeApp, make_gateway, node_of, open_conn
 from wsgw.config import Config
 from wsgw.gateway import CLOSE_BY_APP
 from wsgw.web import make_resource
@@ -27,7 +27,7 @@ def gateway():
 
 @pytest.fixture
 def treq(gateway):
-    return StubTreq(make_resource(gateway, Config(max_api_body=100_000)))
+    return StubTreq(make_resource(node_of(gateway, Config(max_api_body=100_000))))
 
 
 def call(treq, method, path, body=None, raw=None):

@@ -268,7 +268,7 @@ def test_through_treq_and_the_app_client(agent, endpoints):
     client = AppClient(http_client_for(agent), URL.decode(), Clock())
     d = client(b"{}", {b"Content-Type": [b"application/json"]})
     answer(endpoints.transports[0], OK)
-    assert d.result == 200
+    assert d.result is None  # delivered, no reply asked for
     d = client(b"{}", {})
     answer(endpoints.transports[0], b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!")
     failure = d.result

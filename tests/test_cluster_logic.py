@@ -13,8 +13,10 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from fakes import make_gateway, open_conn
-from wsgw.cluster import (
-    Cluster,
+from wsgw.cluster import Cluster, Presence
+from wsgw.cluster.redislink import RedisDown
+from wsgw.cluster.wire import (
+    Command,
     Malformed,
     encode_command,
     encode_reply,
@@ -24,8 +26,7 @@ from wsgw.cluster import (
     presence_record,
 )
 from wsgw.config import Config, RedisAddress, parse_redis_url
-from wsgw.redislink import RedisDown
-from wsgw.registry import AccessType
+from wsgw.registry import AccessType, Registry, Targets
 
 
 class FakeLink:
@@ -60,11 +61,15 @@ class FakeLink:
 
 
 def make_node(node_id="n1", timeout=2.0):
+    """A node whose link to Redis is up and whose presence is written."""
     clock = Clock()
-    gateway = make_gateway(clock)
-    cluster = Cluster(gateway, RedisAddress(), node_id, clock, reply_timeout=timeout)
-    cluster.link = FakeLink()
-    cluster._resync = False
+    registry = Registry()
+    presence = Presence(registry, node_id)
+    gateway = make_gateway(clock, registry=registry, membership=presence)
+    cluster = Cluster(gateway, presence, RedisAddress(), clock, reply_timeout=timeout, link=FakeLink())
+    cluster._state(True)  # its first hash write and refresh, answered
+    cluster.link.commands.clear()
+    cluster.link.evals.clear()
     return clock, gateway, cluster
 
 
@@ -77,11 +82,11 @@ def results(d):
 def test_a_send_counts_every_node_that_received_it():
     clock, gateway, cluster = make_node()
     open_conn(gateway, "a", user="alice")
-    answer = results(cluster.send(b'"hi"', users=["alice"]))
+    answer = results(cluster.send(b'"hi"', Targets(users=["alice"])))
     [(channel, raw)] = cluster.link.published()
     assert channel == "wsgw:commands"
     command = parse_command(raw)
-    assert (command.origin, command.op, command.users, command.payload) == ("n1", "send", ["alice"], b'"hi"')
+    assert (command.origin, command.op, command.targets.users, command.payload) == ("n1", "send", ("alice",), b'"hi"')
     # Three subscribers got it: this node's own (its echo counts as its
     # answer, already applied) and two others.
     cluster.link.answer_publish(3)
@@ -96,7 +101,7 @@ def test_a_send_counts_every_node_that_received_it():
 
 def test_answers_before_the_publish_returns_are_counted():
     clock, gateway, cluster = make_node()
-    answer = results(cluster.close(users=["bob"]))
+    answer = results(cluster.close(Targets(users=["bob"])))
     command = parse_command(cluster.link.published()[0][1])
     cluster._message("wsgw:replies:n1", encode_reply("n2", command.request_id, 1))
     cluster._message("wsgw:commands", cluster.link.published()[0][1])
@@ -107,7 +112,7 @@ def test_answers_before_the_publish_returns_are_counted():
 def test_a_node_that_does_not_answer_makes_the_count_partial():
     clock, gateway, cluster = make_node(timeout=2.0)
     open_conn(gateway, "a", user="alice")
-    answer = results(cluster.send(b"1", users=["alice"]))
+    answer = results(cluster.send(b"1", Targets(users=["alice"])))
     cluster.link.answer_publish(2)
     clock.advance(1.9)
     assert answer == []
@@ -123,7 +128,7 @@ def test_with_redis_down_a_send_reaches_this_node_and_says_partial():
     clock, gateway, cluster = make_node()
     conn = open_conn(gateway, "a", user="alice")
     cluster.link.up = False
-    answer = results(cluster.send(b"1", users=["alice"]))
+    answer = results(cluster.send(b"1", Targets(users=["alice"])))
     assert [(r.matched, r.partial) for r in answer] == [(1, True)]
     assert conn.channel.frames == [b"1"]
 
@@ -132,10 +137,12 @@ def test_a_send_to_local_conn_ids_asks_nobody():
     clock, gateway, cluster = make_node()
     open_conn(gateway, "a")
     open_conn(gateway, "b")
-    assert [(r.matched, r.partial) for r in results(cluster.send(b"1", conn_ids=["a", "b", "a"]))] == [(2, False)]
+    assert [(r.matched, r.partial) for r in results(cluster.send(b"1", Targets(conn_ids=["a", "b", "a"])))] == [
+        (2, False)
+    ]
     assert cluster.link.published() == []
     # One conn id held elsewhere: the others are asked.
-    cluster.send(b"1", conn_ids=["a", "elsewhere"])
+    cluster.send(b"1", Targets(conn_ids=["a", "elsewhere"]))
     assert len(cluster.link.published()) == 1
 
 
@@ -143,13 +150,13 @@ def test_a_command_from_another_node_is_applied_and_answered():
     clock, gateway, cluster = make_node("n2")
     conn = open_conn(gateway, "a", user="alice", public=True)
     open_conn(gateway, "b", user="alice")
-    raw = encode_command("n1", "r1", "send", [], ["alice"], [], AccessType.PUBLIC, b'{"x":1}')
+    raw = encode_command(Command("n1", "r1", "send", Targets(users=["alice"], access=AccessType.PUBLIC), b'{"x":1}'))
     cluster._message("wsgw:commands", raw)
     assert conn.channel.frames == [b'{"x":1}']
     [(channel, reply)] = cluster.link.published()
     assert channel == "wsgw:replies:n1"
     assert parse_reply(reply) == ("n2", "r1", 1)
-    cluster._message("wsgw:commands", encode_command("n1", "r2", "close", ["a"], [], [], AccessType.ALL))
+    cluster._message("wsgw:commands", encode_command(Command("n1", "r2", "close", Targets(conn_ids=["a"]))))
     assert conn.channel.closed_with == (4000, "closed by app")
     assert cluster.stats.applied == 2
 
@@ -184,7 +191,7 @@ def test_a_refresh_that_finds_the_hash_gone_writes_it_again():
     cluster.link.up = True
     open_conn(gateway, "a")
     cluster.link.commands.clear()
-    cluster._tick()
+    cluster.presence.refresh()
     cluster.link.evals[0][2].callback(["", 0, 2])  # Redis restarted empty
     assert [args[0] for args, _ in cluster.link.commands] == ["DEL", "HSET"]
     assert cluster.stats.nodes == 2
@@ -235,13 +242,16 @@ def test_anything_from_redis_is_parsed_or_refused_never_crashes(value):
 
 @given(st.sampled_from(["conn_ids", "users", "tokens", "access", "payload", "from", "id", "op", "v"]), json_values)
 def test_a_command_with_any_field_replaced_is_valid_or_refused(field, value):
-    good = json.loads(encode_command("n1", "r", "send", ["c"], ["u"], ["t"], AccessType.ALL, b'{"a":1}'))
+    good = json.loads(
+        encode_command(Command("n1", "r", "send", Targets(conn_ids=["c"], users=["u"], tokens=["t"]), b'{"a":1}'))
+    )
     good[field] = value
     try:
         command = parse_command(json.dumps(good))
     except Malformed:
         return
-    assert all(isinstance(v, str) for v in [*command.conn_ids, *command.users, *command.tokens])
+    targets = command.targets
+    assert all(isinstance(v, str) for v in [*targets.conn_ids, *targets.users, *targets.tokens])
     json.loads(command.payload)
 
 
@@ -286,7 +296,8 @@ def test_the_password_never_shows():
 
 
 def test_the_memory_engine_needs_nothing_from_redis():
-    from wsgw.service import make_gateway as make_daemon_gateway
+    from wsgw.service import make_node as make_daemon_node
 
-    assert make_daemon_gateway(Config(), reactor=Clock()).cluster is None
+    node = make_daemon_node(Config(), reactor=Clock())
+    assert node.cluster is None and node.connections is node.gateway
     Config(redis_url="not even a url")  # only checked for --engine redis

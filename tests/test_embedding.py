@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from harness import py_client
-from wsgw import Config, make_gateway, make_resource, make_service
+from wsgw import Config, make_node, make_resource, make_service
 
 
 class Page(Resource):
@@ -28,12 +28,12 @@ class Page(Resource):
 @pytest_twisted.ensureDeferred
 async def test_mounted_in_an_existing_site(app):
     config = Config(listen=[], app_url=app.url, ping_timeout=0.5, ping_check_interval=0.1)
-    gateway = make_gateway(config, reactor)
-    service = make_service(config, reactor, gateway=gateway)
+    node = make_node(config, reactor)
+    service = make_service(config, reactor, node=node)
     service.startService()
     root = Resource()
     root.putChild(b"hello", Page())
-    root.putChild(b"gateway", make_resource(gateway, config))
+    root.putChild(b"gateway", make_resource(node))
     port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
     base = f"127.0.0.1:{port.getHost().port}"
     try:
@@ -121,4 +121,4 @@ async def test_two_embedded_gateways_are_one_cluster(app):
 
 
 async def _all_up(services):
-    return all(service.gateway.cluster.up for service in services)
+    return all(service.node.cluster.up for service in services)

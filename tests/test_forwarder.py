@@ -3,27 +3,30 @@ Events reach the app in order per connection, in parallel across
 connections, survive transient failures, and never wedge the gateway.
 """
 
+import pytest
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
-from fakes import FakeApp
-from wsgw.appclient import AppRejected, AppUnavailable
-from wsgw.forwarder import AppForwarder, Backoff
+from fakes import FakeApp, make_gateway, open_conn
+from wsgw.events import Event
+from wsgw.forwarder import AppForwarder, AppRejected, AppUnavailable, Backoff
+from wsgw.interfaces import IEventSink, IReadThrottle, IReplies
 
 
 def event(conn_id, n):
-    return (f'{{"conn_id":"{conn_id}","action":"message","data":{n}}}'.encode(), {})
+    return Event(conn_id, n, "message", f'{{"conn_id":"{conn_id}","action":"message","data":{n}}}'.encode())
 
 
 def make(app, clock=None, **kw):
-    return AppForwarder(clock=clock or Clock(), post=app, backoff=Backoff(rng=lambda: 0.0), **kw)
+    return AppForwarder(clock=clock or Clock(), sink=app, backoff=Backoff(rng=lambda: 0.0), **kw)
 
 
 def test_one_connection_one_request_at_a_time_in_order():
     app = FakeApp()
     fwd = make(app)
     for n in range(3):
-        fwd.enqueue("a", event("a", n))
+        fwd.enqueue(event("a", n))
     assert len(app.pending) == 1
     app.answer_all()
     assert [e["data"] for e, _, _ in app.attempts] == [0, 1, 2]
@@ -35,19 +38,19 @@ def test_connections_proceed_in_parallel_up_to_the_limit():
     app = FakeApp()
     fwd = make(app, max_in_flight=2)
     for conn_id in "abc":
-        fwd.enqueue(conn_id, event(conn_id, 0))
+        fwd.enqueue(event(conn_id, 0))
     assert [e["conn_id"] for e, _, _ in app.pending] == ["a", "b"]
-    app.pending[1][2].callback(200)  # b answers first: c takes its slot
+    app.pending[1][2].callback(None)  # b answers first: c takes its slot
     assert [e["conn_id"] for e, _, _ in app.pending] == ["a", "c"]
 
 
 def test_a_slow_connection_does_not_hold_back_others():
     app = FakeApp()
     fwd = make(app, max_in_flight=4)
-    fwd.enqueue("slow", event("slow", 0))
+    fwd.enqueue(event("slow", 0))
     for n in range(5):
-        fwd.enqueue("fast", event("fast", n))
-        [d for e, _, d in app.pending if e["conn_id"] == "fast"][0].callback(200)
+        fwd.enqueue(event("fast", n))
+        [d for e, _, d in app.pending if e["conn_id"] == "fast"][0].callback(None)
     assert [e["data"] for e, _, _ in app.attempts if e["conn_id"] == "fast"] == [0, 1, 2, 3, 4]
     assert len(app.pending) == 1
 
@@ -56,8 +59,8 @@ def test_transient_failure_is_retried_without_reordering():
     clock = Clock()
     app = FakeApp()
     fwd = make(app, clock)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("a", event("a", 1))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))
     app.pending[0][2].errback(ConnectionRefusedError())
     assert app.pending == []  # waiting out the back-off, event 1 not sent ahead
     clock.advance(0.05)
@@ -81,8 +84,8 @@ def test_backoff_is_capped_and_jittered():
 def test_rejected_event_is_given_up_at_once_and_the_next_goes_on():
     app = FakeApp()
     fwd = make(app)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("a", event("a", 1))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))
     app.pending[0][2].errback(AppRejected("app answered HTTP 400"))
     assert [e["data"] for e, _, _ in app.pending] == [1]
     assert fwd.stats.dropped == 1
@@ -93,8 +96,8 @@ def test_event_given_up_after_the_retry_window():
     clock = Clock()
     app = FakeApp()
     fwd = make(app, clock, retry_window=10.0)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("a", event("a", 1))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))
     while app.pending and app.pending[0][0]["data"] == 0:
         app.pending[0][2].errback(ConnectionRefusedError())
         clock.advance(5.0)
@@ -106,13 +109,15 @@ def test_event_given_up_after_the_retry_window():
 def test_a_bug_in_post_does_not_wedge_the_stream():
     calls = []
 
-    def post(body, headers):
-        calls.append(body)
-        raise RuntimeError("boom")
+    @implementer(IEventSink)
+    class Broken:
+        def post(self, event):
+            calls.append(event)
+            raise RuntimeError("boom")
 
     clock = Clock()
-    fwd = AppForwarder(clock=clock, post=post, retry_window=1.0, backoff=Backoff(rng=lambda: 0.0))
-    fwd.enqueue("a", event("a", 0))
+    fwd = AppForwarder(clock=clock, sink=Broken(), retry_window=1.0, backoff=Backoff(rng=lambda: 0.0))
+    fwd.enqueue(event("a", 0))
     clock.advance(2.0)
     assert fwd.stats.dropped == 1
     assert len(fwd) == 0
@@ -121,15 +126,23 @@ def test_a_bug_in_post_does_not_wedge_the_stream():
 def test_full_backlog_pauses_the_client_and_half_resumes_it():
     app = FakeApp()
     calls = []
-    fwd = make(app, max_backlog=4)
-    fwd.throttle = lambda conn_id, paused: calls.append((conn_id, paused))
+
+    @implementer(IReadThrottle)
+    class Recorded:
+        def backlog_full(self, conn_id):
+            calls.append((conn_id, True))
+
+        def backlog_eased(self, conn_id):
+            calls.append((conn_id, False))
+
+    fwd = make(app, max_backlog=4, throttle=Recorded())
     for n in range(4):
-        fwd.enqueue("a", event("a", n))
+        fwd.enqueue(event("a", n))
     assert calls == [("a", True)]
     assert fwd.is_throttled("a")
-    app.pending[0][2].callback(200)
+    app.pending[0][2].callback(None)
     assert calls == [("a", True)]
-    app.pending[0][2].callback(200)
+    app.pending[0][2].callback(None)
     assert calls == [("a", True), ("a", False)]
     assert not fwd.is_throttled("a")
 
@@ -138,7 +151,7 @@ def test_drained_fires_when_everything_is_delivered():
     app = FakeApp()
     fwd = make(app)
     assert fwd.drained().called
-    fwd.enqueue("a", event("a", 0))
+    fwd.enqueue(event("a", 0))
     d = fwd.drained()
     assert not d.called
     app.answer_all()
@@ -146,8 +159,8 @@ def test_drained_fires_when_everything_is_delivered():
 
 
 def test_no_app_means_nothing_is_queued():
-    fwd = AppForwarder(clock=Clock(), post=None)
-    fwd.enqueue("a", event("a", 0))
+    fwd = AppForwarder(clock=Clock(), sink=None)
+    fwd.enqueue(event("a", 0))
     assert len(fwd) == 0
     assert not fwd.enabled
 
@@ -158,12 +171,164 @@ def test_waiting_retries_do_not_hold_slots():
     clock = Clock()
     app = FakeApp()
     fwd = make(app, clock, max_in_flight=2)
-    fwd.enqueue("a", event("a", 0))
-    fwd.enqueue("b", event("b", 0))
-    fwd.enqueue("c", event("c", 0))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("b", 0))
+    fwd.enqueue(event("c", 0))
     for _, _, d in app.pending:
         d.errback(AppUnavailable("app answered HTTP 503"))
     assert [e["conn_id"] for e, _, _ in app.pending] == ["c"]
-    app.pending[0][2].callback(200)
+    app.pending[0][2].callback(None)
     clock.advance(0.1)
     assert sorted(e["conn_id"] for e, _, _ in app.pending) == ["a", "b"]
+
+
+# -- batches (--app-batch) ----------------------------------------------------
+
+
+def batch_ids(batch):
+    return [(e.conn_id, e.seq) for e in batch[1]]
+
+
+def test_batches_form_from_what_waits_while_a_request_is_in_flight():
+    app = FakeApp()
+    fwd = make(app, max_in_flight=1, batch=5)
+    fwd.enqueue(event("a", 0))
+    assert [batch_ids(b) for b in app.batches] == [[("a", 0)]]  # light traffic: at once, alone
+    for conn_id, n in [("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)]:
+        fwd.enqueue(event(conn_id, n))
+    assert len(app.batches) == 1  # no timer, no second request: the slot is taken
+    app.batches[0][2].callback(None)
+    # Connections take turns: a, just served, waits behind the others.
+    assert batch_ids(app.batches[1]) == [("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)]
+    app.batches[1][2].callback(None)
+    assert batch_ids(app.batches[2]) == [("a", 1)]
+    app.batches[2][2].callback(None)
+    assert (fwd.stats.delivered, fwd.stats.batches, len(fwd)) == (7, 3, 0)
+
+
+def test_a_connection_never_has_two_batches_in_flight():
+    app = FakeApp()
+    fwd = make(app, max_in_flight=4, batch=10)
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("a", 1))  # a's stream is in flight: it waits
+    fwd.enqueue(event("b", 0))
+    assert [batch_ids(b) for b in app.batches] == [[("a", 0)], [("b", 0)]]
+    app.batches[0][2].callback(None)
+    assert batch_ids(app.batches[2]) == [("a", 1)]
+
+
+def test_a_failed_batch_is_retried_whole_and_later_events_follow_it():
+    clock, app = Clock(), FakeApp()
+    fwd = make(app, clock, max_in_flight=1, batch=10)
+    fwd.enqueue(event("a", 0))
+    app.batches[0][2].callback(None)
+    fwd.enqueue(event("a", 1))
+    fwd.enqueue(event("b", 0))
+    assert batch_ids(app.batches[1]) == [("a", 1)]
+    fwd.enqueue(event("a", 2))
+    app.batches[1][2].errback(AppUnavailable("app answered HTTP 503"))
+    # Meanwhile the slot serves b, whose stream was ready.
+    assert batch_ids(app.batches[2]) == [("b", 0)]
+    app.batches[2][2].callback(None)
+    clock.advance(1.0)
+    assert batch_ids(app.batches[3]) == [("a", 1)]  # the same events, not a2
+    app.batches[3][2].callback(None)
+    assert batch_ids(app.batches[4]) == [("a", 2)]
+    assert (fwd.stats.retried, fwd.stats.dropped) == (1, 0)
+
+
+def test_a_rejected_batch_is_given_up_whole():
+    app = FakeApp()
+    fwd = make(app, max_in_flight=1, batch=10)
+    fwd.enqueue(event("x", 0))
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("b", 0))
+    app.batches[0][2].callback(None)
+    app.batches[1][2].errback(AppRejected("app answered HTTP 400"))
+    assert fwd.stats.dropped == 2 and len(fwd) == 0
+
+
+# -- inline replies ------------------------------------------------------------
+
+
+@implementer(IReplies)
+class RecordedReplies:
+    def __init__(self):
+        self.got = []
+
+    def reply(self, event, body):
+        self.got.append((event.conn_id, event.seq, body))
+
+
+def test_replies_go_back_in_the_order_of_their_events():
+    app, replies = FakeApp(), RecordedReplies()
+    fwd = make(app, replies=replies)
+    for n in range(3):
+        fwd.enqueue(event("a", n))
+    app.pending[0][2].callback(b"first")
+    app.pending[0][2].callback(None)  # no reply asked for
+    app.pending[0][2].callback(b"third")
+    assert replies.got == [("a", 0, b"first"), ("a", 2, b"third")]
+
+
+def test_a_reply_reaches_its_connection_as_one_text_frame():
+    clock, app = Clock(), FakeApp()
+    gateway = make_gateway(clock, app, prepare=lambda payload, binary: (payload, binary))
+    conn = open_conn(gateway, "a")
+    app.pending[0][2].callback(b'{"welcome":true}')  # the open event's answer
+    gateway.received(conn, b'"question"', False)
+    app.pending[0][2].callback("answer ✓".encode())
+    assert conn.channel.frames == [(b'{"welcome":true}', False), ("answer ✓".encode(), False)]
+    assert gateway.live.reply_stats.sent == 2
+
+
+@pytest.mark.parametrize(
+    "body, counted",
+    [
+        (b"\xff\xfe not utf-8", "not_utf8"),
+        (b"x" * 1001, "too_big"),
+    ],
+)
+def test_a_reply_that_cannot_be_sent_is_refused_counted_and_logged(body, counted, caplog_warnings):
+    clock, app = Clock(), FakeApp()
+    gateway = make_gateway(clock, app)
+    gateway.live.max_reply = 1000
+    conn = open_conn(gateway, "a")
+    app.pending[0][2].callback(body)
+    assert conn.channel.frames == []
+    assert gateway.live.reply_stats.refused == {counted: 1}
+    assert [e for e in caplog_warnings if "refused the app's reply to a:0" in e]
+
+
+def test_replies_to_close_events_and_empty_replies_send_nothing():
+    clock, app = Clock(), FakeApp()
+    gateway = make_gateway(clock, app)
+    conn = open_conn(gateway, "a")
+    channel = conn.channel
+    app.pending[0][2].callback(b"")  # empty: nothing
+    gateway.closed(conn, 1000, "")
+    app.pending[0][2].callback(b"bye")  # to a close event: dropped silently
+    assert channel.frames == []
+    assert gateway.live.reply_stats.sent == 0 and gateway.live.reply_stats.refused == {}
+
+
+def test_batches_take_no_replies():
+    app, replies = FakeApp(), RecordedReplies()
+    fwd = make(app, replies=replies, batch=5)
+    fwd.enqueue(event("a", 0))
+    app.batches[0][2].callback(b"ignored")
+    assert replies.got == []
+
+
+@pytest.fixture
+def caplog_warnings():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+
+    def observe(event):
+        seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from fakes import FakeApp, make_gateway, open_conn
 from wsgw.events import PONG
 from wsgw.gateway import CLOSE_BY_APP, CLOSE_GOING_AWAY, CLOSE_PING_TIMEOUT
-from wsgw.registry import AccessType
+from wsgw.registry import AccessType, Targets
 
 
 def test_ping_is_answered_with_exact_pong_and_not_forwarded():
@@ -31,12 +31,12 @@ def test_events_carry_cookie_and_event_id():
     conn = open_conn(gw, "a", cookie="auth_token=abc; x=1")
     app.answer_all()
     gw.received(conn, b'{"event":"ai","data":{}}', False)
-    event, headers, _ = app.attempts[-1]
-    assert event["data"] == {"event": "ai", "data": {}}
-    assert event["action"] == "message"
-    assert headers[b"Cookie"] == [b"auth_token=abc; x=1"]
-    assert headers[b"X-Wsgw-Event-Id"] == [b"a:1"]
-    assert app.attempts[0][1][b"X-Wsgw-Event-Id"] == [b"a:0"]
+    body, event, _ = app.attempts[-1]
+    assert body["data"] == {"event": "ai", "data": {}}
+    assert body["action"] == "message" == event.action
+    assert event.cookie == "auth_token=abc; x=1"
+    assert event.event_id == "a:1"
+    assert app.attempts[0][1].event_id == "a:0"
 
 
 def test_silent_connection_expires_with_close_frame_and_close_event():
@@ -110,10 +110,10 @@ def test_send_counts_matches_and_delivers_one_frame_to_each():
     a1 = open_conn(gw, "a1", "alice")
     a2 = open_conn(gw, "a2", "alice", public=True)
     b1 = open_conn(gw, "b1", "bob")
-    assert gw.send(b'{"x":1}', users=["alice"]) == 2
-    assert gw.send(b'"p"', users=["alice"], access=AccessType.PUBLIC) == 1
-    assert gw.send(b"null", conn_ids=["b1"]) == 1
-    assert gw.send(b"null", conn_ids=["gone"]) == 0
+    assert gw.send_here(b'{"x":1}', Targets(users=["alice"])) == 2
+    assert gw.send_here(b'"p"', Targets(users=["alice"], access=AccessType.PUBLIC)) == 1
+    assert gw.send_here(b"null", Targets(conn_ids=["b1"])) == 1
+    assert gw.send_here(b"null", Targets(conn_ids=["gone"])) == 0
     assert a1.channel.frames == [b'{"x":1}']
     assert a2.channel.frames == [b'{"x":1}', b'"p"']
     assert b1.channel.frames == [b"null"]
@@ -123,11 +123,11 @@ def test_close_by_app_sends_close_frame_and_stops_sends():
     clock, app = Clock(), FakeApp()
     gw = make_gateway(clock, app)
     a = open_conn(gw, "a", "alice")
-    assert gw.close(users=["alice"]) == 1
+    assert gw.close_here(Targets(users=["alice"])) == 1
     assert a.channel.closed_with == CLOSE_BY_APP
-    assert gw.send(b"1", users=["alice"]) == 0
-    assert gw.close(users=["alice"]) == 0
-    assert gw.listing() == []
+    assert gw.send_here(b"1", Targets(users=["alice"])) == 0
+    assert gw.close_here(Targets(users=["alice"])) == 0
+    assert gw.registry.listing() == []
     channel = a.channel
     gw.closed(a, 4000, "closed by app")
     app.answer_all()
@@ -169,7 +169,7 @@ def test_without_app_nothing_is_forwarded_but_clients_are_served():
     gw.received(conn, b'{"event":"ping"}', False)
     gw.received(conn, b"hi", False)
     assert conn.channel.frames == [PONG]
-    assert json.loads(json.dumps(gw.listing()))[0]["conns_number"] == 1
+    assert json.loads(json.dumps(gw.registry.listing()))[0]["conns_number"] == 1
 
 
 def test_connection_opening_during_shutdown_is_closed_too():

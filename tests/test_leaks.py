@@ -121,7 +121,7 @@ async def test_ten_thousand_connections_leave_nothing_behind():
         last_rss = live_rss_kib()
 
         assert len(gateway.registry) == 0
-        assert gateway._live == {}
+        assert len(gateway.live) == 0
         assert len(gateway.forwarder) == 0
         assert app.counts["open"] == app.counts["close"] == opened
         # Idle pooled connections to the app keep one timer each; nothing

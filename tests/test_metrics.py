@@ -79,7 +79,13 @@ async def test_metrics_move_when_they_should(app, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_retries_drops_backlog_and_readiness_when_the_app_is_down(tmp_path):
     daemon = await start_daemon(
-        "--app-url", f"http://127.0.0.1:{free_port()}/ws/message", "--retry-window", "1", cwd=tmp_path
+        "--app-url",
+        f"http://127.0.0.1:{free_port()}/ws/message",
+        "--retry-window",
+        "1",
+        "--app-down-after",
+        "0.5",
+        cwd=tmp_path,
     )
     try:
         response = await treq.get(daemon.base + "/readyz")
@@ -101,6 +107,10 @@ async def test_retries_drops_backlog_and_readiness_when_the_app_is_down(tmp_path
         assert samples["wsgw_app_retries_total"] >= 1
         assert samples["wsgw_app_events_dropped_total"] >= 1
 
+        async def unready():
+            return (await treq.get(daemon.base + "/readyz")).code == 503
+
+        await eventually(unready, "failures for --app-down-after to make the app down")
         response = await treq.get(daemon.base + "/readyz")
         assert response.code == 503
         body = await treq.json_content(response)

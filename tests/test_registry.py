@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from wsgw.registry import AccessType, Connection, Registry
+from wsgw.registry import AccessType, Connection, Registry, Targets
 
 
 def conn(conn_id, user="alice", token=None, public=False, agent=""):
@@ -36,13 +36,13 @@ def ids(conns):
 
 
 def test_select_by_conn_id(registry):
-    assert ids(registry.select(conn_ids=["b1"])) == ["b1"]
-    assert registry.select(conn_ids=["nope"]) == []
+    assert ids(registry.select(Targets(conn_ids=["b1"]))) == ["b1"]
+    assert registry.select(Targets(conn_ids=["nope"])) == []
 
 
 def test_select_by_users_includes_public_by_default(registry):
     """users_access_type 0 reaches the user name's public connections too."""
-    assert ids(registry.select(users=["alice", "carol"])) == ["a1", "a2", "ap", "c1"]
+    assert ids(registry.select(Targets(users=["alice", "carol"]))) == ["a1", "a2", "ap", "c1"]
 
 
 @pytest.mark.parametrize(
@@ -50,26 +50,29 @@ def test_select_by_users_includes_public_by_default(registry):
     [(AccessType.ALL, ["a1", "a2", "ap"]), (AccessType.PRIVATE, ["a1", "a2"]), (AccessType.PUBLIC, ["ap"])],
 )
 def test_users_access_type(registry, access, expected):
-    assert ids(registry.select(users=["alice"], access=access)) == expected
+    assert ids(registry.select(Targets(users=["alice"], access=access))) == expected
 
 
 def test_select_by_tokens(registry):
-    assert ids(registry.select(tokens=["t-shared"])) == ["b2", "c1"]
+    assert ids(registry.select(Targets(tokens=["t-shared"]))) == ["b2", "c1"]
 
 
 def test_several_criteria_intersect(registry):
-    assert ids(registry.select(users=["bob"], tokens=["t-shared"])) == ["b2"]
-    assert ids(registry.select(conn_ids=["a1"], users=["bob"])) == []
-    assert ids(registry.select(conn_ids=["b2", "c1"], users=["bob", "carol"], tokens=["t-shared"])) == ["b2", "c1"]
+    assert ids(registry.select(Targets(users=["bob"], tokens=["t-shared"]))) == ["b2"]
+    assert ids(registry.select(Targets(conn_ids=["a1"], users=["bob"]))) == []
+    assert ids(registry.select(Targets(conn_ids=["b2", "c1"], users=["bob", "carol"], tokens=["t-shared"]))) == [
+        "b2",
+        "c1",
+    ]
 
 
 def test_no_criterion_matches_nothing(registry):
-    assert registry.select() == []
+    assert registry.select(Targets()) == []
 
 
 def test_duplicates_in_criteria_match_once(registry):
-    assert ids(registry.select(users=["bob", "bob"])) == ["b1", "b2"]
-    assert ids(registry.select(conn_ids=["b1", "b1"])) == ["b1"]
+    assert ids(registry.select(Targets(users=["bob", "bob"]))) == ["b1", "b2"]
+    assert ids(registry.select(Targets(conn_ids=["b1", "b1"]))) == ["b1"]
 
 
 def test_remove_forgets_every_index(registry):
@@ -77,8 +80,8 @@ def test_remove_forgets_every_index(registry):
     assert registry.remove(b2) is True
     assert registry.remove(b2) is False
     assert registry.get("b2") is None
-    assert ids(registry.select(users=["bob"])) == ["b1"]
-    assert ids(registry.select(tokens=["t-shared"])) == ["c1"]
+    assert ids(registry.select(Targets(users=["bob"]))) == ["b1"]
+    assert ids(registry.select(Targets(tokens=["t-shared"]))) == ["c1"]
     registry.remove(registry.get("b1"))
     assert "bob" not in [e["name"] for e in registry.listing()]
     assert len(registry) == 4

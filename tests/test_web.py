@@ -46,13 +46,14 @@ def test_websocket_handshake_through_the_site_sets_no_autobahn_timer():
     """Behind the site the upgrade request arrives whole and is answered at
     once; the site's own deadline bounds it, so Autobahn's handshake timer
     is not armed (and cancelled) for every connection."""
-    from wsgw.service import make_gateway
+    from wsgw.service import make_node
     from wsgw.web import make_resource
 
     clock = Clock()
     config = Config()
-    gateway = make_gateway(config, reactor=clock)
-    site = GatewaySite(make_resource(gateway, config), config, reactor=clock)
+    node = make_node(config, reactor=clock)
+    gateway = node.gateway
+    site = GatewaySite(make_resource(node), config, reactor=clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
     transport = StringTransport()
     transport.protocol = channel  # as a TCP transport has it; Autobahn takes it over

@@ -11,9 +11,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.test.iosim import FakeTransport, connect
 
-from fakes import FakeApp
-from wsgw.config import Config
-from wsgw.service import make_gateway
+from twisted.internet import reactor
+
+from fakes import FakeApp, make_gateway
+from wsgw.internals import frame_bytes
+from wsgw.registry import Targets
+from wsgw.websocket import GatewayFactory, prepare_frame
 
 
 class Client(WebSocketClientProtocol):
@@ -29,8 +32,8 @@ class Client(WebSocketClientProtocol):
         self.close_info = (code, reason)
 
 
-def pair(gateway, headers=None, protocols=None):
-    server = gateway.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+def pair(factory, headers=None, protocols=None):
+    server = factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
     client_factory = WebSocketClientFactory("ws://127.0.0.1:40010/ws", headers=headers or {}, protocols=protocols)
     client = Client()
     client.factory = client_factory
@@ -50,24 +53,27 @@ def app():
 
 @pytest.fixture
 def gateway(app):
-    gw = make_gateway(Config(max_message_size=1000), http_client=None)
-    gw.forwarder.post = app
-    return gw
+    return make_gateway(reactor, app, prepare=prepare_frame)
 
 
-def test_handshake_identifies_and_forwards_open(gateway, app):
-    server, client, pump = pair(gateway, {"X-Bfl-User": "alice", "Cookie": "auth_token=abc"})
+@pytest.fixture
+def factory(gateway):
+    return GatewayFactory(gateway, reactor=reactor, max_message_size=1000)
+
+
+def test_handshake_identifies_and_forwards_open(gateway, app, factory):
+    server, client, pump = pair(factory, {"X-Bfl-User": "alice", "Cookie": "auth_token=abc"})
     pump.flush()
-    [(event, headers, _)] = app.attempts
+    [(event, record, _)] = app.attempts
     assert event["action"] == "open"
     assert (event["user_name"], event["token"], event["access_public"]) == ("alice", "abc", False)
     assert event["remote_addr"] == "10.1.2.3"
-    assert headers[b"Cookie"] == [b"auth_token=abc"]
+    assert record.cookie == "auth_token=abc"
     assert gateway.registry.get(event["conn_id"]) is server.conn
 
 
-def test_ping_pong_bytes_and_message_forwarding(gateway, app):
-    server, client, pump = pair(gateway)
+def test_ping_pong_bytes_and_message_forwarding(gateway, app, factory):
+    server, client, pump = pair(factory)
     pump.flush()
     client.sendMessage(b'{"event":"ping","data":{}}')
     client.sendMessage(b'{"event":"hello","data":{"x":1}}')
@@ -77,14 +83,14 @@ def test_ping_pong_bytes_and_message_forwarding(gateway, app):
     assert [e["data"] for e, _, _ in app.attempts] == [{}, {"event": "hello", "data": {"x": 1}}]
 
 
-def test_one_of_several_subprotocols_is_selected(gateway):
-    server, client, pump = pair(gateway, protocols=["v2.chat", "v1.chat"])
+def test_one_of_several_subprotocols_is_selected(gateway, factory):
+    server, client, pump = pair(factory, protocols=["v2.chat", "v1.chat"])
     pump.flush()
     assert client.websocket_protocol_in_use == "v2.chat"
 
 
-def test_oversized_message_closes_with_1009_and_close_event(gateway, app):
-    server, client, pump = pair(gateway)
+def test_oversized_message_closes_with_1009_and_close_event(gateway, app, factory):
+    server, client, pump = pair(factory)
     pump.flush()
     client.sendMessage(b'"' + b"x" * 2000 + b'"')
     pump.flush()
@@ -94,16 +100,16 @@ def test_oversized_message_closes_with_1009_and_close_event(gateway, app):
     assert len(gateway.registry) == 0
 
 
-def test_send_through_gateway_reaches_client(gateway, app):
-    server, client, pump = pair(gateway, {"X-Bfl-User": "bob"})
+def test_send_through_gateway_reaches_client(gateway, app, factory):
+    server, client, pump = pair(factory, {"X-Bfl-User": "bob"})
     pump.flush()
-    assert gateway.send(json.dumps({"hi": 1}).encode(), users=["bob"]) == 1
+    assert gateway.send_here(json.dumps({"hi": 1}).encode(), Targets(users=["bob"])) == 1
     pump.flush()
     assert client.received == [b'{"hi": 1}']
 
 
-def test_pausing_stops_reading(gateway):
-    server = gateway.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+def test_pausing_stops_reading(gateway, factory):
+    server = factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
     server.makeConnection(StringTransport())
     server.pause_reading()
     assert server.transport.producerState == "paused"
@@ -111,7 +117,7 @@ def test_pausing_stops_reading(gateway):
     assert server.transport.producerState == "producing"
 
 
-def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gateway, monkeypatch):
+def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gateway, monkeypatch, factory):
     """Autobahn pretty-prints every setting of every new connection for a
     debug line; the gateway's protocol copies the settings itself and
     skips that, yet ends up configured exactly as the factory says."""
@@ -119,12 +125,11 @@ def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gatew
 
     printed = []
     monkeypatch.setattr(autobahn_protocol, "pformat", lambda value: printed.append(value) or "")
-    server, client, pump = pair(gateway)
+    server, client, pump = pair(factory)
     pump.flush()
     assert server.state == server.STATE_OPEN
     # (The test's client is Autobahn's too, and prints its own settings.)
     assert not [value for value in printed if "GatewayFactory" in repr(value)]
-    factory = gateway.factory
     for name in (
         "maxMessagePayloadSize",
         "openHandshakeTimeout",
@@ -136,114 +141,38 @@ def test_handshake_takes_the_factory_settings_without_pretty_printing_them(gatew
         assert getattr(server, name) == getattr(factory, name), name
 
 
-def test_frames_sent_directly_keep_their_order_behind_queued_ones(gateway):
+def test_frames_sent_directly_keep_their_order_behind_queued_ones(gateway, factory):
     """A frame goes straight to the transport only when Autobahn has
     nothing queued; otherwise it queues behind, so order holds."""
-    server, client, pump = pair(gateway, {"X-Bfl-User": "carol"})
+    server, client, pump = pair(factory, {"X-Bfl-User": "carol"})
     pump.flush()
-    first = gateway.factory.prepare_text(b'"first"').payloadHybi
+    first = frame_bytes(prepare_frame(b'"first"'))
     # As a chopped or synced send leaves it: queued, its next write scheduled.
     server.send_queue.append((first, False))
     server.triggered = True
-    gateway.send(b'"second"', users=["carol"])
-    second = gateway.factory.prepare_text(b'"second"').payloadHybi
+    gateway.send_here(b'"second"', Targets(users=["carol"]))
+    second = frame_bytes(prepare_frame(b'"second"'))
     assert list(server.send_queue) == [(first, False), (second, False)]
     server.send_queue.clear()
     server.triggered = False
-    gateway.send(b'"third"', users=["carol"])
+    gateway.send_here(b'"third"', Targets(users=["carol"]))
     pump.flush()
     assert client.received == [b'"third"']
 
 
-class _Port:
-    _realPortNumber = 40010
+def test_an_unsolicited_pong_is_a_sign_of_life(gateway, factory):
+    server, client, pump = pair(factory)
+    pump.flush()
+    server.conn.last_seen = 0.0
+    client.sendPong(b"keep-alive")
+    pump.flush()
+    assert server.conn.last_seen > 0.0
 
 
-def _tcp_pair():
-    """A real TCP transport (Twisted's) over one end of a socket pair, on a
-    memory reactor, and the other end to read what it sends."""
-    import socket
-
-    from twisted.internet import tcp
-    from twisted.internet.protocol import Protocol
-    from twisted.internet.testing import MemoryReactor
-
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    reactor = MemoryReactor()
-    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 5555), _Port(), 1, reactor)
-    return transport, theirs, reactor
-
-
-def test_frames_go_out_at_once_when_nothing_waits():
-    """With nothing buffered, a frame is sent during the call, without the
-    reactor watching the socket for writing."""
-    from wsgw.websocket import _write_now
-
-    transport, peer, reactor = _tcp_pair()
-    _write_now(transport, b"frame-1")
-    assert peer.recv(100) == b"frame-1"
-    assert transport not in reactor.getWriters()
-    transport.socket.close()
-    peer.close()
-
-
-def test_frames_queue_behind_buffered_bytes():
-    """Bytes already buffered by the transport go first: a frame written
-    after them waits behind them, in order."""
-    from wsgw.websocket import _write_now
-
-    transport, peer, reactor = _tcp_pair()
-    transport.write(b"buffered;")
-    _write_now(transport, b"frame-2")
-
-    try:
-        early = peer.recv(100)
-    except (OSError, BlockingIOError):
-        early = b""
-    assert early == b""
-    assert transport in reactor.getWriters()
-    transport.doWrite()
-    assert peer.recv(100) == b"buffered;frame-2"
-    transport.socket.close()
-    peer.close()
-
-
-def test_what_the_socket_does_not_take_is_buffered_in_order():
-    """A frame larger than the socket takes at once: the rest is buffered
-    and follows, before anything written later."""
-    from wsgw.websocket import _write_now
-
-    transport, peer, reactor = _tcp_pair()
-    big = bytes(range(256)) * 40000  # ~10 MB: more than a socket pair buffers
-    _write_now(transport, big)
-    _write_now(transport, b"after")
-    assert transport in reactor.getWriters()
-    received = bytearray()
-    while len(received) < len(big) + 5:
-        try:
-            chunk = peer.recv(1 << 20)
-        except BlockingIOError:
-            chunk = b""
-        received += chunk
-        if not chunk:
-            transport.doWrite()
-    assert bytes(received) == big + b"after"
-    transport.socket.close()
-    peer.close()
-
-
-def test_a_transport_without_the_expected_fields_takes_the_ordinary_path():
-    """The fast path reads private fields of Twisted's TCP transport; one
-    that lacks them (another Twisted release) is not idle, so frames go
-    through write() instead of failing."""
-    from types import SimpleNamespace
-
-    from wsgw.websocket import _idle
-
-    transport, peer, reactor = _tcp_pair()
-    assert _idle(transport)
-    assert not _idle(SimpleNamespace(TLS=False, connected=True, disconnecting=False))
-    transport.socket.close()
-    peer.close()
+def test_the_gateway_ping_reaches_the_client_which_answers(gateway, factory):
+    server, client, pump = pair(factory)
+    pump.flush()
+    server.conn.last_seen = 0.0
+    gateway.ping_all()
+    pump.flush()  # the client's Autobahn answers with a pong
+    assert server.conn.last_seen > 0.0

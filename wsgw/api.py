@@ -7,42 +7,35 @@ also carries the matching HTTP status and names what was wrong.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import base64
+import binascii
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
-import attr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
-from .events import decode_json, to_json
-from .gateway import Gateway
-from .registry import AccessType
+from .interfaces import IConnections, Listing, Reach
+from .jsonio import decode_json, error_response, json_response, to_json
+from .registry import AccessType, Targets
 
 log = Logger()
 
+Answer = Dict[str, Any]
+
 
 class ApiError(Exception):
+    """A request the API refuses: its status and what was wrong."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
         self.message = message
 
 
-_REASONS = {426: b"Upgrade Required"}
-
-
-def json_response(request, status: int, body: Dict[str, Any]) -> bytes:
-    request.setResponseCode(status, _REASONS.get(status))
-    request.setHeader(b"Content-Type", b"application/json")
-    return to_json(body)
-
-
-def error_response(request, status: int, message: str) -> bytes:
-    return json_response(request, status, {"code": status, "message": message})
-
-
-def read_json_object(request, max_body: int) -> Dict[str, Any]:
+def read_json_object(request: Request, max_body: int) -> Dict[str, Any]:
     if getattr(request, "too_large", False):
         raise ApiError(413, f"request body is over the limit of {max_body} bytes")
     content = request.content
@@ -92,27 +85,23 @@ def access_type(body: Dict[str, Any]) -> AccessType:
     return AccessType(value)
 
 
-@attr.s(frozen=True)
-class Targets:
-    conn_ids: Sequence[str] = attr.ib()
-    users: Sequence[str] = attr.ib()
-    tokens: Sequence[str] = attr.ib()
-    access: AccessType = attr.ib()
-
-    @classmethod
-    def from_body(cls, body: Dict[str, Any], conn_field: str, what: str) -> Targets:
-        conn_ids = (
-            string_list(body, conn_field, drop_empty=True)
-            if conn_field == "conns"
-            else optional_string(body, conn_field)
-        )
-        targets = cls(conn_ids, string_list(body, "users"), string_list(body, "tokens"), access_type(body))
-        if not (targets.conn_ids or targets.users or targets.tokens):
-            raise ApiError(400, f"{what} target is nil: give {conn_field}, users or tokens")
-        return targets
-
-    def criteria(self) -> tuple:
-        return self.conn_ids, self.users, self.tokens, self.access
+def read_targets(body: Dict[str, Any], conn_field: str, what: str) -> Targets:
+    """
+    The L{Targets} of a C{send} (one C{conn_id}) or C{close} (a C{conns}
+    list); at least one criterion is required.
+    """
+    conn_ids = (
+        string_list(body, conn_field, drop_empty=True) if conn_field == "conns" else optional_string(body, conn_field)
+    )
+    targets = Targets(
+        conn_ids=conn_ids,
+        users=string_list(body, "users"),
+        tokens=string_list(body, "tokens"),
+        access=access_type(body),
+    )
+    if not targets:
+        raise ApiError(400, f"{what} target is nil: give {conn_field}, users or tokens")
+    return targets
 
 
 class JsonEndpoint(Resource):
@@ -124,12 +113,12 @@ class JsonEndpoint(Resource):
     isLeaf = True
     methods: Sequence[bytes] = ()
 
-    def __init__(self, gateway: Gateway, max_body: int):
+    def __init__(self, connections: IConnections, max_body: int):
         super().__init__()
-        self.gateway = gateway
+        self.connections = connections
         self.max_body = max_body
 
-    def render(self, request):
+    def render(self, request: Request) -> Union[bytes, int]:
         if request.method not in self.methods:
             request.setHeader(b"Allow", b", ".join(self.methods))
             return error_response(
@@ -145,92 +134,110 @@ class JsonEndpoint(Resource):
         except Exception:
             log.failure("API {path} failed", path=request.path)
             return error_response(request, 500, "internal error; see the gateway's log")
-        if isinstance(answer, Deferred):
-            # A cluster-wide answer: the other nodes are asked through Redis.
-            answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
-            return NOT_DONE_YET
-        return json_response(request, 200, answer)
+        if answer.called:
+            # Known at once (one process, or targets all on this node).
+            outcome: List[Union[Answer, Failure]] = []
+            answer.addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                log.failure("API {path} failed", outcome[0], path=request.path)
+                return error_response(request, 500, "internal error; see the gateway's log")
+            return json_response(request, 200, outcome[0])
+        # A cluster asks the other nodes through Redis first.
+        answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+        return NOT_DONE_YET
 
-    def _answered(self, answer, request) -> None:
+    def _answered(self, answer: Answer, request: Request) -> None:
         if not request.channel:  # the caller hung up meanwhile
             return
         request.write(json_response(request, 200, answer))
         request.finish()
 
-    def _failed(self, failure, request) -> None:
+    def _failed(self, failure: Failure, request: Request) -> None:
         log.failure("API {path} failed", failure, path=request.path)
         if request.channel:
             request.write(error_response(request, 500, "internal error; see the gateway's log"))
             request.finish()
 
-    def answer(self, request):
-        """The answer's body, or a L{Deferred} of it."""
+    def answer(self, request: Request) -> Deferred[Answer]:
+        """The answer's body."""
         raise NotImplementedError
 
 
-def encode_payload(body: Dict[str, Any]) -> bytes:
-    return to_json(body.get("payload"))
-
-
-def reach_answer(matched: int, partial: bool = False) -> Dict[str, Any]:
-    data: Dict[str, Any] = {"matched": matched}
-    if partial:
+def reach_answer(reach: Reach) -> Answer:
+    data: Answer = {"matched": reach.matched}
+    if reach.partial:
         # Some node was not reached (Redis down, a node not answering).
         data["partial"] = True
     return {"code": 0, "message": "success", "data": data}
 
 
-def _reached(reach) -> Dict[str, Any]:
-    return reach_answer(reach.matched, reach.partial)
+def list_answer(listing: Listing) -> Answer:
+    answer: Answer = {"code": 0, "message": "success", "data": listing.entries}
+    if listing.partial:
+        answer["partial"] = True
+    return answer
+
+
+_FRAME_FIELDS = ("payload", "text", "binary")
+
+
+def read_frame(body: Dict[str, Any]) -> Tuple[bytes, bool]:
+    """
+    What a C{send} sends, and whether as a binary frame: C{payload} (a JSON
+    value, encoded once; absent, C{null} as in the original), C{text} (a
+    string sent as it is) or C{binary} (base64).  One of them at most.
+    """
+    given = [field for field in _FRAME_FIELDS if field in body]
+    if len(given) > 1:
+        raise ApiError(400, f"give one of payload, text or binary, not {' and '.join(given)}")
+    if "text" in body:
+        text = body["text"]
+        if not isinstance(text, str):
+            raise ApiError(400, "text must be a string (it is sent as it is, as one text frame)")
+        try:
+            return text.encode("utf-8"), False
+        except UnicodeEncodeError:
+            raise ApiError(400, "text must be valid Unicode: it holds a lone surrogate") from None
+    if "binary" in body:
+        data = body["binary"]
+        if not isinstance(data, str):
+            raise ApiError(400, "binary must be a base64 string")
+        try:
+            return base64.b64decode(data, validate=True), True
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "binary must be standard base64 (A-Z, a-z, 0-9, +, /, = padding)") from None
+    return to_json(body.get("payload")), False
 
 
 class SendEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
-    def answer(self, request):
+    def answer(self, request: Request) -> Deferred[Answer]:
         body = read_json_object(request, self.max_body)
-        targets = Targets.from_body(body, "conn_id", "send message")
-        payload = encode_payload(body)
-        cluster = self.gateway.cluster
-        if cluster is None:
-            return reach_answer(self.gateway.send(payload, *targets.criteria()))
-        return cluster.send(payload, *targets.criteria()).addCallback(_reached)
+        targets = read_targets(body, "conn_id", "send message")
+        payload, binary = read_frame(body)
+        return self.connections.send(payload, targets, binary).addCallback(reach_answer)
 
 
 class CloseEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
-    def answer(self, request):
-        body = read_json_object(request, self.max_body)
-        targets = Targets.from_body(body, "conns", "close")
-        cluster = self.gateway.cluster
-        if cluster is None:
-            return reach_answer(self.gateway.close(*targets.criteria()))
-        return cluster.close(*targets.criteria()).addCallback(_reached)
-
-
-def _listed(result) -> Dict[str, Any]:
-    entries, partial = result
-    answer: Dict[str, Any] = {"code": 0, "message": "success", "data": entries}
-    if partial:
-        answer["partial"] = True
-    return answer
+    def answer(self, request: Request) -> Deferred[Answer]:
+        targets = read_targets(read_json_object(request, self.max_body), "conns", "close")
+        return self.connections.close(targets).addCallback(reach_answer)
 
 
 class ListEndpoint(JsonEndpoint):
     methods = (b"GET",)
 
-    def answer(self, request):
-        cluster = self.gateway.cluster
-        if cluster is None:
-            return {"code": 0, "message": "success", "data": self.gateway.listing()}
-        return cluster.listing().addCallback(_listed)
+    def answer(self, request: Request) -> Deferred[Answer]:
+        return self.connections.listing().addCallback(list_answer)
 
 
 class JsonNotFound(Resource):
     isLeaf = True
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes:
         return error_response(request, 404, f"no such path: {request.path.decode('utf-8', 'replace')}")
 
 
@@ -239,19 +246,19 @@ class JsonTree(Resource):
     A resource whose unknown children answer 404 in JSON.
     """
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: Request) -> Resource:
         return JsonNotFound()
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes:
         return JsonNotFound().render(request)
 
 
-def conn_api(gateway: Gateway, max_body: int) -> Resource:
+def conn_api(connections: IConnections, max_body: int) -> Resource:
     """
     The C{/tapr/ws/conn} resource with its three endpoints.
     """
     conn = JsonTree()
-    conn.putChild(b"send", SendEndpoint(gateway, max_body))
-    conn.putChild(b"close", CloseEndpoint(gateway, max_body))
-    conn.putChild(b"list", ListEndpoint(gateway, max_body))
+    conn.putChild(b"send", SendEndpoint(connections, max_body))
+    conn.putChild(b"close", CloseEndpoint(connections, max_body))
+    conn.putChild(b"list", ListEndpoint(connections, max_body))
     return conn

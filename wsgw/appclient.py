@@ -27,20 +27,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from .apphttp import AppAgent, AppPool
-
-
-class AppRejected(Exception):
-    """
-    The app answered in a way that retrying will not change (a 4xx other
-    than 408 and 429).
-    """
-
-
-class AppUnavailable(Exception):
-    """
-    The app answered with a status worth retrying (5xx, 408, 429).
-    """
-
+from .events import Event
+from .forwarder import AppRejected, AppUnavailable
 
 _RETRY_STATUSES = frozenset({408, 429})
 
@@ -252,6 +240,16 @@ class AppClient:
         self._parsed_url = _as_uri(EncodedURL.from_text(self.url))
         self._host = _host_header(self._parsed_url)
 
+    def post(self, event: Event) -> Deferred:
+        headers = {
+            b"Content-Type": [b"application/json"],
+            b"X-Wsgw-Event-Id": [event.event_id.encode()],
+            b"X-Forwarded-For": [event.remote_addr.encode("utf-8", "replace")],
+        }
+        if event.cookie:
+            headers[b"Cookie"] = [event.cookie.encode("utf-8", "replace")]
+        return self(event.body, headers)
+
     def __call__(self, body: bytes, headers: Dict[bytes, List[bytes]]) -> Deferred:
         request_headers = Headers(headers)
         if self._host is not None and not request_headers.hasHeader(b"Host"):
@@ -268,7 +266,7 @@ class AppClient:
         # Read (and discard) the body so the connection returns to the pool.
         d = treq.content(response)
         if 200 <= status < 400:
-            return d.addCallback(lambda _: status)
+            return d.addCallback(lambda _: None)
         if status >= 500 or status in _RETRY_STATUSES:
             error: Exception = AppUnavailable(f"app answered HTTP {status}")
         else:

@@ -216,12 +216,20 @@ class Config:
     ping_timeout: float = attr.ib(default=45.0, validator=_positive)
     #: How often the heartbeat sweep looks for silent connections.
     ping_check_interval: float = attr.ib(default=5.0, validator=_positive)
+    #: Send every client a WebSocket ping this often (0: never), for
+    #: clients that send no heartbeat of their own.
+    ws_ping_interval: float = attr.ib(default=0.0, validator=_non_negative)
     #: Give up one attempt at POSTing an event after this long.
     app_timeout: float = attr.ib(default=10.0, validator=_positive)
     #: Keep retrying a failed event (5xx, 429, connection errors) this long.
     retry_window: float = attr.ib(default=60.0, validator=_positive)
+    #: C{/readyz} says the app is down (503) once its attempts have failed,
+    #: with no success in between, for this long; one failure never does.
+    app_down_after: float = attr.ib(default=10.0, validator=_positive)
     #: At most this many event POSTs are in flight at once (all connections).
     max_in_flight: int = attr.ib(default=64, validator=_positive_int)
+    #: Events one POST may carry (a JSON array of them); 1 posts each alone.
+    app_batch: int = attr.ib(default=1, validator=_positive_int)
     #: Events waiting for the app, per connection, before the gateway
     #: stops reading from that client.
     max_backlog: int = attr.ib(default=1000, validator=_positive_int)

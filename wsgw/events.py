@@ -9,40 +9,41 @@ re-encoded on its way to the app.
 from __future__ import annotations
 
 import base64
-import json
-from typing import Tuple
+from typing import Optional, Tuple
 
+import attr
+
+from .jsonio import decode_json, to_json
 from .registry import Connection
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Event:
+    """
+    One lifecycle event on its way to the app: what the forwarder queues
+    and what the app client turns into a request.
+    """
+
+    conn_id: str
+    #: The connection's event number, from 0: with C{conn_id} it names the
+    #: event (C{X-Wsgw-Event-Id}), so the app can drop a repeat.
+    seq: int
+    #: C{open}, C{message} or C{close}.
+    action: str
+    #: The JSON object the app receives.
+    body: bytes = attr.ib(repr=False)
+    #: The client's C{Cookie} header, passed on as the client sent it.
+    cookie: str = attr.ib(default="", repr=False)
+    #: The client's address, passed on as C{X-Forwarded-For}.
+    remote_addr: str = ""
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.conn_id}:{self.seq}"
+
 
 PONG = b'{"event":"pong"}'
 EMPTY_OBJECT = b"{}"
-
-
-def to_json(value) -> bytes:
-    """
-    Compact UTF-8 JSON.  Text that cannot be UTF-8 (a lone surrogate such
-    as C{"\\ud800"} parsed from an API body) falls back to ASCII escapes,
-    which every JSON parser reads back to the same value.
-    """
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")
-
-
-def refuse_constant(name: str):
-    """
-    For C{json.loads}: Python accepts NaN and Infinity, which are not JSON
-    and which the app's or a client's parser would reject.
-    """
-    raise ValueError(f"{name} is not JSON")
-
-
-#: One decoder for every JSON text the gateway reads (client messages, API
-#: bodies, cluster messages): C{json.loads} with an option builds a new
-#: decoder (and its scanner) per call.
-decode_json = json.JSONDecoder(parse_constant=refuse_constant).decode
 
 
 def envelope_tail(conn: Connection) -> bytes:
@@ -81,7 +82,7 @@ def open_extra(conn: Connection) -> bytes:
 BINARY_EXTRA = b',"binary":true'
 
 
-def close_extra(code, reason: str) -> bytes:
+def close_extra(code: Optional[int], reason: str) -> bytes:
     """
     Fields beyond the original's that a C{close} event carries: the
     WebSocket close code and reason (1006 when the connection just dropped).

@@ -2,31 +2,51 @@
 Delivery of lifecycle events to the app.
 
 Each connection has an L{EventStream}: its events wait there and go to the
-app one at a time, in order, so the app sees C{open}, the messages, then
-C{close}.  Different connections proceed in parallel, up to
-C{max_in_flight} requests at once.  A failed attempt that may succeed later
-(connection refused or reset, time-out, 5xx, 429) is retried with capped
-exponential back-off and jitter until C{retry_window} has passed since the
-event's first attempt; only then is the event given up, counted and logged.
+app in order, so the app sees C{open}, the messages, then C{close}, and a
+connection never has two requests in flight.  Different connections
+proceed in parallel, up to C{max_in_flight} requests at once.
+
+A request carries one event, or with C{batch} above 1 up to that many, of
+any connections, in a JSON array: a batch forms from what waits while the
+earlier requests are in flight (no timer: under light traffic each event
+goes at once, alone).
+
+A failed attempt that may succeed later (connection refused or reset,
+time-out, 5xx, 429) is retried, the same events together, with capped
+exponential back-off and jitter until C{retry_window} has passed since
+their first attempt; only then are they given up, counted and logged.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import attr
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from .appclient import AppRejected
+from .events import Event
+from .interfaces import IEventSink, IReadThrottle, IReplies
 
 log = Logger()
 
-#: C{(body, headers)} of one event POST.
-Event = Tuple[bytes, Dict[bytes, bytes]]
+
+class AppRejected(Exception):
+    """
+    The app answered in a way that retrying will not change (a 4xx other
+    than 408 and 429): the event is given up at once.
+    """
+
+
+class AppUnavailable(Exception):
+    """
+    The app answered with a status worth retrying (5xx, 408, 429).
+    """
 
 
 @attr.s(slots=True, frozen=True)
@@ -60,8 +80,11 @@ class ForwardStats:
     delivered: int = attr.ib(default=0)
     retried: int = attr.ib(default=0)
     dropped: int = attr.ib(default=0)
+    #: Requests that carried more than one event, and the events in them.
+    batches: int = attr.ib(default=0)
+    batched_events: int = attr.ib(default=0)
     #: Attempts per latency bucket (the last counts those over every bound).
-    latency_counts: list = attr.ib(factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_counts: List[int] = attr.ib(factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = attr.ib(default=0.0)
 
     def observe(self, seconds: float) -> None:
@@ -71,6 +94,43 @@ class ForwardStats:
                 self.latency_counts[index] += 1
                 return
         self.latency_counts[-1] += 1
+
+
+@attr.s(slots=True)
+class AppHealth:
+    """
+    Whether the app is reachable, as a sustained condition rather than the
+    verdict of the last attempt: one 503, one slow answer or one stale
+    keep-alive is retried and changes nothing.  The app is I{down} once
+    attempts have failed without a single success in between for at least
+    C{down_after} seconds (the first failure and the latest are that far
+    apart); any answer it gives, even one refusing an event, is a success.
+    """
+
+    down_after: float = attr.ib(default=10.0)
+    #: When the app last answered; None before its first answer.
+    last_success: Optional[float] = attr.ib(default=None)
+    #: The first and the latest failure since the last success.
+    failing_since: Optional[float] = attr.ib(default=None)
+    last_failure: Optional[float] = attr.ib(default=None)
+
+    def succeeded(self, now: float) -> None:
+        self.last_success = now
+        self.failing_since = self.last_failure = None
+
+    def failed(self, now: float) -> None:
+        if self.failing_since is None:
+            self.failing_since = now
+        self.last_failure = now
+
+    @property
+    def state(self) -> str:
+        """C{unknown}, C{up}, C{failing} (not for long enough to count) or C{down}."""
+        if self.failing_since is not None and self.last_failure is not None:
+            if self.last_failure - self.failing_since >= self.down_after:
+                return "down"
+            return "failing"
+        return "unknown" if self.last_success is None else "up"
 
 
 @attr.s(slots=True, eq=False)
@@ -84,13 +144,38 @@ class EventStream:
     pending: Deque[Event] = attr.ib(factory=deque)
     #: Bytes of the bodies in C{pending}.
     size: int = attr.ib(default=0)
-    #: When the head event was first attempted, and how often it failed.
+    #: The gateway stopped reading from the client because of this backlog.
+    throttled: bool = attr.ib(default=False)
+
+
+@attr.s(slots=True, eq=False)
+class _Request:
+    """
+    Events on their way in one request, the first C{count} of each of
+    their streams, and how trying to deliver them has gone.
+    """
+
+    parts: List[Tuple[EventStream, int]] = attr.ib(factory=list)
+    events: List[Event] = attr.ib(factory=list)
+    #: When these events were first attempted, and how often that failed.
     first_try: Optional[float] = attr.ib(default=None)
     failures: int = attr.ib(default=0)
     #: When the attempt in flight began.
     attempt_started: float = attr.ib(default=0.0)
-    #: The gateway stopped reading from the client because of this backlog.
-    throttled: bool = attr.ib(default=False)
+
+
+@implementer(IReadThrottle, IReplies)
+class NoThrottle:
+    """For a forwarder whose clients nobody can pause or answer (tests, tools)."""
+
+    def backlog_full(self, conn_id: str) -> None:
+        pass
+
+    def backlog_eased(self, conn_id: str) -> None:
+        pass
+
+    def reply(self, event: Event, body: bytes) -> None:
+        pass
 
 
 @attr.s(eq=False)
@@ -99,37 +184,41 @@ class AppForwarder:
     Posts events to the app with per-connection order and bounded
     parallelism.
 
-    C{post(body, headers)} performs one attempt and returns a L{Deferred}
-    that fires when the app accepted the event, or fails: with
-    L{AppRejected} for an answer that retrying cannot change, any other
-    failure for one worth retrying.
+    C{sink} (an L{IEventSink}) makes one attempt per call; L{None} means
+    no app is configured and nothing is forwarded.
 
-    C{throttle(conn_id, paused)} is told when a connection's backlog
-    reaches C{max_backlog} events or C{max_backlog_bytes} (C{paused=True})
-    and when it has fallen to half of both again (C{paused=False}), so the
-    caller can stop reading from that client meanwhile.
+    C{throttle} is told when a connection's backlog reaches C{max_backlog}
+    events or C{max_backlog_bytes} and when it has fallen to half of both
+    again, so that reading from that client stops meanwhile.  C{replies}
+    takes what the app answers to an event for its connection (one event
+    per request only).
     """
 
     clock: IReactorTime = attr.ib()
-    post: Optional[Callable[[bytes, Dict[bytes, bytes]], Deferred]] = attr.ib()
+    sink: Optional[IEventSink] = attr.ib()
+    throttle: IReadThrottle = attr.ib(factory=NoThrottle)
+    replies: IReplies = attr.ib(factory=NoThrottle)
     max_in_flight: int = attr.ib(default=64)
     max_backlog: int = attr.ib(default=1000)
     max_backlog_bytes: int = attr.ib(default=4 * 1024 * 1024)
     retry_window: float = attr.ib(default=60.0)
+    #: Events one request may carry; 1 posts each event alone.
+    batch: int = attr.ib(default=1)
     backoff: Backoff = attr.ib(factory=Backoff)
-    throttle: Callable[[str, bool], None] = attr.ib(default=lambda conn_id, paused: None)
     stats: ForwardStats = attr.ib(factory=ForwardStats)
+    health: AppHealth = attr.ib(factory=AppHealth)
 
-    #: What the last answer said of the app: "unknown", "up" or "down".
-    app_state: str = attr.ib(default="unknown", init=False)
     _streams: Dict[str, EventStream] = attr.ib(factory=dict, init=False)
+    #: Streams with events and no request in flight, in the order they got ready.
     _ready: Deque[EventStream] = attr.ib(factory=deque, init=False)
+    #: Requests whose back-off has passed, waiting for a free slot.
+    _retries: Deque[_Request] = attr.ib(factory=deque, init=False)
     _in_flight: int = attr.ib(default=0, init=False)
-    _drain_waiters: list = attr.ib(factory=list, init=False)
+    _drain_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
 
     @property
     def enabled(self) -> bool:
-        return self.post is not None
+        return self.sink is not None
 
     @property
     def in_flight(self) -> int:
@@ -149,18 +238,19 @@ class AppForwarder:
         stream = self._streams.get(conn_id)
         return stream is not None and stream.throttled
 
-    def enqueue(self, conn_id: str, event: Event) -> None:
+    def enqueue(self, event: Event) -> None:
         """
-        Queue the next event of C{conn_id} behind its earlier ones.
+        Queue C{event} behind the earlier events of its connection.
         """
-        if self.post is None:
+        if self.sink is None:
             return
+        conn_id = event.conn_id
         stream = self._streams.get(conn_id)
         idle = stream is None
-        if idle:
+        if stream is None:
             stream = self._streams[conn_id] = EventStream(conn_id)
         stream.pending.append(event)
-        stream.size += len(event[0])
+        stream.size += len(event.body)
         if not stream.throttled and (len(stream.pending) >= self.max_backlog or stream.size >= self.max_backlog_bytes):
             stream.throttled = True
             log.info(
@@ -168,99 +258,136 @@ class AppForwarder:
                 conn_id=conn_id,
                 backlog=len(stream.pending),
             )
-            self.throttle(conn_id, True)
+            self.throttle.backlog_full(conn_id)
         if idle:
             self._ready.append(stream)
             self._pump()
 
     def _pump(self) -> None:
-        while self._ready and self._in_flight < self.max_in_flight:
-            stream = self._ready.popleft()
+        while self._in_flight < self.max_in_flight:
+            if self._retries:
+                request = self._retries.popleft()
+            elif self._ready:
+                request = self._next_request()
+            else:
+                return
             self._in_flight += 1
-            self._attempt(stream)
+            self._attempt(request)
 
-    def _attempt(self, stream: EventStream) -> None:
-        stream.attempt_started = self.clock.seconds()
-        if stream.first_try is None:
-            stream.first_try = stream.attempt_started
-        body, headers = stream.pending[0]
+    def _next_request(self) -> _Request:
+        """
+        The next request: the head event of the first ready stream, or in
+        batches as many waiting events as fit, stream by stream in order.
+        """
+        request = _Request()
+        room = self.batch
+        while room and self._ready:
+            stream = self._ready.popleft()
+            count = min(room, len(stream.pending))
+            request.parts.append((stream, count))
+            for index in range(count):
+                request.events.append(stream.pending[index])
+            room -= count
+        return request
+
+    def _attempt(self, request: _Request) -> None:
+        request.attempt_started = self.clock.seconds()
+        if request.first_try is None:
+            request.first_try = request.attempt_started
+        assert self.sink is not None
         try:
-            d = self.post(body, headers)
-        except Exception as e:  # a bug in post must not wedge the stream
-            d = Deferred()
-            d.errback(e)
-        d.addCallbacks(self._delivered, self._failed, callbackArgs=(stream,), errbackArgs=(stream,))
+            if self.batch > 1:
+                d = self.sink.post_batch(request.events)
+            else:
+                d = self.sink.post(request.events[0])
+        except Exception:  # a bug in the sink must not wedge the streams
+            d = fail()
+        d.addCallbacks(self._delivered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
 
-    def _delivered(self, _ignored, stream: EventStream) -> None:
-        self.stats.delivered += 1
-        self.stats.observe(self.clock.seconds() - stream.attempt_started)
-        self.app_state = "up"
-        self._finish_head(stream)
+    def _delivered(self, reply: Optional[bytes], request: _Request) -> None:
+        now = self.clock.seconds()
+        events = len(request.events)
+        self.stats.delivered += events
+        if self.batch > 1:
+            self.stats.batches += 1
+            self.stats.batched_events += events
+        self.stats.observe(now - request.attempt_started)
+        self.health.succeeded(now)
+        if reply is not None and self.batch == 1:
+            self.replies.reply(request.events[0], reply)
+        self._finish(request)
 
-    def _failed(self, failure, stream: EventStream) -> None:
-        self.stats.observe(self.clock.seconds() - stream.attempt_started)
+    def _failed(self, failure: Failure, request: _Request) -> None:
+        now = self.clock.seconds()
+        self.stats.observe(now - request.attempt_started)
         reason = failure.getErrorMessage() or failure.type.__name__
-        elapsed = self.clock.seconds() - stream.first_try
-        stream.failures += 1
+        assert request.first_try is not None
+        elapsed = now - request.first_try
+        request.failures += 1
         permanent = failure.check(AppRejected) is not None
-        self.app_state = "up" if permanent else "down"
+        if permanent:
+            self.health.succeeded(now)  # it answered: it is up
+        else:
+            self.health.failed(now)
+        first = request.events[0]
         if permanent or elapsed >= self.retry_window:
-            self.stats.dropped += 1
+            self.stats.dropped += len(request.events)
             log.warn(
-                "gave up an event of {conn_id} after {attempts} attempt(s): {reason}",
-                conn_id=stream.conn_id,
-                attempts=stream.failures,
+                "gave up {count} event(s) of {conn_id} after {attempts} attempt(s): {reason}",
+                count=len(request.events),
+                conn_id=first.conn_id if len(request.parts) == 1 else f"{len(request.parts)} connections",
+                attempts=request.failures,
                 reason=reason,
             )
-            self._finish_head(stream)
+            self._finish(request)
             return
         self.stats.retried += 1
-        delay = min(self.backoff.delay(stream.failures - 1), max(0.0, self.retry_window - elapsed))
+        delay = min(self.backoff.delay(request.failures - 1), max(0.0, self.retry_window - elapsed))
         log.info(
             "app unavailable for {conn_id} ({reason}); retrying in {delay:.2f}s",
-            conn_id=stream.conn_id,
+            conn_id=first.conn_id if len(request.parts) == 1 else f"{len(request.parts)} connections",
             reason=reason,
             delay=delay,
         )
         # Give the slot back while waiting: other connections go on.
         self._in_flight -= 1
-        self.clock.callLater(delay, self._retry, stream)
+        self.clock.callLater(delay, self._retry, request)
         self._pump()
 
-    def _retry(self, stream: EventStream) -> None:
-        self._ready.append(stream)
+    def _retry(self, request: _Request) -> None:
+        self._retries.append(request)
         self._pump()
 
-    def _finish_head(self, stream: EventStream) -> None:
-        body, _headers = stream.pending.popleft()
-        stream.size -= len(body)
-        stream.first_try = None
-        stream.failures = 0
+    def _finish(self, request: _Request) -> None:
+        """The request's events are delivered or given up: their streams go on."""
         self._in_flight -= 1
-        if (
-            stream.throttled
-            and len(stream.pending) <= self.max_backlog // 2
-            and stream.size <= self.max_backlog_bytes // 2
-        ):
-            stream.throttled = False
-            self.throttle(stream.conn_id, False)
-        if stream.pending:
-            self._ready.append(stream)
-        else:
-            del self._streams[stream.conn_id]
+        for stream, count in request.parts:
+            for _ in range(count):
+                stream.size -= len(stream.pending.popleft().body)
+            if (
+                stream.throttled
+                and len(stream.pending) <= self.max_backlog // 2
+                and stream.size <= self.max_backlog_bytes // 2
+            ):
+                stream.throttled = False
+                self.throttle.backlog_eased(stream.conn_id)
+            if stream.pending:
+                self._ready.append(stream)
+            else:
+                del self._streams[stream.conn_id]
         self._pump()
         if not self._streams:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:
                 d.callback(None)
 
-    def drained(self) -> Deferred:
+    def drained(self) -> Deferred[None]:
         """
         A L{Deferred} that fires once every queued event has been delivered
         or given up.
         """
         if not self._streams:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._drain_waiters.append(d)
         return d

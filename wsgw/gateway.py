@@ -2,27 +2,24 @@
 The gateway's domain: connections come and go, their events go to the app,
 and the app's C{send}/C{close}/C{list} act on them.
 
-Nothing here knows about sockets or HTTP; the WebSocket protocol calls in
-with what happened, and a connection's C{channel} carries frames out:
-
-  - C{channel.deliver(frame)}: send a prepared text frame;
-  - C{channel.close_with(code, reason)}: start a closing handshake;
-  - C{channel.pause_reading()} / C{channel.resume_reading()}.
+Nothing here knows about sockets or HTTP: the WebSocket protocol calls in
+with what happened, and each connection's L{IChannel} carries frames out.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import events
 from .forwarder import AppForwarder
-from .identity import shortened
-from .registry import AccessType, Connection, Registry
+from .interfaces import IChannel, IConnections, IMembership, Listing, Reach
+from .registry import Connection, LiveConnections, Registry, Targets
 
 log = Logger()
 
@@ -32,8 +29,6 @@ CLOSE_PING_TIMEOUT = (4001, "ping timeout")
 CLOSE_GOING_AWAY = (1001, "going away")
 #: Not sent (the client is not reading): reported to the app in the close event.
 CLOSE_TOO_SLOW = (4002, "client too slow")
-
-_JSON_HEADERS = [b"application/json"]
 
 #: Close codes by the reason an operator counts them under.
 _CLOSE_REASONS = {
@@ -73,37 +68,60 @@ class GatewayStats:
         counter[label] = counter.get(label, 0) + 1
 
 
+def _unprepared(payload: bytes, binary: bool = False) -> object:
+    return payload
+
+
+def _shortened(secret: str) -> str:
+    """
+    Enough of a token to tell two apart in a debug log, not to use it.
+    """
+    return secret[:4] + "…" if len(secret) >= 12 else "…"
+
+
+@implementer(IMembership)
+class NoMembership:
+    """A gateway that is the whole gateway: nobody else needs to know."""
+
+    def joined(self, conn: Connection) -> None:
+        pass
+
+    def left(self, conn: Connection) -> None:
+        pass
+
+
+@implementer(IConnections)
 @attr.s(eq=False)
 class Gateway:
     """
     The open connections and what can be done with them.
+
+    C{live} must be the forwarder's throttle (see L{wsgw.service.make_node}):
+    a client whose events pile up is read no more until they drain.
     """
 
     clock: IReactorTime = attr.ib()
     forwarder: AppForwarder = attr.ib()
-    ping_timeout: float = attr.ib(default=45.0)
-    #: Turns a frame's bytes into what C{channel.deliver} takes; the
-    #: WebSocket factory encodes each frame once for every recipient.
-    prepare: Callable[[bytes], Any] = attr.ib(default=lambda payload: payload)
+    live: LiveConnections = attr.ib()
     registry: Registry = attr.ib(factory=Registry)
-    #: The WebSocket factory whose protocols report here, when there is one.
-    factory: Any = attr.ib(default=None)
+    #: Told of every connection that joins or leaves the registry.
+    membership: IMembership = attr.ib(factory=NoMembership)
+    ping_timeout: float = attr.ib(default=45.0)
+    #: Turns a frame's bytes into what L{IChannel.deliver} takes: each
+    #: frame is encoded once for every recipient.
+    prepare: Callable[[bytes, bool], object] = attr.ib(default=_unprepared)
     stats: GatewayStats = attr.ib(factory=GatewayStats)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
-    #: The L{wsgw.cluster.Cluster} this gateway is a node of, if any: it is
-    #: told of every connection that joins or leaves the registry.
-    cluster: Any = attr.ib(default=None)
+    #: Always reachable: this process is the whole of it.
+    up = True
 
-    #: Connections open or closing whose C{close} event is not queued yet.
-    _live: dict = attr.ib(factory=dict, init=False)
-    _all_closed: List[Deferred] = attr.ib(factory=list, init=False)
+    _all_closed: List[Deferred[None]] = attr.ib(factory=list, init=False)
     _pong: Any = attr.ib(default=None, init=False)
     _shutting_down: bool = attr.ib(default=False, init=False)
 
-    def __attrs_post_init__(self):
-        self.forwarder.throttle = self._throttle
-        self._pong = self.prepare(events.PONG)
+    def __attrs_post_init__(self) -> None:
+        self._pong = self.prepare(events.PONG, False)
 
     # -- what the WebSocket side reports ---------------------------------
 
@@ -111,9 +129,8 @@ class Gateway:
         conn.last_seen = self.clock.seconds()
         conn.event_tail = events.envelope_tail(conn)
         self.registry.add(conn)
-        if self.cluster is not None:
-            self.cluster.joined(conn)
-        self._live[conn.conn_id] = conn
+        self.membership.joined(conn)
+        self.live.add(conn)
         self.stats.opened += 1
         log.info(
             "open {conn_id} user={user_name!r} public={access_public} from {remote_addr}",
@@ -122,8 +139,8 @@ class Gateway:
             access_public=conn.access_public,
             remote_addr=conn.remote_addr,
         )
-        log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=shortened(conn.token))
-        self._forward(conn, b"open", events.EMPTY_OBJECT, events.open_extra(conn))
+        log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=_shortened(conn.token))
+        self._forward(conn, "open", events.EMPTY_OBJECT, events.open_extra(conn))
         if self._shutting_down:  # its handshake was already under way
             self.close_connection(conn, *CLOSE_GOING_AWAY)
 
@@ -140,71 +157,65 @@ class Gateway:
             return
         is_ping, data, extra = events.classify_message(payload, is_binary)
         if is_ping:
-            conn.channel.deliver(self._pong)
+            channel(conn).deliver(self._pong)
             stats.frames_out += 1
             stats.bytes_out += len(events.PONG)
             return
-        self._forward(conn, b"message", data, extra)
+        self._forward(conn, "message", data, extra)
 
     def closed(self, conn: Connection, code: Optional[int] = None, reason: str = "") -> None:
         """
         The connection has ended, for whatever reason; its C{close} event
         is queued behind its earlier events, exactly once.
         """
-        if conn.ended or self._live.get(conn.conn_id) is not conn:
+        if conn.ended or not self.live.holds(conn):
             return
         self._unregister(conn)
-        self._forward(conn, b"close", events.EMPTY_OBJECT, events.close_extra(code, reason))
+        self._forward(conn, "close", events.EMPTY_OBJECT, events.close_extra(code, reason))
         conn.ended = True
         conn.channel = None
-        del self._live[conn.conn_id]
+        self.live.discard(conn)
         self.stats.count(self.stats.closed, close_reason_label(code))
         log.info("close {conn_id} code={code} reason={reason!r}", conn_id=conn.conn_id, code=code, reason=reason)
-        if not self._live:
+        if not len(self.live):
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:
                 d.callback(None)
 
-    # -- what the app asks for ---------------------------------------------
+    # -- what the app asks for (IConnections) -------------------------------
 
-    def send(
-        self,
-        payload: bytes,
-        conn_ids: Sequence[str] = (),
-        users: Sequence[str] = (),
-        tokens: Sequence[str] = (),
-        access: AccessType = AccessType.ALL,
-    ) -> int:
-        """
-        Send the text frame C{payload} to every matching connection without
-        waiting on any of them; returns how many matched.
-        """
-        targets = self.registry.select(conn_ids, users, tokens, access)
-        if targets:
-            frame = self.prepare(payload)
-            for conn in targets:
-                conn.channel.deliver(frame)
-            self.stats.frames_out += len(targets)
-            self.stats.bytes_out += len(payload) * len(targets)
-        return len(targets)
+    def send(self, payload: bytes, targets: Targets, binary: bool = False) -> Deferred[Reach]:
+        return succeed(Reach(self.send_here(payload, targets, binary)))
 
-    def close(
-        self,
-        conn_ids: Sequence[str] = (),
-        users: Sequence[str] = (),
-        tokens: Sequence[str] = (),
-        access: AccessType = AccessType.ALL,
-    ) -> int:
+    def close(self, targets: Targets) -> Deferred[Reach]:
+        return succeed(Reach(self.close_here(targets)))
+
+    def listing(self) -> Deferred[Listing]:
+        return succeed(Listing(self.registry.listing()))
+
+    def send_here(self, payload: bytes, targets: Targets, binary: bool = False) -> int:
         """
-        Close every matching connection; each produces a C{close} event.
+        Send C{payload} as one frame to every matching connection of this
+        process without waiting on any of them; returns how many matched.
         """
-        targets = self.registry.select(conn_ids, users, tokens, access)
-        for conn in targets:
+        matched = self.registry.select(targets)
+        if matched:
+            frame = self.prepare(payload, binary)
+            for conn in matched:
+                channel(conn).deliver(frame)
+            self.stats.frames_out += len(matched)
+            self.stats.bytes_out += len(payload) * len(matched)
+        return len(matched)
+
+    def close_here(self, targets: Targets) -> int:
+        """
+        Close every matching connection of this process; each produces a
+        C{close} event.
+        """
+        matched = self.registry.select(targets)
+        for conn in matched:
             self.close_connection(conn, *CLOSE_BY_APP)
-        return len(targets)
-
-    def listing(self):
-        return self.registry.listing()
+        return len(matched)
 
     # -- the gateway's own decisions -----------------------------------------
 
@@ -216,7 +227,7 @@ class Gateway:
         if conn.closing or conn.ended:
             return
         self.forget(conn)
-        conn.channel.close_with(code, reason)
+        channel(conn).close_with(code, reason)
 
     def forget(self, conn: Connection) -> None:
         """
@@ -225,6 +236,17 @@ class Gateway:
         """
         conn.closing = True
         self._unregister(conn)
+
+    def ping_all(self) -> int:
+        """
+        Send every open connection a WebSocket ping, for clients that send
+        no heartbeat of their own: their pongs keep them alive, and one
+        that does not answer is closed by L{expire_silent} in time.
+        """
+        conns = list(self.registry)
+        for conn in conns:
+            channel(conn).ping()
+        return len(conns)
 
     def expire_silent(self) -> int:
         """
@@ -243,25 +265,25 @@ class Gateway:
             self.close_connection(conn, *CLOSE_PING_TIMEOUT)
         return len(expired)
 
-    def shut_down(self, timeout: float) -> Deferred:
+    def shut_down(self, timeout: float) -> Deferred[None]:
         """
         Close every connection with 1001 Going Away and wait, at most
         C{timeout} seconds, until their C{close} events reached the app.
         """
         self._shutting_down = True
-        log.info("shutting down: closing {count} connection(s)", count=len(self._live))
-        for conn in list(self._live.values()):
+        log.info("shutting down: closing {count} connection(s)", count=len(self.live))
+        for conn in self.live.snapshot():
             try:
                 self.close_connection(conn, *CLOSE_GOING_AWAY)
             except Exception:
                 log.failure("could not close {conn_id}", conn_id=conn.conn_id)
-        done = Deferred()
+        done: Deferred[None] = Deferred()
         timer = self.clock.callLater(timeout, self._drain_timed_out, done)
 
-        def all_closed(_):
+        def all_closed(_: object) -> Deferred[None]:
             return self.forwarder.drained()
 
-        def finished(_):
+        def finished(_: object) -> None:
             if timer.active():
                 timer.cancel()
                 done.callback(None)
@@ -269,48 +291,40 @@ class Gateway:
         self._when_all_closed().addCallback(all_closed).addCallback(finished)
         return done
 
-    def _drain_timed_out(self, done: Deferred) -> None:
+    def _drain_timed_out(self, done: Deferred[None]) -> None:
         log.warn(
             "shutdown: {open} connection(s) still open, events of {backlog} not delivered",
-            open=len(self._live),
+            open=len(self.live),
             backlog=len(self.forwarder),
         )
         done.callback(None)
 
-    def _when_all_closed(self) -> Deferred:
-        if not self._live:
+    def _when_all_closed(self) -> Deferred[None]:
+        if not len(self.live):
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._all_closed.append(d)
         return d
 
     # -- internals -------------------------------------------------------------
 
     def _unregister(self, conn: Connection) -> None:
-        if self.registry.remove(conn) and self.cluster is not None:
-            self.cluster.left(conn)
+        if self.registry.remove(conn):
+            self.membership.left(conn)
 
-    def _forward(self, conn: Connection, action: bytes, data: bytes, extra: bytes) -> None:
+    def _forward(self, conn: Connection, action: str, data: bytes, extra: bytes) -> None:
         if not self.forwarder.enabled:
             return
         seq = conn.next_seq
         conn.next_seq = seq + 1
-        body = events.encode_event(action, data, conn.event_tail, extra)
-        headers = {
-            b"Content-Type": _JSON_HEADERS,
-            b"X-Wsgw-Event-Id": [f"{conn.conn_id}:{seq}".encode()],
-            b"X-Forwarded-For": [conn.remote_addr.encode("utf-8", "replace")],
-        }
-        if conn.cookie:
-            headers[b"Cookie"] = [conn.cookie.encode("utf-8", "replace")]
-        self.forwarder.enqueue(conn.conn_id, (body, headers))
+        body = events.encode_event(action.encode("ascii"), data, conn.event_tail, extra)
+        self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body, conn.cookie, conn.remote_addr))
 
-    def _throttle(self, conn_id: str, paused: bool) -> None:
-        conn = self._live.get(conn_id)
-        if conn is None or conn.channel is None:
-            return
-        if paused:
-            conn.channel.pause_reading()
-        else:
-            conn.last_seen = self.clock.seconds()
-            conn.channel.resume_reading()
+
+def channel(conn: Connection) -> IChannel:
+    """
+    The channel of a connection that has not ended (the registry and the
+    live table hold only those).
+    """
+    assert conn.channel is not None, f"{conn.conn_id} has ended"
+    return conn.channel

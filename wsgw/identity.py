@@ -41,13 +41,6 @@ def _header(headers: Mapping[str, str], name: str) -> str:
         return value
 
 
-def shortened(secret: str) -> str:
-    """
-    Enough of a token to tell two apart in a debug log, not to use it.
-    """
-    return secret[:4] + "…" if len(secret) >= 12 else "…"
-
-
 def new_conn_id() -> str:
     return str(uuid.uuid4())
 

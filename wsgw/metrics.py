@@ -1,5 +1,5 @@
 """
-What an operator watches: Prometheus metrics, and health and readiness.
+What an operator watches: Prometheus metrics.
 
 The gateway and forwarder keep plain integer counters; the collector turns
 them into metric families only when Prometheus scrapes, so the hot paths
@@ -8,23 +8,30 @@ pay nothing for metrics.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
-from .api import json_response
 from .forwarder import LATENCY_BUCKETS
 from .gateway import Gateway
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 
 class GatewayCollector:
     """A Prometheus collector reading one gateway's counters."""
 
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None):
         self.gateway = gateway
+        #: The node's L{wsgw.cluster.Cluster}, with the Redis engine.
+        self.cluster = cluster
 
-    def collect(self):
+    def collect(self) -> Iterator[Any]:
         gateway, stats = self.gateway, self.gateway.stats
         forwarder = gateway.forwarder
         fstats = forwarder.stats
@@ -58,6 +65,24 @@ class GatewayCollector:
         ):
             yield CounterMetricFamily(name, text, value=value)
 
+        replies = gateway.live.reply_stats
+        replied = CounterMetricFamily(
+            "wsgw_app_replies",
+            "Inline replies (X-Wsgw-Reply) to events: sent, refused (not UTF-8, too big), dropped (no open connection).",
+            labels=["result"],
+        )
+        replied.add_metric(["sent"], replies.sent)
+        replied.add_metric(["dropped"], replies.dropped)
+        for reason, count in sorted(replies.refused.items()):
+            replied.add_metric([f"refused_{reason}"], count)
+        yield replied
+        yield CounterMetricFamily(
+            "wsgw_app_batches", "Event POSTs that carried a batch (--app-batch).", value=fstats.batches
+        )
+        yield CounterMetricFamily(
+            "wsgw_app_batched_events", "Events delivered in batches (--app-batch).", value=fstats.batched_events
+        )
+
         buckets, cumulative = [], 0
         for bound, count in zip(LATENCY_BUCKETS, fstats.latency_counts):
             cumulative += count
@@ -73,7 +98,7 @@ class GatewayCollector:
         )
         yield GaugeMetricFamily("wsgw_app_requests_in_flight", "Event POSTs in flight.", value=forwarder.in_flight)
 
-        cluster = gateway.cluster
+        cluster = self.cluster
         if cluster is not None:
             cstats = cluster.stats
             yield GaugeMetricFamily(
@@ -104,57 +129,11 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None):
         super().__init__()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gateway))
+        self.registry.register(GatewayCollector(gateway, cluster))
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.registry)
-
-
-class Health(Resource):
-    """C{GET /healthz}: the process answers."""
-
-    isLeaf = True
-
-    def render_GET(self, request):
-        return json_response(request, 200, {"code": 0, "message": "ok"})
-
-
-class Readiness(Resource):
-    """
-    C{GET /readyz}: ready once every listener is up and the app is
-    reachable (or none is configured); 503 otherwise, saying which.
-
-    A cluster node whose Redis is down is ready but degraded: it serves its
-    own connections, and taking every node out of a load balancer because
-    Redis is down would turn a partial outage into a full one.
-    """
-
-    isLeaf = True
-
-    def __init__(self, gateway: Gateway):
-        super().__init__()
-        self.gateway = gateway
-
-    def render_GET(self, request):
-        forwarder = self.gateway.forwarder
-        app = forwarder.app_state if forwarder.enabled else "not configured"
-        listening = self.gateway.accepting
-        ready = listening and app != "down"
-        body = {
-            "code": 0 if ready else 503,
-            "message": "ready" if ready else ("not listening yet" if not listening else "the app is unreachable"),
-            "listening": listening,
-            "app": app,
-            "connections": len(self.gateway.registry),
-        }
-        cluster = self.gateway.cluster
-        if cluster is not None:
-            body["redis"] = "up" if cluster.up else "down"
-            body["nodes"] = cluster.stats.nodes
-            if ready and not cluster.up:
-                body["message"] = "ready, degraded: redis is unreachable, so send, close and list reach this node only"
-        return json_response(request, 200 if ready else 503, body)

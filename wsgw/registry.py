@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import attr
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .interfaces import IChannel, IReadThrottle, IReplies
+
+if TYPE_CHECKING:
+    from .events import Event
+
+_log = Logger()
 
 
 class AccessType(enum.IntEnum):
@@ -23,13 +33,40 @@ class AccessType(enum.IntEnum):
     PUBLIC = 2
 
 
+def _strings(values: Iterable[str]) -> Tuple[str, ...]:
+    return tuple(values)
+
+
+@attr.s(frozen=True, slots=True, kw_only=True)
+class Targets:
+    """
+    Which connections a C{send} or C{close} is for: those that match every
+    criterion given (the original gateway's intersection rule).  An empty
+    criterion is absent; with none at all, nothing matches.
+    """
+
+    conn_ids: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    users: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    tokens: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
+    #: Narrows C{users} to private or public connections
+    #: (C{users_access_type}).
+    access: AccessType = attr.ib(default=AccessType.ALL, converter=AccessType)
+
+    def __bool__(self) -> bool:
+        return bool(self.conn_ids or self.users or self.tokens)
+
+    def only_conn_ids(self) -> bool:
+        """Conn ids are the only criterion."""
+        return bool(self.conn_ids) and not self.users and not self.tokens
+
+
 @attr.s(slots=True, eq=False, kw_only=True)
 class Connection:
     """
     One client connection as the gateway knows it.
 
-    C{channel} is whatever carries frames to the client (the WebSocket
-    protocol in the daemon); the registry never looks inside it.
+    C{channel} carries frames to the client (the WebSocket protocol in the
+    daemon) until the connection has ended; the registry never uses it.
     """
 
     conn_id: str = attr.ib()
@@ -39,7 +76,7 @@ class Connection:
     user_agent: str = attr.ib(default="")
     remote_addr: str = attr.ib(default="")
     cookie: str = attr.ib(default="", repr=False)
-    channel: Any = attr.ib(default=None, repr=False)
+    channel: Optional[IChannel] = attr.ib(default=None, repr=False)
     #: When the client was last heard from (reactor seconds).
     last_seen: float = attr.ib(default=0.0)
     #: Sequence number of this connection's next event to the app.
@@ -97,7 +134,7 @@ class Registry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Connection]:
         return iter(list(self._by_id.values()))
 
     def add(self, conn: Connection) -> None:
@@ -123,21 +160,11 @@ class Registry:
     def get(self, conn_id: str) -> Optional[Connection]:
         return self._by_id.get(conn_id)
 
-    def select(
-        self,
-        conn_ids: Sequence[str] = (),
-        users: Sequence[str] = (),
-        tokens: Sequence[str] = (),
-        access: AccessType = AccessType.ALL,
-    ) -> List[Connection]:
+    def select(self, targets: Targets) -> List[Connection]:
         """
-        The connections that match every given criterion (the intersection
-        rule of the original gateway).  Empty criteria are absent; with no
-        criterion at all nothing matches.
-
-        C{access} narrows the C{users} criterion to private or public
-        connections, as C{users_access_type} does in the original.
+        The connections C{targets} names, in the order they opened.
         """
+        conn_ids, users, tokens, access = targets.conn_ids, targets.users, targets.tokens, targets.access
         candidates: List[Iterable[Connection]] = []
         if conn_ids:
             candidates.append([c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None])
@@ -201,3 +228,91 @@ def _access_allows(access: AccessType, conn: Connection) -> bool:
     if access is AccessType.PUBLIC:
         return conn.access_public
     return True
+
+
+@attr.s(slots=True)
+class ReplyStats:
+    """Inline replies: sent, refused (not UTF-8, too big), or with nowhere to go."""
+
+    sent: int = attr.ib(default=0)
+    refused: Dict[str, int] = attr.ib(factory=dict)
+    dropped: int = attr.ib(default=0)
+
+
+def _unprepared(payload: bytes, binary: bool = False) -> object:
+    return payload
+
+
+@implementer(IReadThrottle, IReplies)
+@attr.s(slots=True)
+class LiveConnections:
+    """
+    Connections open or closing whose C{close} event is not queued yet:
+    a superset of the registry, which a closing connection leaves at once.
+
+    The forwarder pauses and resumes reading from these through
+    L{IReadThrottle}, and hands them the app's inline replies through
+    L{IReplies}: a reply of at most C{max_reply} bytes of UTF-8 is framed
+    with C{prepare} and sent while the connection is still open.
+    """
+
+    clock: IReactorTime = attr.ib()
+    prepare: Callable[[bytes, bool], object] = attr.ib(default=_unprepared)
+    max_reply: int = attr.ib(default=1024 * 1024)
+    reply_stats: ReplyStats = attr.ib(factory=ReplyStats)
+    _by_id: Dict[str, Connection] = attr.ib(factory=dict, init=False)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, conn: Connection) -> None:
+        self._by_id[conn.conn_id] = conn
+
+    def discard(self, conn: Connection) -> None:
+        self._by_id.pop(conn.conn_id, None)
+
+    def holds(self, conn: Connection) -> bool:
+        return self._by_id.get(conn.conn_id) is conn
+
+    def snapshot(self) -> List[Connection]:
+        return list(self._by_id.values())
+
+    def backlog_full(self, conn_id: str) -> None:
+        conn = self._by_id.get(conn_id)
+        if conn is not None and conn.channel is not None:
+            conn.channel.pause_reading()
+
+    def backlog_eased(self, conn_id: str) -> None:
+        conn = self._by_id.get(conn_id)
+        if conn is not None and conn.channel is not None:
+            # Paused is not silent: the heartbeat starts counting afresh.
+            conn.last_seen = self.clock.seconds()
+            conn.channel.resume_reading()
+
+    def reply(self, event: Event, body: bytes) -> None:
+        stats = self.reply_stats
+        if not body:
+            return
+        conn = self._by_id.get(event.conn_id)
+        if event.action == "close" or conn is None or conn.channel is None or conn.closing:
+            stats.dropped += 1
+            return
+        if len(body) > self.max_reply:
+            self._refuse(event, "too_big", f"{len(body)} bytes, over --max-message-size ({self.max_reply})")
+            return
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse(event, "not_utf8", "not UTF-8 text")
+            return
+        conn.channel.deliver(self.prepare(body, False))
+        stats.sent += 1
+
+    def _refuse(self, event: Event, reason: str, why: str) -> None:
+        refused = self.reply_stats.refused
+        refused[reason] = refused.get(reason, 0) + 1
+        _log.warn(
+            "refused the app's reply to {event_id}: {why}",
+            event_id=event.event_id,
+            why=why,
+        )

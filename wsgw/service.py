@@ -1,77 +1,103 @@
 """
-Wiring: a gateway from a L{Config}, the web resource that serves it, and
-the Twisted service that listens, runs the heartbeat and shuts down cleanly.
+Wiring: a gateway node from a L{Config}, the web resource that serves it,
+and the Twisted service that listens, runs the heartbeat and shuts down
+cleanly.
 
-These three functions are the embedding API: an application with its own
-C{Site} mounts L{make_resource}; one with its own C{MultiService} adds
-L{make_service}.
+These three functions are the embedding API: L{make_node} builds the
+node; an application with its own C{Site} mounts L{wsgw.web.make_resource}
+of it; one with its own C{MultiService} adds L{make_service}.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .appclient import AppClient, build_http_client
 from .config import Config
-from .forwarder import AppForwarder
-from .gateway import Gateway
+from .forwarder import AppForwarder, AppHealth
+from .gateway import Gateway, NoMembership
+from .interfaces import IConnections
+from .registry import LiveConnections, Registry
 from .web import GatewaySite, make_resource
-from .websocket import GatewayFactory
+from .websocket import prepare_frame
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Presence
 
 log = Logger()
 
 
-def make_gateway(config: Config, reactor=None, http_client=None) -> Gateway:
+@attr.s(frozen=True, eq=False, auto_attribs=True)
+class Node:
     """
-    A L{Gateway} (with its WebSocket factory as C{gateway.factory}) that
-    forwards to C{config.app_url} through C{http_client} (a treq
-    C{HTTPClient}; by default one with a persistent pool).
+    One gateway process, built by L{make_node}: the connections it holds
+    (C{gateway}), the surface the API acts on (C{connections}: the gateway
+    itself, or with the Redis engine the C{cluster}, which reaches every
+    node), and the settings it was made from.
+    """
 
-    With C{config.engine} C{"redis"}, C{gateway.cluster} is its
-    L{wsgw.cluster.Cluster}, a service that L{make_service} runs.
+    config: Config
+    reactor: Any
+    gateway: Gateway
+    connections: IConnections
+    #: The node's part in a cluster (a service to run), with the Redis engine.
+    cluster: Optional[Cluster] = None
+
+
+def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> Node:
+    """
+    A L{Node} that forwards to C{config.app_url} through C{http_client} (a
+    treq C{HTTPClient}; by default one with a persistent pool).
     """
     if reactor is None:
         from twisted.internet import reactor
-    factory = GatewayFactory(
-        reactor=reactor,
-        user_header=config.user_header,
-        max_message_size=config.max_message_size,
-        max_outgoing=config.max_outgoing,
-        handshake_timeout=config.handshake_timeout,
-    )
-    post = None
+    sink = None
     if config.app_url:
         if http_client is None:
             http_client = build_http_client(reactor, config.max_in_flight)
-        post = AppClient(http_client, config.app_url, reactor, config.app_timeout)
+        sink = AppClient(http_client, config.app_url, reactor, config.app_timeout)
+    live = LiveConnections(reactor, prepare_frame, max_reply=config.max_message_size)
     forwarder = AppForwarder(
         clock=reactor,
-        post=post,
+        sink=sink,
+        throttle=live,
+        replies=live,
+        batch=config.app_batch,
         max_in_flight=config.max_in_flight,
         max_backlog=config.max_backlog,
         max_backlog_bytes=config.max_backlog_bytes,
         retry_window=config.retry_window,
+        health=AppHealth(down_after=config.app_down_after),
     )
+    registry = Registry()
+    presence: Optional[Presence] = None
+    if config.engine == "redis":
+        from .cluster import make_presence  # needs the optional txredisapi
+
+        presence = make_presence(config, registry)
     gateway = Gateway(
         clock=reactor,
         forwarder=forwarder,
+        live=live,
+        registry=registry,
         ping_timeout=config.ping_timeout,
-        prepare=factory.prepare_text,
+        membership=presence or NoMembership(),
+        prepare=prepare_frame,
     )
-    factory.gateway = gateway
-    gateway.factory = factory
-    if config.engine == "redis":
-        from .cluster import make_cluster  # needs the optional txredisapi
+    if presence is None:
+        return Node(config, reactor, gateway, gateway)
+    from .cluster import make_cluster
 
-        make_cluster(gateway, config, reactor)
-    return gateway
+    cluster = make_cluster(config, gateway, presence, reactor)
+    return Node(config, reactor, gateway, cluster, cluster)
 
 
 @attr.s(eq=False)
@@ -129,66 +155,93 @@ class ListenerService(Service):
 @attr.s(eq=False)
 class GatewayService(Service):
     """
-    Runs the heartbeat sweep and, on stop, closes every client with 1001
-    and waits (bounded) for their C{close} events to reach the app.
+    Runs the heartbeat sweep (and, with C{ping_interval}, the gateway's own
+    WebSocket pings) and, on stop, closes every client with 1001 and waits
+    (bounded) for their C{close} events to reach the app.
     """
 
     gateway: Gateway = attr.ib()
     check_interval: float = attr.ib()
     drain_timeout: float = attr.ib()
-    clock = attr.ib()
-    _sweep: Optional[LoopingCall] = attr.ib(default=None, init=False)
+    clock: Any = attr.ib()
+    #: Seconds between pings to every client; 0 sends none.
+    ping_interval: float = attr.ib(default=0.0)
+    _loops: List[LoopingCall] = attr.ib(factory=list, init=False)
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
-        self._sweep = LoopingCall(self.gateway.expire_silent)
-        self._sweep.clock = self.clock
-        self._sweep.start(self.check_interval, now=False)
+        self._loops = [self._every(self.check_interval, self.gateway.expire_silent)]
+        if self.ping_interval > 0:
+            self._loops.append(self._every(self.ping_interval, self.gateway.ping_all))
 
-    def stopService(self):
+    def _every(self, interval: float, work: Any) -> LoopingCall:
+        loop = LoopingCall(work)
+        loop.clock = self.clock
+        loop.start(interval, now=False)
+        return loop
+
+    def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
         return self.gateway.shut_down(self.drain_timeout)
 
 
-def make_service(config: Config, reactor=None, gateway: Optional[Gateway] = None) -> MultiService:
+class NodeService(MultiService):
+    """
+    Everything one node runs: its cluster link (with the Redis engine), the
+    heartbeat and drain, and its listeners.  C{listening} fires with the
+    listening ports once all are up.
+    """
+
+    def __init__(self, node: Node, listeners: List[ListenerService]):
+        super().__init__()
+        self.node = node
+        if node.cluster is not None:
+            # First in, last out: the node leaves the cluster after the
+            # gateway has begun closing its clients.
+            node.cluster.setServiceParent(self)
+        config = node.config
+        GatewayService(
+            node.gateway,
+            config.ping_check_interval,
+            config.drain_timeout,
+            node.reactor,
+            ping_interval=config.ws_ping_interval,
+        ).setServiceParent(self)
+        # Listeners come after the gateway: MultiService stops children in
+        # reverse order, so they stop accepting before clients are closed.
+        for listener in listeners:
+            listener.setServiceParent(self)
+        self.listening: Deferred[List[IListeningPort]] = DeferredList(
+            [listener.ready for listener in listeners], fireOnOneErrback=True, consumeErrors=True
+        ).addCallback(self._all_listening)
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.node.gateway
+
+    def _all_listening(self, results: List[Any]) -> List[IListeningPort]:
+        self.node.gateway.accepting = True
+        return [port for _ok, port in results]
+
+
+def make_service(config: Config, reactor: Any = None, node: Optional[Node] = None) -> NodeService:
     """
     A service that listens on every C{config.listen} (and
-    C{config.admin_listen}) endpoint and runs the gateway; stopping it stops
-    accepting, then drains.
-
-    Its C{gateway} attribute is the L{Gateway}; its C{listening} attribute
-    a L{Deferred} that fires with the listening ports once all are up.
+    C{config.admin_listen}) endpoint and runs the node (by default a new
+    one); stopping it stops accepting, then drains.
     """
     if reactor is None:
         from twisted.internet import reactor
-    if gateway is None:
-        gateway = make_gateway(config, reactor)
-    top = MultiService()
-    top.gateway = gateway
-    if gateway.cluster is not None:
-        # First in, last out: the node leaves the cluster after the gateway
-        # has begun closing its clients.
-        gateway.cluster.setServiceParent(top)
-    GatewayService(gateway, config.ping_check_interval, config.drain_timeout, reactor).setServiceParent(top)
+    if node is None:
+        node = make_node(config, reactor)
     # With --admin-listen the API is served there alone and /ws elsewhere.
     separate_api = bool(config.admin_listen)
-    site = GatewaySite(make_resource(gateway, config, api=not separate_api), config, reactor=reactor)
+    site = GatewaySite(make_resource(node, api=not separate_api), config, reactor=reactor)
     listeners = [ListenerService(description, site, reactor) for description in config.listen]
     if separate_api:
-        admin_site = GatewaySite(make_resource(gateway, config, websocket=False), config, reactor=reactor)
+        admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)
         listeners += [ListenerService(description, admin_site, reactor) for description in config.admin_listen]
-    # Listeners come after the gateway: MultiService stops children in
-    # reverse order, so they stop accepting before clients are closed.
-    for listener in listeners:
-        listener.setServiceParent(top)
-    top.listening = DeferredList([listener.ready for listener in listeners], fireOnOneErrback=True, consumeErrors=True)
-    top.listening.addCallback(lambda results: [port for _ok, port in results])
-
-    def accepting(ports):
-        gateway.accepting = True
-        return ports
-
-    top.listening.addCallback(accepting)
-    return top
+    return NodeService(node, listeners)

@@ -195,8 +195,19 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     ),
     "ping-timeout": ("ping_timeout", _positive_float, "close a connection silent this many seconds"),
     "ping-check-interval": ("ping_check_interval", _positive_float, "seconds between heartbeat sweeps"),
+    "ws-ping-interval": (
+        "ws_ping_interval",
+        _non_negative_float,
+        "seconds between WebSocket pings the gateway sends every client (0: none); "
+        "a client silent for --ping-timeout is closed",
+    ),
     "app-timeout": ("app_timeout", _positive_float, "seconds before one POST to the app is abandoned (and retried)"),
     "retry-window": ("retry_window", _positive_float, "seconds to keep retrying an event the app failed"),
+    "app-down-after": (
+        "app_down_after",
+        _positive_float,
+        "seconds of failed event POSTs, with no success between, before /readyz says the app is down (503)",
+    ),
     "max-in-flight": ("max_in_flight", _positive_int, "event POSTs in flight at once, all connections"),
     "max-backlog": ("max_backlog", _positive_int, "events queued per connection before reading from it pauses"),
     "max-backlog-bytes": (

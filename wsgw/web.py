@@ -5,6 +5,8 @@ C{Site} that serves it with the gateway's limits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
+
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
@@ -12,10 +14,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
-from .api import JsonTree, conn_api, error_response
+from .api import JsonTree, conn_api
 from .config import Config
 from .gateway import Gateway
-from .metrics import Health, MetricsPage, Readiness
+from .health import Health, Readiness
+from .jsonio import error_response
+from .metrics import MetricsPage
+from .websocket import GatewayFactory
+
+if TYPE_CHECKING:
+    from .service import Node
 
 log = Logger()
 
@@ -31,23 +39,17 @@ class WebSocketEntry(Resource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, config: Config):
+    def __init__(self, gateway: Gateway, factory: GatewayFactory, config: Config):
         super().__init__()
         self._gateway = gateway
-        self._websocket = WebSocketResource(gateway.factory)
-        # Behind twisted.web the upgrade request reaches Autobahn whole and
-        # is answered in the same call; the site's first-request deadline
-        # already bounds the handshake.  Autobahn's own timer would be set
-        # and cancelled on every connection for nothing (6% of a handshake).
-        if gateway.factory is not None:
-            gateway.factory.setProtocolOptions(openHandshakeTimeout=0)
+        self._websocket = WebSocketResource(factory)
         self._user_header = config.user_header.encode("ascii")
         self._require_user = config.require_user
         self._origins = OriginPolicy(config.allowed_origins)
         self._max_total = config.max_connections
         self._max_per_user = config.max_connections_per_user
 
-    def render(self, request):
+    def render(self, request: Request) -> Union[bytes, int]:
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade != b"websocket":
             request.setHeader(b"Upgrade", b"websocket")
@@ -66,7 +68,7 @@ class WebSocketEntry(Resource):
             channel.transport.unregisterProducer()
         return self._websocket.render(request)
 
-    def _refusal(self, request):
+    def _refusal(self, request: Request) -> Optional[Tuple[int, str]]:
         origin = request.getHeader(b"origin")
         hosts = [(request.getHeader(name) or b"").decode("latin-1") for name in (b"host", b"x-forwarded-host")]
         if not self._origins.allows(origin.decode("latin-1") if origin is not None else None, hosts):
@@ -127,26 +129,47 @@ class Refusal(Resource):
         return error_response(request, self.status, self.message)
 
 
-def make_resource(gateway: Gateway, config: Config = Config(), *, websocket: bool = True, api: bool = True) -> Resource:
+def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
+    """
+    The WebSocket factory for a node's C{/ws}.
+
+    Behind twisted.web (C{behind_web}) the upgrade request reaches Autobahn
+    whole and is answered in the same call, and the site's first-request
+    deadline already bounds the handshake: Autobahn's own timer would be
+    set and cancelled on every connection for nothing (6% of a handshake).
+    """
+    config = node.config
+    return GatewayFactory(
+        node.gateway,
+        reactor=node.reactor,
+        user_header=config.user_header,
+        max_message_size=config.max_message_size,
+        max_outgoing=config.max_outgoing,
+        handshake_timeout=0 if behind_web else config.handshake_timeout,
+    )
+
+
+def make_resource(node: Node, *, websocket: bool = True, api: bool = True) -> Resource:
     """
     A resource serving C{ws} (the WebSocket), C{tapr/ws/conn/...} and
-    C{metrics} (the API and its metrics, guarded as C{config} says), and
-    C{healthz}/C{readyz} below wherever it is mounted; the WebSocket or the
-    API can be left out, to serve them on separate listeners.
+    C{metrics} (the API and its metrics, guarded as the node's config says),
+    and C{healthz}/C{readyz} below wherever it is mounted; the WebSocket or
+    the API can be left out, to serve them on separate listeners.
     """
+    config, gateway = node.config, node.gateway
     root = JsonTree()
     root.putChild(b"healthz", Health())
-    root.putChild(b"readyz", Readiness(gateway))
+    root.putChild(b"readyz", Readiness(gateway, node.cluster))
     if websocket:
-        root.putChild(b"ws", WebSocketEntry(gateway, config))
+        root.putChild(b"ws", WebSocketEntry(gateway, websocket_factory(node), config))
     if api:
         tapr = JsonTree()
         ws = JsonTree()
         tapr.putChild(b"ws", ws)
         access = ApiAccess(config.admin_token, config.admin_allow_remote)
-        ws.putChild(b"conn", GuardedApi(conn_api(gateway, config.max_api_body), access))
+        ws.putChild(b"conn", GuardedApi(conn_api(node.connections, config.max_api_body), access))
         root.putChild(b"tapr", tapr)
-        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway), access))
+        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster), access))
     return root
 
 
@@ -228,7 +251,7 @@ class GatewaySite(Site):
     protocol = GatewayChannel
     requestFactory = BoundedRequest
 
-    def __init__(self, resource, config: Config, reactor=None):
+    def __init__(self, resource: Resource, config: Config, reactor: Any = None):
         super().__init__(resource, timeout=60, reactor=reactor, parsePOSTFormSubmission=False)
         self.max_body = config.max_api_body
         self.handshake_timeout = config.handshake_timeout

@@ -8,25 +8,28 @@ It also bounds what waits in memory for a client that does not read.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import tcp
+from autobahn.websocket.protocol import PreparedMessage
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from . import internals
 from .gateway import CLOSE_TOO_SLOW, Gateway
 from .identity import identify
+from .interfaces import IChannel
+from .registry import Connection
 
 _log = Logger()
 
-#: The settings each protocol copies from its factory (see
-#: L{GatewayProtocol.connectionMade}).
-_SETTINGS = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+#: Frames as the gateway prepares them, once for every recipient.
+prepare_frame = internals.prepare_frame
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IChannel)
 class GatewayProtocol(WebSocketServerProtocol):
     """
     One client connection at C{/ws}.
@@ -38,28 +41,24 @@ class GatewayProtocol(WebSocketServerProtocol):
     than buffering without limit.
     """
 
-    conn = None
+    factory: GatewayFactory
+    conn: Optional[Connection] = None
     #: Bytes written while the transport said its buffer was full.
     _backlog_bytes: Optional[int] = None
     #: (code, reason) when the gateway closed this connection.
     _closed_by_gateway: Optional[Tuple[int, str]] = None
     _aborted = False
 
-    #: Autobahn copies these settings from the factory itself, and also
-    #: pretty-prints them all for a debug line that is then filtered out:
-    #: a fifth of a handshake's CPU.  The copy is done here instead.
+    #: The settings are copied by L{internals.copy_settings} instead.
     CONFIG_ATTRS = ()
 
-    def connectionMade(self):
-        factory = self.factory
-        for name in _SETTINGS:
-            if not hasattr(self, name):
-                setattr(self, name, getattr(factory, name))
+    def connectionMade(self) -> None:
+        internals.copy_settings(self, self.factory)
         super().connectionMade()
         if self.transport is not None:
             self.transport.registerProducer(self, True)
 
-    def onConnect(self, request):
+    def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         try:
             self.conn = identify(request.headers, _peer(request.peer), self.factory.user_header)
             self.conn.channel = self
@@ -70,19 +69,28 @@ class GatewayProtocol(WebSocketServerProtocol):
         # as the original does, makes browsers fail the handshake.
         return request.protocols[0] if request.protocols else None
 
-    def onOpen(self):
+    def onOpen(self) -> None:
+        assert self.conn is not None
         self.factory.gateway.opened(self.conn)
 
-    def onMessage(self, payload, isBinary):
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        assert self.conn is not None
         self.factory.gateway.received(self.conn, payload, isBinary)
 
-    def onPing(self, payload):
+    def onPing(self, payload: bytes) -> None:
         # A WebSocket-level ping (Node's ws.ping()) is a sign of life too.
         super().onPing(payload)
         if self.conn is not None:
             self.factory.gateway.heard_from(self.conn)
 
-    def onClose(self, wasClean, code, reason):
+    def onPong(self, payload: bytes) -> None:
+        # So is a pong: the answer to the gateway's own ping, or one the
+        # client sends unasked (a browser's keep-alive).
+        super().onPong(payload)
+        if self.conn is not None:
+            self.factory.gateway.heard_from(self.conn)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if self.conn is None:
             return
         # Report the code of whoever closed first: Autobahn passes the
@@ -100,38 +108,37 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     # -- IPushProducer: the transport's word on its write buffer -------------
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         if self._backlog_bytes is None:
             self._backlog_bytes = 0
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self._backlog_bytes = None
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         self._backlog_bytes = None
 
-    # -- the channel the gateway uses ---------------------------------------
+    # -- IChannel: what the gateway drives -----------------------------------
 
-    def deliver(self, frame) -> None:
+    def deliver(self, frame: PreparedMessage) -> None:
         if self.state != self.STATE_OPEN or self._aborted:
             return
-        data = frame.payloadHybi
+        data = internals.frame_bytes(frame)
         if self._backlog_bytes is not None:
             self._backlog_bytes += len(data)
             if self._backlog_bytes > self.factory.max_outgoing:
                 self._abort_too_slow()
                 return
-        if self._perMessageCompress is None and not self.send_queue:
+        if internals.writes_directly(self):
             # What sendPreparedMessage does for an uncompressed frame with
             # nothing queued before it, minus the debug line it formats
             # (eagerly) on every send.
-            _write_now(self.transport, data)
-            self.trafficStats.outgoingOctetsWireLevel += len(data)
+            internals.write_now(self.transport, data)
+            internals.count_sent(self, len(data))
         else:
             self.sendPreparedMessage(frame)
 
     def _abort_too_slow(self) -> None:
-        code, reason = CLOSE_TOO_SLOW
         _log.info(
             "{conn_id} does not read: over {limit} bytes waiting; closing",
             conn_id=self.conn.conn_id if self.conn else None,
@@ -141,14 +148,18 @@ class GatewayProtocol(WebSocketServerProtocol):
         self._aborted = True
         # A close frame would wait behind everything the client does not
         # read; drop what is buffered and the connection with it.
-        self.factory.gateway.forget(self.conn)
+        if self.conn is not None:
+            self.factory.gateway.forget(self.conn)
         self.transport.abortConnection()
+
+    def ping(self) -> None:
+        if self.state == self.STATE_OPEN and not self._aborted:
+            self.sendPing()
 
     def close_with(self, code: int, reason: str) -> None:
         if self._closed_by_gateway is None:
             self._closed_by_gateway = (code, reason)
-        # sendClose() refuses 1001, which a server going away must send.
-        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        internals.send_close_frame(self, code, reason)
 
     def pause_reading(self) -> None:
         if self.transport is not None:
@@ -157,48 +168,6 @@ class GatewayProtocol(WebSocketServerProtocol):
     def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resumeProducing()
-
-
-def _write_now(transport, data: bytes) -> None:
-    """
-    Write C{data} to a client, sending it at once when the connection is
-    plain TCP with nothing waiting in its buffer.
-
-    Twisted's C{write()} always buffers: it has epoll watch the socket for
-    writing, sends on the next turn of the reactor, then stops watching.
-    For a fan-out to a thousand connections those two epoll calls and the
-    dispatch per connection cost more than the rest of the send.  Whatever
-    the socket does not take at once (or an error) goes through C{write()},
-    behind nothing, so order, back-pressure and error handling are
-    Twisted's as before.  TLS, and transports that are not Twisted's TCP
-    connections, always use C{write()}.
-    """
-    if type(transport) is tcp.Server and _idle(transport):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
-
-
-def _idle(transport) -> bool:
-    """
-    Nothing waits in C{transport}'s buffers.  These are Twisted's private
-    fields: should a Twisted release rename them, every write takes the
-    ordinary path rather than failing.
-    """
-    try:
-        return (
-            not transport.TLS
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-            and not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-        )
-    except AttributeError:
-        return False
 
 
 def _peer(peer: str) -> str:
@@ -214,24 +183,29 @@ def _peer(peer: str) -> str:
 
 class GatewayFactory(WebSocketServerFactory):
     """
-    Builds L{GatewayProtocol}s that report to one L{Gateway}.
+    Builds L{GatewayProtocol}s that report to C{gateway}.
+
+    C{handshake_timeout} is Autobahn's own deadline for the opening
+    handshake; 0 turns it off, for a factory whose handshakes arrive whole
+    from twisted.web (see L{wsgw.web.make_resource}).
     """
 
     protocol = GatewayProtocol
 
     def __init__(
         self,
+        gateway: Gateway,
         *,
-        reactor,
+        reactor: Any,
         user_header: str = "X-Bfl-User",
         max_message_size: int = 1024 * 1024,
         max_outgoing: int = 1024 * 1024,
         handshake_timeout: float = 10.0,
     ):
         super().__init__(reactor=reactor)
+        self.gateway = gateway
         self.user_header = user_header
         self.max_outgoing = max_outgoing
-        self.gateway: Gateway = None  # set by whoever wires the gateway
         self.setProtocolOptions(
             maxMessagePayloadSize=max_message_size,
             maxFramePayloadSize=max_message_size,
@@ -243,9 +217,3 @@ class GatewayFactory(WebSocketServerFactory):
             failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
-
-    def prepare_text(self, payload: bytes):
-        """
-        Encode a text frame once for any number of recipients.
-        """
-        return self.prepareMessage(payload, isBinary=False)

@@ -1,7 +1,7 @@
 // A `ws` client driven over stdin/stdout by the test suite.
 // Usage: node client.js URL [HEADERS_JSON]
 // stdin, one JSON per line: {"send": "text"} | {"binary": "base64"} | {"close": [code, reason]} | {"ping": true}
-// stdout, one JSON per line: {"open": protocol} | {"message": text, "binary": bool} | {"close": code, "reason": text} | {"error": text}
+// stdout, one JSON per line: {"open": protocol} | {"message": text, "binary": bool} | {"close": code, "reason": text} | {"error": text} | {"pinged": true}
 const WebSocket = require('ws');
 const readline = require('readline');
 
@@ -21,6 +21,8 @@ ws.on('open', () => out({ open: ws.protocol }));
 ws.on('message', (data, isBinary) =>
   out({ message: isBinary ? data.toString('base64') : data.toString('utf8'), binary: isBinary }));
 ws.on('close', (code, reason) => { out({ close: code, reason: reason.toString() }); process.exit(0); });
+// ws answers every ping with a pong by itself; say that one came.
+ws.on('ping', () => out({ pinged: true }));
 ws.on('error', (err) => out({ error: String(err.message || err) }));
 ws.on('unexpected-response', (req, res) => { out({ error: `HTTP ${res.statusCode}` }); process.exit(0); });
 

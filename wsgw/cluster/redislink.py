@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
+from twisted.logger import Logger
 
-from .config import RedisAddress
+from ..config import RedisAddress
+from ..internals import quiet_client_service
 
 log = Logger()
 
@@ -59,14 +60,10 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
             self.factory.lost(self)
 
 
-class _QuietClientService(ClientService):
-    """
-    Twisted's ClientService logs every reconnection attempt; while Redis is
-    down that is a line every few seconds.  The link says once that Redis
-    is gone and once that it is back; only warnings pass from here.
-    """
-
-    _log = Logger(observer=FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(LogLevel.warn)]))
+#: Twisted's ClientService logs every reconnection attempt; while Redis is
+#: down that is a line every few seconds.  The link says once that Redis is
+#: gone and once that it is back; only warnings pass from ClientService.
+_QuietClientService = quiet_client_service()
 
 
 class _LinkFactory(Factory):

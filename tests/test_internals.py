@@ -1,0 +1,194 @@
+"""
+Each private field of Twisted or Autobahn that wsgw relies on
+(wsgw/internals.py), checked: when a release changes one, a test here
+fails and names it, rather than the gateway slowing down or misbehaving
+quietly.
+"""
+
+import inspect
+
+import pytest
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
+from twisted.application.internet import ClientService
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from wsgw import internals
+
+
+def test_autobahn_copies_settings_from_a_list_the_protocol_can_empty():
+    """The settings copy skips Autobahn's own (which pretty-prints them):
+    Autobahn must still read the list from CONFIG_ATTRS, and the list must
+    hold the settings the gateway sets."""
+    assert "maxMessagePayloadSize" in internals.PROTOCOL_SETTINGS
+    assert "openHandshakeTimeout" in internals.PROTOCOL_SETTINGS
+
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    assert "self.CONFIG_ATTRS" in inspect.getsource(WebSocketProtocol._connectionMade)
+
+    class Empty(WebSocketServerProtocol):
+        CONFIG_ATTRS = ()
+
+    factory = WebSocketServerFactory()
+    factory.setProtocolOptions(maxMessagePayloadSize=7)
+    protocol = Empty()
+    internals.copy_settings(protocol, factory)
+    assert protocol.maxMessagePayloadSize == 7
+    assert all(hasattr(protocol, name) for name in internals.PROTOCOL_SETTINGS)
+
+
+def test_a_prepared_frame_carries_its_wire_bytes():
+    frame = internals.prepare_frame(b'"hi"')
+    assert isinstance(frame, PreparedMessage)
+    assert internals.frame_bytes(frame) == b'\x81\x04"hi"'  # FIN+text, unmasked, 4 bytes
+
+
+def test_the_direct_path_reads_autobahns_send_queue_and_compression_fields():
+    protocol = WebSocketServerProtocol()
+    assert not internals.writes_directly(protocol)  # not connected: no such fields yet
+    protocol._perMessageCompress = None
+    protocol.send_queue = []
+    assert internals.writes_directly(protocol)
+    protocol.send_queue = [(b"queued", False)]
+    assert not internals.writes_directly(protocol)
+
+
+def test_the_close_frame_call_sends_1001_which_sendClose_refuses():
+    sent = []
+
+    class Recording(WebSocketServerProtocol):
+        def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
+            sent.append((code, reasonUtf8, isReply))
+
+    internals.send_close_frame(Recording(), 1001, "going away")
+    assert sent == [(1001, b"going away", False)]
+    # What the call stands in for: the public API refuses 1001.
+    with pytest.raises(Exception, match="invalid close code 1001"):
+        WebSocketServerProtocol().sendClose(code=1001)
+
+
+def test_a_quiet_client_service_logs_its_retries_below_warnings_nowhere():
+    """ClientService logs through its class's private _log: the quiet one
+    must swallow its 'Scheduling retry' lines (info) and nothing else."""
+    assert isinstance(ClientService.__dict__.get("_log"), type(internals.quiet_client_service()._log))
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        reactor = MemoryReactorClock()
+        quiet = internals.quiet_client_service()(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", 1), Factory.forProtocol(Protocol), clock=reactor
+        )
+        quiet.startService()
+        _host, _port, factory, _timeout, _bind = reactor.tcpClients[0]
+        factory.clientConnectionFailed(None, Failure(OSError("refused")))
+        reactor.advance(10)
+        quiet.stopService()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    retries = [e for e in seen if "Scheduling retry" in e.get("log_format", "")]
+    assert retries == []
+    assert len(reactor.tcpClients) >= 2  # it did retry, silently
+
+
+class _Port:
+    _realPortNumber = 40010
+
+
+def _tcp_pair():
+    """A real TCP transport (Twisted's) over one end of a socket pair, on a
+    memory reactor, and the other end to read what it sends."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 5555), _Port(), 1, reactor)
+    return transport, theirs, reactor
+
+
+def test_frames_go_out_at_once_when_nothing_waits():
+    """With nothing buffered, a frame is sent during the call, without the
+    reactor watching the socket for writing."""
+    from wsgw.internals import write_now
+
+    transport, peer, reactor = _tcp_pair()
+    write_now(transport, b"frame-1")
+    assert peer.recv(100) == b"frame-1"
+    assert transport not in reactor.getWriters()
+    transport.socket.close()
+    peer.close()
+
+
+def test_frames_queue_behind_buffered_bytes():
+    """Bytes already buffered by the transport go first: a frame written
+    after them waits behind them, in order."""
+    from wsgw.internals import write_now
+
+    transport, peer, reactor = _tcp_pair()
+    transport.write(b"buffered;")
+    write_now(transport, b"frame-2")
+
+    try:
+        early = peer.recv(100)
+    except (OSError, BlockingIOError):
+        early = b""
+    assert early == b""
+    assert transport in reactor.getWriters()
+    transport.doWrite()
+    assert peer.recv(100) == b"buffered;frame-2"
+    transport.socket.close()
+    peer.close()
+
+
+def test_what_the_socket_does_not_take_is_buffered_in_order():
+    """A frame larger than the socket takes at once: the rest is buffered
+    and follows, before anything written later."""
+    from wsgw.internals import write_now
+
+    transport, peer, reactor = _tcp_pair()
+    big = bytes(range(256)) * 40000  # ~10 MB: more than a socket pair buffers
+    write_now(transport, big)
+    write_now(transport, b"after")
+    assert transport in reactor.getWriters()
+    received = bytearray()
+    while len(received) < len(big) + 5:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            chunk = b""
+        received += chunk
+        if not chunk:
+            transport.doWrite()
+    assert bytes(received) == big + b"after"
+    transport.socket.close()
+    peer.close()
+
+
+def test_a_transport_without_the_expected_fields_takes_the_ordinary_path():
+    """The fast path reads private fields of Twisted's TCP transport; one
+    that lacks them (another Twisted release) is not idle, so frames go
+    through write() instead of failing."""
+    from types import SimpleNamespace
+
+    from wsgw.internals import transport_idle
+
+    transport, peer, _reactor = _tcp_pair()
+    assert transport_idle(transport)
+    assert not transport_idle(SimpleNamespace(TLS=False, connected=True, disconnecting=False))
+    transport.socket.close()
+    peer.close()
+
+
+def test_transports_that_are_not_twisteds_tcp_always_take_write():
+    transport = StringTransport()
+    internals.write_now(transport, b"x")
+    assert transport.value() == b"x"

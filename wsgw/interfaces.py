@@ -1,0 +1,161 @@
+"""
+The seams between the gateway's parts, named as Twisted names its own
+(C{IAgent}, C{IPushProducer}): what each side may call, so that a reader,
+mypy and a test double all see the same contract.
+
+  - L{IChannel}: what carries frames to one client (the WebSocket protocol
+    in the daemon); the gateway drives it.
+  - L{IEventSink}: where the forwarder posts one event, one attempt at a
+    time (the app client in the daemon).
+  - L{IReadThrottle}: how the forwarder asks that a client with too large
+    a backlog be read no more for a while.
+  - L{IReplies}: where the app's inline replies to events go.
+  - L{IMembership}: who hears of connections joining and leaving the
+    registry (a cluster node mirrors them into Redis).
+  - L{IConnections}: C{send}, C{close} and C{list} as the API offers them,
+    provided by the in-memory gateway and by the Redis cluster alike.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+import attr
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from .events import Event
+    from .registry import Connection, Targets
+
+
+class IChannel(Interface):
+    """
+    One client connection's outgoing side.
+    """
+
+    def deliver(frame: object) -> None:
+        """
+        Send a frame prepared once for any number of recipients (see
+        L{wsgw.websocket.prepare_frame}); a channel that is closing drops it.
+        """
+
+    def ping() -> None:
+        """Send a WebSocket ping frame; the client's pong is a sign of life."""
+
+    def close_with(code: int, reason: str) -> None:
+        """
+        Start a closing handshake with C{code} (1001 and 4000-4999 allowed).
+        """
+
+    def pause_reading() -> None:
+        """Stop reading from the client until L{resume_reading}."""
+
+    def resume_reading() -> None:
+        """Read from the client again."""
+
+
+class IEventSink(Interface):
+    """
+    The app, as the forwarder sees it.
+    """
+
+    def post(event: Event) -> Deferred[Optional[bytes]]:
+        """
+        One attempt at delivering C{event}, alone in a request.
+
+        @return: a L{Deferred} that fires when the app accepted it, with
+            the body the app asked to send back to the event's connection
+            (a 2xx answer with C{X-Wsgw-Reply: 1}) or L{None}; or fails
+            with L{wsgw.forwarder.AppRejected} when retrying cannot help
+            (the event is given up) or any other error when it may.
+        """
+
+    def post_batch(events: Sequence[Event]) -> Deferred[None]:
+        """
+        One attempt at delivering C{events} together, in one request;
+        fires or fails as L{post} does (an answer's body is ignored).
+        """
+
+
+class IReadThrottle(Interface):
+    """
+    The forwarder's word on a connection whose events pile up.
+    """
+
+    def backlog_full(conn_id: str) -> None:
+        """The backlog of C{conn_id} reached its bound: stop reading it."""
+
+    def backlog_eased(conn_id: str) -> None:
+        """The backlog of C{conn_id} fell back: read it again."""
+
+
+class IReplies(Interface):
+    """
+    What the app answers to an event, for the event's connection.
+    """
+
+    def reply(event: Event, body: bytes) -> None:
+        """
+        Send C{body} to the connection of C{event} as one text frame, if it
+        is still open, C{body} is UTF-8 and not over the message limit; a
+        reply to a C{close} event goes nowhere.
+        """
+
+
+class IMembership(Interface):
+    """
+    Told of every connection that joins or leaves the registry.
+    """
+
+    def joined(conn: Connection) -> None:
+        """C{conn} is in the registry: send, close and list see it."""
+
+    def left(conn: Connection) -> None:
+        """C{conn} left the registry (it is closing or closed)."""
+
+
+class IConnections(Interface):
+    """
+    The app's C{send}, C{close} and C{list}.  Every answer is a
+    L{Deferred}, whether it is known at once (one process) or after the
+    other nodes answered (a cluster).
+    """
+
+    up = Attribute("False while some nodes cannot be reached (a cluster whose Redis is down).")
+
+    def send(payload: bytes, targets: Targets, binary: bool = False) -> Deferred[Reach]:
+        """
+        Send C{payload} to every matching connection as one text frame (it
+        must be UTF-8), or with C{binary} as one binary frame.
+        """
+
+    def close(targets: Targets) -> Deferred[Reach]:
+        """
+        Close every matching connection with 4000; each produces a C{close}
+        event on the node that held it.
+        """
+
+    def listing() -> Deferred[Listing]:
+        """Every open connection, grouped by user as C{/list} shows them."""
+
+
+# The answers of IConnections, shared by both providers.
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Reach:
+    """What a C{send} or C{close} reached."""
+
+    matched: int
+    #: Some node may not have been asked, or did not answer in time (Redis
+    #: down, a node slow or dying): C{matched} may be short.
+    partial: bool = False
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Listing:
+    """The C{/list} entries, and whether some node's are missing."""
+
+    entries: List[Dict[str, Any]]
+    partial: bool = False
