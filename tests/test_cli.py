@@ -40,8 +40,7 @@ async def test_list_send_close(tmp_path):
         assert json.loads(await client.next_message()) == {"event": "notice"}
         result = await ctl(daemon, "send", "--text", "plain words", "--conn", conn_id, token="tok-123456789")
         assert result.returncode == 0
-        # A JSON string payload, as --help says: the API has no raw text frames yet.
-        assert await client.next_message() == '"plain words"'
+        assert await client.next_message() == "plain words"  # as it is, not JSON-encoded
 
         result = await ctl(daemon, "close", "--conn", conn_id, token="tok-123456789")
         assert result.stdout.strip() == "close: 1 connection(s) matched"
@@ -117,4 +116,4 @@ def test_version_and_refused_combinations() -> None:
     assert result.returncode == 1 and "must be http://HOST[:PORT], https://HOST[:PORT] or unix:PATH" in result.stderr
     result = run_ctl("--help")
     assert "unix:PATH" in result.stdout and "--admin-token-file" in result.stdout
-    assert "JSON string payload" in run_ctl("send", "--help").stdout
+    assert "as it is, as one text frame" in " ".join(run_ctl("send", "--help").stdout.split())

@@ -169,8 +169,7 @@ def parser() -> argparse.ArgumentParser:
             payload.add_argument(
                 "--text",
                 metavar="STRING",
-                help="send STRING as a JSON string payload (the client receives it JSON-encoded, quotes"
-                " included: the API has no raw text frames yet)",
+                help="send STRING as it is, as one text frame (the API's text field), not as JSON",
             )
         command.add_argument("--conn", action="append", default=[], help="conn id (repeatable)")
         command.add_argument("--user", action="append", default=[], help="user name (repeatable)")
@@ -209,13 +208,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         body = targets(args)
         if args.command == "send":
             if args.text is not None:
-                body["payload"] = args.text
+                body["text"] = args.text
             else:
                 try:
                     body["payload"] = json.loads(args.payload)
                 except ValueError as e:
                     print(
-                        f"wsgw-ctl: the payload is not JSON ({e}); use --text STRING to send it as a string",
+                        f"wsgw-ctl: the payload is not JSON ({e}); use --text STRING to send text as it is",
                         file=sys.stderr,
                     )
                     return 2
