@@ -22,7 +22,7 @@ import json
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 from . import __version__
@@ -118,9 +118,9 @@ def targets(args: argparse.Namespace) -> Dict[str, Any]:
     return body
 
 
-def table(rows: List[Sequence[str]], header: Sequence[str]) -> str:
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = [header] + rows
+    lines = [header, *rows]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 

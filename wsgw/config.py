@@ -89,14 +89,14 @@ def app_url_from_olares_env(environ: Mapping[str, str]) -> Optional[str]:
     return f"http://127.0.0.1:{port}{path}"
 
 
-def parse_http_url(url: str) -> str:
+def parse_http_url(url: str, example: str = "http://127.0.0.1:8888/ws/message") -> str:
     """
     C{url} when it is an absolute C{http://} or C{https://} URL with a host
-    and a usable port; raises L{ValueError} saying what is wrong, with an
-    example.  The gateway would otherwise start and then retry every event
-    for the whole retry window, as if the app were down.
+    and a usable port; raises L{ValueError} saying what is wrong, with
+    C{example} of a good one.  The gateway would otherwise start and then
+    retry every event for the whole retry window, as if the app were down.
     """
-    example = "e.g. http://127.0.0.1:8888/ws/message"
+    example = f"e.g. {example}"
     if not isinstance(url, str):
         raise ValueError(f"must be a URL string, {example}")
     if any(c.isspace() or ord(c) < 32 for c in url):

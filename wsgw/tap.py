@@ -24,8 +24,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.python import usage
+from zope.interface import provider
 
 from . import __version__
 from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url
@@ -379,7 +380,7 @@ class Options(usage.Options):
         return f"{message}; did you mean --{close[0]}?" if close else message
 
     def postOptions(self) -> None:
-        settings: Dict[str, object] = {}
+        settings: Dict[str, Any] = {}
         sources: Dict[str, str] = {}  # field → the option or variable that set it
         for name, (field, parse_one, _text) in _REPEATABLE.items():
             values: List[str] = self[name]
@@ -406,8 +407,8 @@ class Options(usage.Options):
         try:
             self.config = Config(**settings)
         except ConfigError as e:
-            source = sources.get(e.field)
-            raise usage.UsageError(f"{source}: {e}" if source else str(e)) from None
+            given = sources.get(e.field)
+            raise usage.UsageError(f"{given}: {e}" if given else str(e)) from None
 
     def _chosen_settings(self) -> List[Tuple[str, str, str]]:
         """
@@ -545,6 +546,7 @@ def announce(config: Config, ports: Sequence[Any]) -> None:
     log.info("wsgw {version} ready, engine {engine}", version=__version__, engine=config.engine)
 
 
+@provider(ILogObserver)
 def render_messages(event: Dict[str, Any]) -> None:
     """
     Puts the rendered message (C{text}) beside its template (C{log_format})
