@@ -46,7 +46,7 @@ class Server:
 
     name = "server"
     #: Workloads it can play; the others show "n/a".
-    workloads = ("W1", "W2", "W3", "W4", "W5")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def __init__(self, workdir: Path, ports: procs.Ports):
         self.workdir = workdir
@@ -112,6 +112,8 @@ class Wsgw(Server):
     #: A checkout of another commit to run instead of the wsgw this runner
     #: imports (see L{baseline}).
     source: Optional[Path] = None
+    #: The interpreter to run it with (see L{under}); this runner's by default.
+    python: Optional[str] = None
 
     def start(self, app_url: Optional[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
@@ -122,7 +124,7 @@ class Wsgw(Server):
         source = self.source or Path(wsgw.__file__).resolve().parent.parent
         env["PYTHONPATH"] = os.pathsep.join([str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         argv = [
-            sys.executable,
+            self.python or sys.executable,
             "-m",
             "twisted",
             "--log-format=text",
@@ -298,7 +300,7 @@ class Nchan(Server):
     """
 
     name = "nchan"
-    workloads = ("W1", "W2", "W3", "W4", "W5")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def start(self, app_url: Optional[str]) -> None:
         root = self.workdir / "nginx"
@@ -412,6 +414,24 @@ def baseline(rev: str, workdir: Path) -> type:
     return type(
         "WsgwBaseline", (Wsgw,), {"name": f"wsgw@{short}", "source": checkout, "version": staticmethod(lambda: short)}
     )
+
+
+def under(python: str, name: str = "wsgw-pypy") -> type:
+    """
+    The working tree's wsgw run by another interpreter (PyPy), which must
+    have wsgw's dependencies installed.
+    """
+    found = shutil.which(python) or python
+    out = subprocess.run(
+        [found, "-c", "import sys, twisted, autobahn; print(sys.version.split()[0], sys.implementation.name)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{python} cannot run wsgw: {out.stderr.strip().splitlines()[-1:]}")
+    version = out.stdout.strip()
+    return type("WsgwUnder", (Wsgw,), {"name": name, "python": found, "version": staticmethod(lambda: version)})
 
 
 def remove_baseline(cls: type) -> None:

@@ -24,12 +24,17 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from . import procs
 from .loadgen import App, LoadGen
 from .peers import HEARTBEAT, Server, Wsgw
 from .report import NA, Results
+
+
+def per_op(cpu: dict, operations: int) -> Optional[float]:
+    """Server CPU microseconds per operation over a measured stretch."""
+    return 1e6 * cpu["server_cpu_s"] / operations if operations else None
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Params:
     w5_background: Sequence[int]
     w5_calls: int
     w5_user_conns: int
+    w6_conns: int = 5000
     concurrency: int = 100  # handshakes in flight at once
     payload: int = 100  # bytes of each message
 
@@ -83,6 +89,7 @@ QUICK = Params(
     w5_background=(10, 100),
     w5_calls=100,
     w5_user_conns=5,
+    w6_conns=50,
 )
 
 
@@ -259,6 +266,7 @@ class Runner:
 
     W1_METRICS = [
         ("handshakes/s", "↑"),
+        ("server CPU µs per handshake", "↓"),
         ("handshakes refused (then retried)", ""),
         ("RSS per connection, KiB", "↓"),
         ("server CPU during handshakes, %", ""),
@@ -293,6 +301,8 @@ class Runner:
             idle = meter.stop()
             name = server_cls.name
             r.add(label, "handshakes/s", name, opened["rate"], "↑")
+            # The open event's POST included: a handshake costs both.
+            r.add(label, "server CPU µs per handshake", name, per_op(cpu, n), "↓", digits=0)
             r.add(label, "RSS per connection, KiB", name, (after - before) / alive / 1024, "↓")
             r.add(label, "server CPU during handshakes, %", name, cpu["server_cpu_pct"], digits=0)
             r.add(label, "load generator CPU during handshakes, %", name, cpu["loadgen_cpu_pct"], digits=0)
@@ -321,6 +331,7 @@ class Runner:
         ("latency p50, ms", "↓"),
         ("latency p99, ms", "↓"),
         ("lost/dup/reordered", ""),
+        ("server CPU µs per delivery", "↓"),
         ("server CPU, %", ""),
         ("load generator CPU, %", ""),
     ]
@@ -352,6 +363,7 @@ class Runner:
             r.add(label, "latency p50, ms", name, answer["latencyMs"]["p50"], "↓")
             r.add(label, "latency p99, ms", name, answer["latencyMs"]["p99"], "↓")
             r.add(label, "lost/dup/reordered", name, checks(answer))
+            r.add(label, "server CPU µs per delivery", name, per_op(cpu, answer["deliveries"]), "↓", digits=1)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], digits=0)
             r.add(label, "load generator CPU, %", name, cpu["loadgen_cpu_pct"], digits=0)
             if answer["publishErrors"]:
@@ -368,6 +380,7 @@ class Runner:
     W3_METRICS = [
         ("events/s", "↑"),
         ("lost/dup/reordered", ""),
+        ("server CPU µs per event", "↓"),
         ("server CPU, %", ""),
         ("load generator CPU, %", ""),
         ("app CPU, %", ""),
@@ -377,6 +390,21 @@ class Runner:
         p = self.params
         label = f"W3 forwarding, {p.w3_conns:,} conns x {p.w3_messages} msgs"
         self.each_server("W3", label, self.W3_METRICS, lambda cls: self._w3(cls, label))
+
+    #: Events one POST may carry in W3b (wsgw's --app-batch).
+    W3B_BATCH = 50
+
+    def w3b(self) -> None:
+        """W3 with wsgw batching events (--app-batch 50); the peers play their W3 again."""
+        p = self.params
+        label = f"W3b forwarding in batches of {self.W3B_BATCH}, {p.w3_conns:,} conns x {p.w3_messages} msgs"
+
+        def run(cls) -> None:
+            if issubclass(cls, Wsgw):
+                cls = type(cls.__name__, (cls,), {"extra_args": (*cls.extra_args, "--app-batch", str(self.W3B_BATCH))})
+            self._w3(cls, label)
+
+        self.each_server("W3", label, self.W3_METRICS, run)
 
     def _w3(self, server_cls, label: str) -> None:
         p, r = self.params, self.results
@@ -399,6 +427,7 @@ class Runner:
             name = server_cls.name
             r.add(label, "events/s", name, answer["rate"], "↑", digits=0)
             r.add(label, "lost/dup/reordered", name, checks(answer))
+            r.add(label, "server CPU µs per event", name, per_op(cpu, answer["received"]), "↓", digits=0)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], digits=0)
             r.add(label, "load generator CPU, %", name, cpu["loadgen_cpu_pct"], digits=0)
             r.add(label, "app CPU, %", name, cpu["app_cpu_pct"], digits=0)
@@ -413,6 +442,7 @@ class Runner:
         ("latency p99, ms", "↓"),
         ("achieved msg/s", ""),
         ("lost/dup/reordered", ""),
+        ("server CPU µs per round trip", "↓"),
         ("server CPU, %", "↓"),
         ("load generator + app CPU, %", ""),
     ]
@@ -422,12 +452,25 @@ class Runner:
         label = f"W4 round trip, {p.w4_rate} msg/s for {p.w4_seconds:g}s"
         self.each_server("W4", label, self.W4_METRICS, lambda cls: self._w4(cls, label))
 
-    def _w4(self, server_cls, label: str) -> None:
+    def w4r(self) -> None:
+        """W4 with the app's answer as an inline reply (wsgw only): no push API call."""
+        p = self.params
+        label = f"W4r round trip by inline reply, {p.w4_rate} msg/s for {p.w4_seconds:g}s"
+
+        def run(cls) -> None:
+            if not issubclass(cls, Wsgw):
+                self.results.not_applicable(label, self.W4_METRICS, cls.name, "n/a (no inline replies)")
+                return
+            self._w4(cls, label, mode="reply")
+
+        self.each_server("W4", label, self.W4_METRICS, run)
+
+    def _w4(self, server_cls, label: str, mode: str = "echo") -> None:
         p, r = self.params, self.results
         with self.session(server_cls) as s:
             s.open("rt", p.w4_conns, s.server.clients("W4"), p)
             s.settle()
-            s.app.mode("echo")
+            s.app.mode(mode)
             meter = s.meter().start()
             answer = s.load.call(
                 timeout=p.w4_seconds + 60,
@@ -445,6 +488,7 @@ class Runner:
             r.add(label, "latency p99, ms", name, answer["latencyMs"]["p99"], "↓", digits=2)
             r.add(label, "achieved msg/s", name, answer["received"] / p.w4_seconds, digits=0)
             r.add(label, "lost/dup/reordered", name, checks(answer))
+            r.add(label, "server CPU µs per round trip", name, per_op(cpu, answer["received"]), "↓", digits=0)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], "↓", digits=0)
             r.add(label, "load generator + app CPU, %", name, cpu["loadgen_cpu_pct"] + cpu["app_cpu_pct"], digits=0)
             self.verify(label, name, answer)
@@ -568,7 +612,61 @@ class Runner:
                         label, f"{what} at {high:,} ÷ at {low:,} others", server_cls.name, value, "↓", digits=2
                     )
 
-    ALL = ("W1", "W2", "W3", "W4", "W5")
+    # -- W6 ---------------------------------------------------------------------------------
+
+    W6_METRICS = [
+        ("all reconnected after a restart, s", "↓"),
+        ("app has every open event again, s", "↓"),
+        ("handshakes refused while reconnecting", ""),
+        ("open/close events lost", ""),
+    ]
+
+    def w6(self) -> None:
+        p = self.params
+        label = f"W6 reconnect storm, {p.w6_conns:,} clients, server restarted"
+        self.each_server("W6", label, self.W6_METRICS, lambda cls: self._w6(cls, label))
+
+    def _w6(self, server_cls, label: str) -> None:
+        """
+        N clients connected; the server is stopped (SIGTERM) and started
+        again on its port; every client reconnects after 0-1 s of jitter and
+        retries while it is refused.  Timed from the first client closed.
+        """
+        p, r = self.params, self.results
+        with self.session(server_cls) as s:
+            spec = s.server.clients("W1")
+            s.open("storm", p.w6_conns, spec, p)
+            s.settle()
+            s.load.call(timeout=30, cmd="stormArm", group="storm", jitterMs=1000, **spec)
+            s.server.stop()
+            s.server.start(s.app.base if s.app else None)
+            answer = s.load.call(timeout=180, cmd="stormWait", group="storm", timeoutMs=150000)
+            name = server_cls.name
+            seconds = answer["seconds"]
+            app_seconds: Any = NA
+            lost: Any = NA
+            if s.app is not None and issubclass(server_cls, Wsgw):
+                # Every open (before and after) and every close of the first connections.
+                expected_open, expected_close = 2 * p.w6_conns, p.w6_conns
+                deadline = time.monotonic() + 60
+                stats = s.app.stats()
+                while (
+                    stats["open"] < expected_open or stats["close"] < expected_close
+                ) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    stats = s.app.stats()
+                if stats["open"] >= expected_open:
+                    app_seconds = time.time() - answer["firstCloseAt"] / 1000
+                lost = f"{max(0, expected_open - stats['open'])}/{max(0, expected_close - stats['close'])}"
+            r.add(label, "all reconnected after a restart, s", name, seconds, "↓", digits=2)
+            r.add(label, "app has every open event again, s", name, app_seconds, "↓", digits=2)
+            r.add(label, "handshakes refused while reconnecting", name, answer["refused"])
+            r.add(label, "open/close events lost", name, lost)
+            if answer["back"] != answer["count"]:
+                r.fail(name, f"{label}, {name}: only {answer['back']} of {answer['count']} reconnected")
+            self.log(f"  {answer['back']}/{answer['count']} back in {seconds} s, errors {answer['errors']}")
+
+    ALL = ("W1", "W2", "W3", "W3B", "W4", "W4R", "W5", "W6")
 
     def run(self, only: Sequence[str] = ALL) -> None:
         for name in self.ALL:

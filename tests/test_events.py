@@ -6,8 +6,11 @@ import base64
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from wsgw.events import classify_message, encode_event, envelope_tail, open_extra
+from wsgw.events import classify_message, close_extra, encode_event, envelope_tail, open_extra
+from wsgw.jsonio import to_json
 from wsgw.registry import Connection
 
 
@@ -60,3 +63,32 @@ def test_envelope_carries_every_field_of_the_original():
         "user_agent": "UA",
         "remote_addr": "1.2.3.4",
     }
+
+
+@given(
+    st.text(),
+    st.text(),
+    st.text(),
+    st.booleans(),
+    st.text(),
+    st.one_of(st.none(), st.integers(1000, 4999)),
+)
+def test_envelope_fields_are_what_json_dumps_would_write(user, token, agent, public, reason, code):
+    """The envelope's fields are written without json.dumps, for speed: they
+    must read back exactly, lone surrogates included."""
+    conn = Connection(conn_id="c-1", user_name=user, token=token, access_public=public, user_agent=agent)
+    conn.remote_addr = "203.0.113.7"
+    body = encode_event(b"open", b"{}", envelope_tail(conn), open_extra(conn) + close_extra(code, reason))
+    assert json.loads(body) == {
+        "data": {},
+        "action": "open",
+        "user_agent": agent,
+        "remote_addr": "203.0.113.7",
+        "close_code": 1006 if code is None else code,
+        "close_reason": reason,
+        "user_name": user,
+        "conn_id": "c-1",
+        "token": token,
+        "access_public": public,
+    }
+    assert body == to_json(json.loads(body)) or "\\ud" in body.decode("ascii", "replace")

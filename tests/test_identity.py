@@ -4,7 +4,8 @@ Identity comes from the upgrade request as the platform sets it.
 
 import uuid
 
-from wsgw.identity import cookie_value, identify
+from wsgw.config import trusted_networks
+from wsgw.identity import client_address, cookie_value, identify
 
 
 def test_cookie_value():
@@ -59,3 +60,31 @@ def test_utf8_header_values_survive_autobahns_latin1_decoding():
     assert conn.user_name == "zoë"
     assert conn.token == "té"
     assert conn.cookie == "auth_token=té"
+
+
+def test_the_first_forwarded_address_is_the_clients_by_default():
+    conn = identify({"x-original-forwarded-for": "203.0.113.7, 10.0.0.2"}, "10.0.0.1")
+    assert conn.remote_addr == "203.0.113.7"
+    assert identify({"x-forwarded-for": "203.0.113.7"}, "10.0.0.1").remote_addr == "10.0.0.1"
+
+
+def test_with_trusted_proxies_the_nearest_untrusted_address_is_the_clients():
+    trusted = trusted_networks(["10.0.0.0/8", "::1"])
+    headers = {"x-forwarded-for": "198.51.100.1, 203.0.113.7, 10.0.0.2"}
+    # The chain from the peer back: 10.0.0.2 is trusted, 203.0.113.7 is not.
+    assert client_address(headers, "10.0.0.1", trusted) == "203.0.113.7"
+    assert client_address({"x-original-forwarded-for": "203.0.113.9"}, "::1", trusted) == "203.0.113.9"
+    # A peer that is not trusted is the client, whatever it says.
+    assert client_address(headers, "192.0.2.50", trusted) == "192.0.2.50"
+    # All trusted: the farthest address.
+    assert client_address({"x-forwarded-for": "10.1.1.1"}, "10.0.0.1", trusted) == "10.1.1.1"
+    # Garbage in the chain stops the walk there.
+    assert client_address({"x-forwarded-for": "evil, 10.0.0.3"}, "10.0.0.1", trusted) == "evil"
+    assert client_address({"x-forwarded-for": "[2001:db8::1]:443"}, "10.0.0.1", trusted) == "2001:db8::1"
+
+
+def test_a_bad_trusted_proxy_is_refused_by_name():
+    import pytest
+
+    with pytest.raises(ValueError, match="'10.0.0.300/8' is not an IP address or CIDR block"):
+        trusted_networks(["10.0.0.300/8"])

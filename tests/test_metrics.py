@@ -124,7 +124,7 @@ async def test_retries_drops_backlog_and_readiness_when_the_app_is_down(tmp_path
 
 @pytest_twisted.ensureDeferred
 async def test_json_logs_carry_fields(app, tmp_path):
-    daemon = await start_daemon("--app-url", app.url, cwd=tmp_path, log_format="json")
+    daemon = await start_daemon("--app-url", app.url, "--log-connections", cwd=tmp_path, log_format="json")
     try:
         client = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
         opened = await app.wait_for_action("open")

@@ -154,7 +154,7 @@ async def exchange_secrets(daemon, app):
 @pytest.mark.parametrize("level", ["info", "debug"])
 @pytest_twisted.ensureDeferred
 async def test_logs_hold_no_secrets(app, tmp_path, level):
-    daemon = await start_daemon("--app-url", app.url, cwd=tmp_path, log_level=level)
+    daemon = await start_daemon("--app-url", app.url, "--log-connections", cwd=tmp_path, log_level=level)
     try:
         await exchange_secrets(daemon, app)
     finally:

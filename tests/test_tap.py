@@ -18,7 +18,6 @@ import pytest
 from twisted.python.usage import UsageError
 
 import wsgw
-from wsgw.config import parse_http_url
 from wsgw.tap import _SETTINGS, Options, split_twist_options
 
 
@@ -78,7 +77,9 @@ def test_every_option_has_an_environment_variable():
     for name, (field, parse_value, _) in _SETTINGS.items():
         if name == "admin-token-file":
             continue  # below, with a real file
-        value = {"engine": "redis"}.get(name, "http://127.0.0.1:5/x" if parse_value in (str, parse_http_url) else "7")
+        value = {"engine": "redis"}.get(
+            name, "http://127.0.0.1:5/x" if parse_value is str or name.endswith("-url") else "7"
+        )
         assert getattr(parse([], {"WSGW_" + name.upper().replace("-", "_"): value}), field) == parse_value(value)
 
 
@@ -410,3 +411,14 @@ def test_twist_options_may_come_anywhere_on_the_wsgw_line() -> None:
         ["--log-format", "json", "--log-level=warn"],
         ["--listen", "1", "--require-user"],
     )
+
+
+def test_every_url_option_is_checked_at_start_up() -> None:
+    line = refused(twist("--connect-url", "127.0.0.1:8888/ws/connect"))
+    assert line == (
+        "--connect-url='127.0.0.1:8888/ws/connect': has no scheme: give the whole URL, e.g. http://127.0.0.1:8888/ws/connect"
+    )
+    with pytest.raises(
+        UsageError, match=r"^WSGW_TRUSTED_PROXY='10\.0\.0\.0/33': trusted proxy '10\.0\.0\.0/33' is not"
+    ):
+        parse([], {"WSGW_TRUSTED_PROXY": "10.0.0.0/8 10.0.0.0/33"})

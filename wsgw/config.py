@@ -8,9 +8,10 @@ or the command line below this module.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attr
@@ -19,6 +20,22 @@ DEFAULT_LISTEN = "tcp:40010"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ENGINES = ("memory", "redis")
 _NODE_ID = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
+
+
+Networks = Sequence[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]
+
+
+def trusted_networks(cidrs: Sequence[str]) -> Networks:
+    """C{--trusted-proxy} values as networks; raises L{ValueError} naming a bad one."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"trusted proxy {cidr!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8, ::1)"
+            ) from None
+    return networks
 
 
 @attr.s(frozen=True, slots=True)
@@ -212,6 +229,13 @@ class Config:
     listen: Tuple[str, ...] = attr.ib(default=(DEFAULT_LISTEN,), converter=_as_tuple, validator=_strings)
     #: Where lifecycle events are POSTed; L{None} forwards nothing.
     app_url: Optional[str] = attr.ib(default=None, validator=_http_url)
+    #: Where the app decides, before each handshake is answered, whether
+    #: the connection may open; L{None} admits every one.
+    connect_url: Optional[str] = attr.ib(default=None, validator=_http_url)
+    #: How long a handshake waits for that decision before a 503.
+    connect_timeout: float = attr.ib(default=2.0, validator=_positive)
+    #: Handshakes that may wait for the decision at once (more: 503).
+    connect_max_waiting: int = attr.ib(default=1000, validator=_positive_int)
     #: A connection that sends nothing for this long is closed.
     ping_timeout: float = attr.ib(default=45.0, validator=_positive)
     #: How often the heartbeat sweep looks for silent connections.
@@ -251,6 +275,16 @@ class Config:
     drain_timeout: float = attr.ib(default=10.0, validator=_positive)
     #: The request header that carries the signed-in user's name.
     user_header: str = attr.ib(default="X-Bfl-User", validator=_text())
+    #: Post C{online}/C{offline} events per user to the app...
+    presence_events: bool = attr.ib(default=False, validator=_flag)
+    #: ...once a user has had no connection for this long (offline), so
+    #: that a reload or a blip does not flicker.
+    presence_grace: float = attr.ib(default=5.0, validator=_non_negative)
+    #: Log each connection's open and close at info level.
+    log_connections: bool = attr.ib(default=False, validator=_flag)
+    #: Peers (IP addresses or CIDR blocks) whose X-Original-Forwarded-For
+    #: and X-Forwarded-For are believed; empty: any peer's, as the original.
+    trusted_proxies: Tuple[str, ...] = attr.ib(default=(), converter=_as_tuple, validator=_strings)
     #: Refuse handshakes without the user header (401).
     require_user: bool = attr.ib(default=False, validator=_flag)
     #: Origins allowed besides same-origin and none (fnmatch patterns such
@@ -298,6 +332,16 @@ class Config:
             raise ConfigError(
                 "presence_ttl",
                 "presence_ttl must be at least 1 second: a node refreshes its presence every third of it",
+            )
+        try:
+            trusted_networks(self.trusted_proxies)
+        except ValueError as e:
+            raise ConfigError("trusted_proxies", str(e)) from None
+        if self.presence_events and self.engine == "redis":
+            raise ConfigError(
+                "presence_events",
+                "presence_events work with the memory engine only so far: across a cluster, exactly one online "
+                "and one offline per transition needs a coordination the redis engine does not do yet",
             )
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ConfigError("redis_prefix", "redis_prefix must be 1 to 200 printable ASCII characters without spaces")

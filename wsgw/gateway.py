@@ -19,6 +19,7 @@ from zope.interface import implementer
 from . import events
 from .forwarder import AppForwarder
 from .interfaces import IChannel, IConnections, IMembership, Listing, Reach
+from .online import OnlineUsers
 from .registry import Connection, LiveConnections, Registry, Targets
 
 log = Logger()
@@ -111,17 +112,27 @@ class Gateway:
     #: frame is encoded once for every recipient.
     prepare: Callable[[bytes, bool], object] = attr.ib(default=_unprepared)
     stats: GatewayStats = attr.ib(factory=GatewayStats)
+    #: Log every connection's open and close at info level: a line each,
+    #: which at thousands of handshakes a second costs more than the rest.
+    log_connections: bool = attr.ib(default=False)
+    #: Post C{online}/C{offline} events per user, with this grace period
+    #: in seconds (None: none are posted).
+    presence_grace: Optional[float] = attr.ib(default=None)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
     #: Always reachable: this process is the whole of it.
     up = True
 
+    #: Who is online, with presence events on.
+    online: Optional[OnlineUsers] = attr.ib(default=None, init=False)
     _all_closed: List[Deferred[None]] = attr.ib(factory=list, init=False)
     _pong: Any = attr.ib(default=None, init=False)
     _shutting_down: bool = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._pong = self.prepare(events.PONG, False)
+        if self.presence_grace is not None:
+            self.online = OnlineUsers(self.clock, self._forward_presence, self.presence_grace)
 
     # -- what the WebSocket side reports ---------------------------------
 
@@ -131,15 +142,18 @@ class Gateway:
         self.registry.add(conn)
         self.membership.joined(conn)
         self.live.add(conn)
+        if self.online is not None:
+            self.online.opened(conn)  # its "online" goes ahead of the "open"
         self.stats.opened += 1
-        log.info(
-            "open {conn_id} user={user_name!r} public={access_public} from {remote_addr}",
-            conn_id=conn.conn_id,
-            user_name=conn.user_name,
-            access_public=conn.access_public,
-            remote_addr=conn.remote_addr,
-        )
-        log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=_shortened(conn.token))
+        if self.log_connections:
+            log.info(
+                "open {conn_id} user={user_name!r} public={access_public} from {remote_addr}",
+                conn_id=conn.conn_id,
+                user_name=conn.user_name,
+                access_public=conn.access_public,
+                remote_addr=conn.remote_addr,
+            )
+            log.debug("token of {conn_id}: {token}", conn_id=conn.conn_id, token=_shortened(conn.token))
         self._forward(conn, "open", events.EMPTY_OBJECT, events.open_extra(conn))
         if self._shutting_down:  # its handshake was already under way
             self.close_connection(conn, *CLOSE_GOING_AWAY)
@@ -172,11 +186,14 @@ class Gateway:
             return
         self._unregister(conn)
         self._forward(conn, "close", events.EMPTY_OBJECT, events.close_extra(code, reason))
+        if self.online is not None:
+            self.online.ended(conn)  # any "offline" goes behind the "close"
         conn.ended = True
         conn.channel = None
         self.live.discard(conn)
         self.stats.count(self.stats.closed, close_reason_label(code))
-        log.info("close {conn_id} code={code} reason={reason!r}", conn_id=conn.conn_id, code=code, reason=reason)
+        if self.log_connections:
+            log.info("close {conn_id} code={code} reason={reason!r}", conn_id=conn.conn_id, code=code, reason=reason)
         if not len(self.live):
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:
@@ -271,6 +288,8 @@ class Gateway:
         C{timeout} seconds, until their C{close} events reached the app.
         """
         self._shutting_down = True
+        if self.online is not None:
+            self.online.shutting_down()
         log.info("shutting down: closing {count} connection(s)", count=len(self.live))
         for conn in self.live.snapshot():
             try:
@@ -319,6 +338,19 @@ class Gateway:
         conn.next_seq = seq + 1
         body = events.encode_event(action.encode("ascii"), data, conn.event_tail, extra)
         self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body, conn.cookie, conn.remote_addr))
+
+    def _forward_presence(self, conn: Connection, action: str) -> None:
+        """
+        C{online} or C{offline} of C{conn}'s user, in C{conn}'s stream (so in
+        order with its events) and numbered in its sequence (so the app can
+        drop a repeat by its event id, as any other).
+        """
+        if not self.forwarder.enabled:
+            return
+        seq = conn.next_seq
+        conn.next_seq = seq + 1
+        body = events.presence_event(action, conn.user_name)
+        self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body))
 
 
 def channel(conn: Connection) -> IChannel:

@@ -4,9 +4,11 @@ Who a new connection belongs to, read from its upgrade request.
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
+from .config import Networks
 from .registry import Connection
 
 AUTH_COOKIE = "auth_token"
@@ -45,10 +47,53 @@ def new_conn_id() -> str:
     return str(uuid.uuid4())
 
 
+def _ip(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def client_address(headers: Mapping[str, str], peer: str, trusted: Optional[Networks] = None) -> str:
+    """
+    The client's address: with no trusted proxies (the default), the
+    first address of C{X-Original-Forwarded-For} (the platform's proxy sets
+    it), else the peer's.  With C{trusted} networks, the forwarding headers
+    (C{X-Original-Forwarded-For}, else C{X-Forwarded-For}) are believed
+    only as far as they were written by trusted peers: the chain is walked
+    from the peer back, and the nearest address that is not trusted is the
+    client's.
+    """
+    if trusted is None:
+        forwarded = _header(headers, "x-original-forwarded-for").split(",")[0].strip()
+        return forwarded or peer
+    chain = [peer]
+    peer_ip = _ip(peer)
+    if peer_ip is None or not any(peer_ip in net for net in trusted):
+        return peer  # a direct client: what it says of itself is not believed
+    header = _header(headers, "x-original-forwarded-for") or _header(headers, "x-forwarded-for")
+    chain = [part.strip() for part in header.split(",") if part.strip()] + chain
+    for address in reversed(chain):
+        ip = _ip(address)
+        if ip is None:
+            return address  # not an address a trusted proxy writes: stop believing here
+        if not any(ip in net for net in trusted):
+            return str(ip)
+    return chain[0]
+
+
 def identify(
     headers: Mapping[str, str],
     peer: str,
     user_header: str = "X-Bfl-User",
+    trusted: Optional[Networks] = None,
 ) -> Connection:
     """
     A new L{Connection} for an upgrade request with C{headers} (names in
@@ -56,18 +101,17 @@ def identify(
 
     The user name comes from the platform's user header (it may be empty);
     the token from the C{auth_token} cookie, or, with none, a fresh UUID
-    that marks the connection public.
+    that marks the connection public; the address from L{client_address}.
     """
     cookie = _header(headers, "cookie")
     token = cookie_value(cookie, AUTH_COOKIE) if cookie else None
     public = not token
-    forwarded = _header(headers, "x-original-forwarded-for").strip()
     return Connection(
         conn_id=new_conn_id(),
         user_name=_header(headers, user_header.lower()).strip(),
         token=str(uuid.uuid4()) if public else token,
         access_public=public,
         user_agent=_header(headers, "user-agent"),
-        remote_addr=forwarded or peer,
+        remote_addr=client_address(headers, peer, trusted),
         cookie=cookie,
     )

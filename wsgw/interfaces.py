@@ -12,6 +12,7 @@ mypy and a test double all see the same contract.
   - L{IReplies}: where the app's inline replies to events go.
   - L{IMembership}: who hears of connections joining and leaving the
     registry (a cluster node mirrors them into Redis).
+  - L{IConnectHook}: the app's say on whether a handshake may open.
   - L{IConnections}: C{send}, C{close} and C{list} as the API offers them,
     provided by the in-memory gateway and by the Redis cluster alike.
 """
@@ -25,6 +26,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from .connect import Verdict
     from .events import Event
     from .registry import Connection, Targets
 
@@ -100,6 +102,22 @@ class IReplies(Interface):
         Send C{body} to the connection of C{event} as one text frame, if it
         is still open, C{body} is UTF-8 and not over the message limit; a
         reply to a C{close} event goes nowhere.
+        """
+
+
+class IConnectHook(Interface):
+    """
+    Asks the app whether a handshake may become a connection.
+    """
+
+    counts = Attribute("Decisions so far, by result (admitted, refused, timeout, app_error, unreachable).")
+    asking = Attribute("How many handshakes the app is being asked about now.")
+
+    def admit(conn: Connection) -> Deferred[Verdict]:
+        """
+        The app's verdict on C{conn}, which never fails: an app that
+        cannot decide gives a 503 verdict.  Cancelling it (the client hung
+        up) abandons the question.
         """
 
 

@@ -17,6 +17,7 @@ from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.internet import ClientService
 from twisted.internet import tcp
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper
 
 # -- Autobahn: the settings copy -----------------------------------------------
 
@@ -135,3 +136,20 @@ def quiet_client_service(level: LogLevel = LogLevel.warn) -> Type[ClientService]
     """
     observer = FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(level)])
     return type("QuietClientService", (ClientService,), {"_log": Logger(observer=observer)})
+
+
+# -- Twisted: a connection handed from one protocol to another --------------------
+
+
+def hand_over(transport: Any, protocol: Any) -> None:
+    """
+    Make C{protocol} the receiver of C{transport}'s bytes from now on: the
+    protocol a TCP transport calls is its C{protocol} attribute; under TLS
+    the transport is the TLS protocol, which calls its C{wrappedProtocol}.
+    (Twisted has no public call for this; Autobahn's C{WebSocketResource}
+    relies on the same two fields.)
+    """
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol

@@ -21,15 +21,18 @@ from .gateway import Gateway
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .connect import ConnectHook
 
 
 class GatewayCollector:
     """A Prometheus collector reading one gateway's counters."""
 
-    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None):
+    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None, connect_hook: Optional[ConnectHook] = None):
         self.gateway = gateway
         #: The node's L{wsgw.cluster.Cluster}, with the Redis engine.
         self.cluster = cluster
+        #: The app's say on handshakes, with --connect-url.
+        self.connect_hook = connect_hook
 
     def collect(self) -> Iterator[Any]:
         gateway, stats = self.gateway, self.gateway.stats
@@ -65,6 +68,18 @@ class GatewayCollector:
         ):
             yield CounterMetricFamily(name, text, value=value)
 
+        online = gateway.online
+        if online is not None:
+            yield GaugeMetricFamily(
+                "wsgw_users_online",
+                "Users online (--presence-events), those in their grace period included.",
+                value=len(online),
+            )
+            went = CounterMetricFamily("wsgw_presence_events", "online and offline events posted.", labels=["action"])
+            went.add_metric(["online"], online.went_online)
+            went.add_metric(["offline"], online.went_offline)
+            yield went
+
         replies = gateway.live.reply_stats
         replied = CounterMetricFamily(
             "wsgw_app_replies",
@@ -98,6 +113,21 @@ class GatewayCollector:
         )
         yield GaugeMetricFamily("wsgw_app_requests_in_flight", "Event POSTs in flight.", value=forwarder.in_flight)
 
+        hook = self.connect_hook
+        if hook is not None:
+            decisions = CounterMetricFamily(
+                "wsgw_connect_decisions",
+                "Handshakes the app was asked about (--connect-url), by outcome: admitted, refused (4xx), "
+                "timeout, app_error (5xx), unreachable.",
+                labels=["result"],
+            )
+            for result, count in sorted(hook.counts.items()):
+                decisions.add_metric([result], count)
+            yield decisions
+            yield GaugeMetricFamily(
+                "wsgw_connect_waiting", "Handshakes waiting for the app's decision.", value=hook.asking
+            )
+
         cluster = self.cluster
         if cluster is not None:
             cstats = cluster.stats
@@ -129,10 +159,10 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None):
+    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None, connect_hook: Optional[ConnectHook] = None):
         super().__init__()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gateway, cluster))
+        self.registry.register(GatewayCollector(gateway, cluster, connect_hook))
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))

@@ -20,13 +20,15 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .appclient import AppClient, build_http_client
 from .config import Config
+from .connect import ConnectHook
+from .eventpost import EventPoster, build_http_client
 from .forwarder import AppForwarder, AppHealth
 from .gateway import Gateway, NoMembership
 from .interfaces import IConnections
 from .registry import LiveConnections, Registry
-from .web import GatewaySite, make_resource
+from .router import RouterFactory
+from .web import GatewaySite, make_resource, websocket_factory
 from .websocket import prepare_frame
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ class Node:
     connections: IConnections
     #: The node's part in a cluster (a service to run), with the Redis engine.
     cluster: Optional[Cluster] = None
+    #: Asks the app before each handshake is answered (--connect-url).
+    connect_hook: Optional[ConnectHook] = None
 
 
 def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> Node:
@@ -62,8 +66,8 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
     sink = None
     if config.app_url:
         if http_client is None:
-            http_client = build_http_client(reactor, config.max_in_flight)
-        sink = AppClient(http_client, config.app_url, reactor, config.app_timeout)
+            http_client = build_http_client(reactor, config.max_in_flight, config.max_message_size)
+        sink = EventPoster(http_client, config.app_url, reactor, config.app_timeout)
     live = LiveConnections(reactor, prepare_frame, max_reply=config.max_message_size)
     forwarder = AppForwarder(
         clock=reactor,
@@ -89,15 +93,23 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         live=live,
         registry=registry,
         ping_timeout=config.ping_timeout,
+        log_connections=config.log_connections,
+        presence_grace=config.presence_grace if config.presence_events else None,
         membership=presence or NoMembership(),
         prepare=prepare_frame,
     )
+    hook = None
+    if config.connect_url:
+        # A pool of its own: a backlog of events must not delay handshakes.
+        hook = ConnectHook(
+            build_http_client(reactor, config.max_in_flight), config.connect_url, reactor, config.connect_timeout
+        )
     if presence is None:
-        return Node(config, reactor, gateway, gateway)
+        return Node(config, reactor, gateway, gateway, connect_hook=hook)
     from .cluster import make_cluster
 
     cluster = make_cluster(config, gateway, presence, reactor)
-    return Node(config, reactor, gateway, cluster, cluster)
+    return Node(config, reactor, gateway, cluster, cluster, connect_hook=hook)
 
 
 @attr.s(eq=False)
@@ -239,8 +251,11 @@ def make_service(config: Config, reactor: Any = None, node: Optional[Node] = Non
         node = make_node(config, reactor)
     # With --admin-listen the API is served there alone and /ws elsewhere.
     separate_api = bool(config.admin_listen)
-    site = GatewaySite(make_resource(node, api=not separate_api), config, reactor=reactor)
-    listeners = [ListenerService(description, site, reactor) for description in config.listen]
+    websocket = websocket_factory(node)
+    site = GatewaySite(make_resource(node, api=not separate_api, factory=websocket), config, reactor=reactor)
+    # Upgrades of /ws go straight to Autobahn; everything else to the site.
+    front = RouterFactory(site, websocket, reactor, config.handshake_timeout, site.rate_limiter)
+    listeners = [ListenerService(description, front, reactor) for description in config.listen]
     if separate_api:
         admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)
         listeners += [ListenerService(description, admin_site, reactor) for description in config.admin_listen]

@@ -29,7 +29,7 @@ from twisted.python import usage
 from zope.interface import provider
 
 from . import __version__
-from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url
+from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url, trusted_networks
 from .service import make_service
 from .systemd import SystemdNotifier
 
@@ -186,6 +186,15 @@ def _endpoint_error(e: Exception) -> str:
     return f"not a usable endpoint ({message})"
 
 
+def _trusted_proxy(value: str) -> str:
+    trusted_networks([value])
+    return value
+
+
+def _connect_url(value: str) -> str:
+    return parse_http_url(value, example="http://127.0.0.1:8888/ws/connect")
+
+
 # option name → (Config field, parser, help)
 _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "app-url": (
@@ -193,6 +202,23 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         parse_http_url,
         "URL that receives open/message/close events as POSTs "
         "(default: http://127.0.0.1:$WS_PORT$WS_URL when WS_PORT is set, else forward nothing)",
+    ),
+    "connect-url": (
+        "connect_url",
+        _connect_url,
+        "URL the app decides at, before each handshake is answered, whether the connection may open "
+        "(2xx admits, 4xx refuses with that status; no answer, 5xx: 503) [default: admit all]",
+    ),
+    "presence-grace": (
+        "presence_grace",
+        _non_negative_float,
+        "seconds a user must have no connection before its offline event (with --presence-events)",
+    ),
+    "connect-timeout": ("connect_timeout", _positive_float, "seconds a handshake waits for --connect-url's answer"),
+    "connect-max-waiting": (
+        "connect_max_waiting",
+        _positive_int,
+        "handshakes that may wait for --connect-url's answer at once (more: 503)",
     ),
     "ping-timeout": ("ping_timeout", _positive_float, "close a connection silent this many seconds"),
     "ping-check-interval": ("ping_check_interval", _positive_float, "seconds between heartbeat sweeps"),
@@ -210,6 +236,11 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "seconds of failed event POSTs, with no success between, before /readyz says the app is down (503)",
     ),
     "max-in-flight": ("max_in_flight", _positive_int, "event POSTs in flight at once, all connections"),
+    "app-batch": (
+        "app_batch",
+        _positive_int,
+        "events one POST may carry, of any connections, as a JSON array (1: each event alone, as the original)",
+    ),
     "max-backlog": ("max_backlog", _positive_int, "events queued per connection before reading from it pauses"),
     "max-backlog-bytes": (
         "max_backlog_bytes",
@@ -267,6 +298,7 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "cluster-timeout": ("cluster_timeout", _positive_float, "seconds a send/close waits for the other nodes' counts"),
 }
 
+
 # option name → (Config field, parser of one value, help); each may be given several times.
 _REPEATABLE: Dict[str, Tuple[str, Callable[[str], str], str]] = {
     "listen": (
@@ -283,6 +315,12 @@ _REPEATABLE: Dict[str, Tuple[str, Callable[[str], str], str]] = {
         listen_endpoint,
         "where to serve the API alone (forms as for --listen); /ws is then not served there",
     ),
+    "trusted-proxy": (
+        "trusted_proxies",
+        _trusted_proxy,
+        "IP address or CIDR block of a proxy whose X-Original-Forwarded-For / X-Forwarded-For are believed; "
+        "the client's address is then the nearest one not trusted [default: believe any peer, as the original]",
+    ),
     "allowed-origin": (
         "allowed_origins",
         str,
@@ -295,6 +333,14 @@ _REPEATABLE: Dict[str, Tuple[str, Callable[[str], str], str]] = {
 _FLAGS: Dict[str, Tuple[str, str]] = {
     "require-user": ("require_user", "refuse handshakes without the user header (401)"),
     "admin-allow-remote": ("admin_allow_remote", "let API callers other than loopback in (needs an admin token)"),
+    "presence-events": (
+        "presence_events",
+        "post online/offline events per user to the app (offline after --presence-grace with no connection)",
+    ),
+    "log-connections": (
+        "log_connections",
+        "log each connection's open and close (info level; off: counted in /metrics only)",
+    ),
 }
 
 #: Options that set the same field; giving two at the same level is refused.

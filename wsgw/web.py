@@ -5,7 +5,7 @@ C{Site} that serves it with the gateway's limits.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
@@ -14,9 +14,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
+from .admission import HandshakePolicy
 from .api import JsonTree, conn_api
-from .config import Config
-from .gateway import Gateway
+from .config import Config, trusted_networks
 from .health import Health, Readiness
 from .jsonio import error_response
 from .metrics import MetricsPage
@@ -28,60 +28,36 @@ if TYPE_CHECKING:
 log = Logger()
 
 
-_REFUSAL_LABELS = {403: "origin", 401: "no_user", 503: "max_connections", 429: "max_connections_per_user"}
-
-
 class WebSocketEntry(Resource):
     """
-    C{/ws}: WebSocket upgrades go to Autobahn once the origin, identity and
-    connection limits allow; anything else is told, in JSON, to upgrade (426).
+    C{/ws} in a resource tree: WebSocket upgrades go to Autobahn (whose
+    protocol checks the origin, the user and the limits); anything else is
+    told, in JSON, to upgrade (426).
+
+    The daemon's listeners hand upgrades to Autobahn before twisted.web
+    sees them (L{wsgw.router}); this serves an embedding application's
+    C{Site}, and requests that upgrade on a kept-alive API connection.
     """
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, factory: GatewayFactory, config: Config):
+    def __init__(self, factory: GatewayFactory):
         super().__init__()
-        self._gateway = gateway
         self._websocket = WebSocketResource(factory)
-        self._user_header = config.user_header.encode("ascii")
-        self._require_user = config.require_user
-        self._origins = OriginPolicy(config.allowed_origins)
-        self._max_total = config.max_connections
-        self._max_per_user = config.max_connections_per_user
 
     def render(self, request: Request) -> Union[bytes, int]:
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade != b"websocket":
             request.setHeader(b"Upgrade", b"websocket")
             return error_response(request, 426, "this path takes WebSocket connections only; send Upgrade: websocket")
-        refusal = self._refusal(request)
-        if refusal is not None:
-            status, message = refusal
-            log.info("handshake refused: {message}", message=message)
-            self._gateway.stats.count(self._gateway.stats.refused, _REFUSAL_LABELS[status])
-            return error_response(request, status, message)
         # The connection leaves twisted.web for good (the HTTP channel
         # already stopped its idle timer for this request): let the
         # WebSocket protocol be the transport's producer in its place.
         channel = request.channel
         if channel.transport is not None:
             channel.transport.unregisterProducer()
-        return self._websocket.render(request)
-
-    def _refusal(self, request: Request) -> Optional[Tuple[int, str]]:
-        origin = request.getHeader(b"origin")
-        hosts = [(request.getHeader(name) or b"").decode("latin-1") for name in (b"host", b"x-forwarded-host")]
-        if not self._origins.allows(origin.decode("latin-1") if origin is not None else None, hosts):
-            return 403, "this page's origin may not open WebSockets here (see --allowed-origin)"
-        user = (request.getHeader(self._user_header) or b"").decode("utf-8", "replace").strip()
-        if self._require_user and not user:
-            return 401, f"sign in first: the {self._user_header.decode()} header is missing"
-        registry = self._gateway.registry
-        if self._max_total and len(registry) >= self._max_total:
-            return 503, f"the gateway holds its limit of {self._max_total} connections; try again later"
-        if self._max_per_user and registry.count_user(user) >= self._max_per_user:
-            return 429, f"this user holds its limit of {self._max_per_user} connections"
-        return None
+        result: Union[bytes, int] = self._websocket.render(request)
+        return result
 
 
 class GuardedApi(Resource):
@@ -139,9 +115,21 @@ def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
     set and cancelled on every connection for nothing (6% of a handshake).
     """
     config = node.config
+    policy = HandshakePolicy(
+        node.gateway.registry,
+        OriginPolicy(config.allowed_origins),
+        user_header=config.user_header,
+        require_user=config.require_user,
+        max_connections=config.max_connections,
+        max_connections_per_user=config.max_connections_per_user,
+        max_waiting=config.connect_max_waiting if node.connect_hook is not None else 0,
+    )
     return GatewayFactory(
         node.gateway,
         reactor=node.reactor,
+        policy=policy,
+        connect_hook=node.connect_hook,
+        trusted_proxies=trusted_networks(config.trusted_proxies) if config.trusted_proxies else None,
         user_header=config.user_header,
         max_message_size=config.max_message_size,
         max_outgoing=config.max_outgoing,
@@ -149,19 +137,22 @@ def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
     )
 
 
-def make_resource(node: Node, *, websocket: bool = True, api: bool = True) -> Resource:
+def make_resource(
+    node: Node, *, websocket: bool = True, api: bool = True, factory: Optional[GatewayFactory] = None
+) -> Resource:
     """
     A resource serving C{ws} (the WebSocket), C{tapr/ws/conn/...} and
     C{metrics} (the API and its metrics, guarded as the node's config says),
     and C{healthz}/C{readyz} below wherever it is mounted; the WebSocket or
     the API can be left out, to serve them on separate listeners.
+    C{factory}: the WebSocket factory of C{ws}, when the caller has one.
     """
     config, gateway = node.config, node.gateway
     root = JsonTree()
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Readiness(gateway, node.cluster))
     if websocket:
-        root.putChild(b"ws", WebSocketEntry(gateway, websocket_factory(node), config))
+        root.putChild(b"ws", WebSocketEntry(factory or websocket_factory(node)))
     if api:
         tapr = JsonTree()
         ws = JsonTree()
@@ -169,7 +160,7 @@ def make_resource(node: Node, *, websocket: bool = True, api: bool = True) -> Re
         access = ApiAccess(config.admin_token, config.admin_allow_remote)
         ws.putChild(b"conn", GuardedApi(conn_api(node.connections, config.max_api_body), access))
         root.putChild(b"tapr", tapr)
-        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster), access))
+        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster, node.connect_hook), access))
     return root
 
 

@@ -8,20 +8,30 @@ It also bounds what waits in memory for a client that does not read.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from . import internals
+from .admission import HandshakePolicy, Refusal
+from .config import Networks
 from .gateway import CLOSE_TOO_SLOW, Gateway
 from .identity import identify
 from .interfaces import IChannel
+from .jsonio import to_json
 from .registry import Connection
+
+if TYPE_CHECKING:
+    from .connect import ConnectHook, Verdict
 
 _log = Logger()
 
@@ -48,6 +58,10 @@ class GatewayProtocol(WebSocketServerProtocol):
     #: (code, reason) when the gateway closed this connection.
     _closed_by_gateway: Optional[Tuple[int, str]] = None
     _aborted = False
+    #: Why the handshake was refused, when it was.
+    _refused: Optional[Refusal] = None
+    #: The app's decision on this handshake, while it is awaited.
+    _deciding: Optional[Deferred[Verdict]] = None
 
     #: The settings are copied by L{internals.copy_settings} instead.
     CONFIG_ATTRS = ()
@@ -59,15 +73,84 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.transport.registerProducer(self, True)
 
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
+        headers = request.headers
         try:
-            self.conn = identify(request.headers, _peer(request.peer), self.factory.user_header)
-            self.conn.channel = self
+            conn = identify(headers, _peer(request.peer), self.factory.user_header, self.factory.trusted_proxies)
         except Exception:
             _log.failure("could not read the identity of a new connection")
             raise
+        policy = self.factory.policy
+        refusal = policy.refusal(
+            headers.get("origin"), [headers.get("host", ""), headers.get("x-forwarded-host", "")], conn.user_name
+        )
+        if refusal is not None:
+            self._refuse(refusal)
+        hook = self.factory.connect_hook
+        if hook is None:
+            return self._admitted(conn, request)
+        # The app decides; meanwhile the handshake holds a place under the
+        # connection limits.
+        waiting = policy.waiting
+        waiting.add(conn.user_name)
+        self._deciding = decision = hook.admit(conn)
+
+        def decided(result: Any) -> Any:
+            waiting.discard(conn.user_name)
+            self._deciding = None
+            return result
+
+        def verdict(verdict: Verdict) -> Optional[str]:
+            if verdict.refusal is not None:
+                self._refuse(verdict.refusal)
+            return self._admitted(conn, request)
+
+        def hung_up(failure: Failure) -> None:
+            failure.trap(CancelledError)
+            raise ConnectionDeny(400, "the client went away while the app decided")
+
+        return decision.addBoth(decided).addCallbacks(verdict, hung_up)
+
+    def _admitted(self, conn: Connection, request: ConnectionRequest) -> Optional[str]:
+        conn.channel = self
+        self.conn = conn
         # Select one of the offered subprotocols: echoing the whole list,
         # as the original does, makes browsers fail the handshake.
         return request.protocols[0] if request.protocols else None
+
+    def _refuse(self, refusal: Refusal) -> NoReturn:
+        self._refused = refusal
+        stats = self.factory.gateway.stats
+        stats.count(stats.refused, refusal.label)
+        _log.info("handshake refused: {message}", message=refusal.message)
+        raise ConnectionDeny(refusal.status, refusal.message)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deciding is not None:
+            self._deciding.cancel()  # nobody is there for the app's answer
+        super().connectionLost(reason)
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """
+        A refused handshake is answered as every other error of the
+        gateway's: in JSON, saying what was wrong (Autobahn's own answer has
+        no body), and with C{Retry-After} when a limit was reached.
+        """
+        refused = self._refused
+        body = (
+            refused.body if refused is not None and refused.body else to_json({"code": code, "message": reason}) + b"\n"
+        )
+        head = [
+            b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Error")),
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+        retry_after = refused.retry_after if refused is not None else None
+        if retry_after is not None:
+            head.append(b"Retry-After: %d" % retry_after)
+        for name, value in responseHeaders or ():
+            head.append(f"{name}: {value}".encode("latin-1", "replace"))
+        self.sendData(b"\r\n".join(head) + b"\r\n\r\n" + body)
 
     def onOpen(self) -> None:
         assert self.conn is not None
@@ -197,6 +280,9 @@ class GatewayFactory(WebSocketServerFactory):
         gateway: Gateway,
         *,
         reactor: Any,
+        policy: Optional[HandshakePolicy] = None,
+        connect_hook: Optional[ConnectHook] = None,
+        trusted_proxies: Optional[Networks] = None,
         user_header: str = "X-Bfl-User",
         max_message_size: int = 1024 * 1024,
         max_outgoing: int = 1024 * 1024,
@@ -204,6 +290,12 @@ class GatewayFactory(WebSocketServerFactory):
     ):
         super().__init__(reactor=reactor)
         self.gateway = gateway
+        #: What a handshake must pass: by default, anything.
+        self.policy = policy or HandshakePolicy(gateway.registry)
+        #: Asks the app before answering a handshake (--connect-url).
+        self.connect_hook = connect_hook
+        #: Peers whose forwarding headers are believed; None: any peer's.
+        self.trusted_proxies = trusted_proxies
         self.user_header = user_header
         self.max_outgoing = max_outgoing
         self.setProtocolOptions(

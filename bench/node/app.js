@@ -12,9 +12,12 @@
  * In "count" mode it counts client messages and checks their order per client
  * (the messages carry {c: client, s: sequence}); in "echo" mode it sends each
  * message straight back to the connection it came from through the server's
- * own push API, as a real app answering a request would.
+ * own push API, as a real app answering a request would; in "reply" mode
+ * (wsgw only) it answers the event POST itself with the message, as an
+ * inline reply (X-Wsgw-Reply: 1), sparing the push API call.  wsgw's
+ * batches (a JSON array of events) are taken in every mode.
  *
- * Control: POST /control {"mode": "count"|"echo"} resets the counters;
+ * Control: POST /control {"mode": "count"|"echo"|"reply"} resets the counters;
  * GET /stats returns them.  Configuration is one JSON argument:
  * {"port", "wsgwSend", "pushpinPublish", "nchanPublish"}.
  */
@@ -108,15 +111,27 @@ function parseJson(text) {
 // -- wsgw ---------------------------------------------------------------------
 
 function wsgw(body, res) {
-  const event = parseJson(body.toString());
+  const parsed = parseJson(body.toString());
+  const batch = Array.isArray(parsed);
+  const event = batch ? null : parsed;
+  if (mode === 'reply' && event && event.action === 'message') {
+    const reply = JSON.stringify(event.data);
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(reply), 'X-Wsgw-Reply': '1' });
+    res.end(reply);
+    stats.echoes++;
+    return;
+  }
   res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': 2 });
   res.end('{}');
-  if (!event) return;
-  if (event.action === 'open') stats.open++;
-  else if (event.action === 'close') stats.close++;
-  else if (event.action === 'message') {
-    if (mode === 'echo') echo(event.conn_id, config.wsgwSend, JSON.stringify({ payload: event.data, conn_id: event.conn_id }));
-    else track(event.data);
+  if (!parsed) return;
+  if (batch) stats.batches = (stats.batches || 0) + 1;
+  for (const one of batch ? parsed : [parsed]) {
+    if (one.action === 'open') stats.open++;
+    else if (one.action === 'close') stats.close++;
+    else if (one.action === 'message') {
+      if (mode === 'echo') echo(one.conn_id, config.wsgwSend, JSON.stringify({ payload: one.data, conn_id: one.conn_id }));
+      else track(one.data);
+    }
   }
 }
 

@@ -1,0 +1,565 @@
+"""
+The HTTP/1.1 client that carries event POSTs to the app: an C{IAgent}
+(L{AppAgent}) over persistent connections (L{AppConnection}) kept in a
+pool (L{AppPool}).  treq sits on top of it (see L{wsgw.eventpost}).
+
+Twisted's C{Agent} and its pool cost more CPU per event than everything
+else the gateway does for it: a request object, a body-producer dance, a
+line-by-line response parser.  The gateway's requests are all alike (small
+bodies already in memory, one app, answers it only judges by their
+status), so this agent writes each request in one call and hands treq the
+whole answer at once.
+
+Answers are read by llhttp (Node's HTTP parser, through C{httptools}):
+strict where RFC 9112 asks a client to be (C{Content-Length} is decimal
+digits, the CRLF after each chunk is checked, a field value with CR, LF or
+NUL is refused, C{Transfer-Encoding} with C{Content-Length} is refused),
+lenient where Twisted's own client is (lines may end in a bare LF).
+C{tests/test_appagent_differential.py} holds it to Twisted's verdicts.
+Framing: C{Content-Length}, chunked, or the end of the connection; interim
+1xx answers skipped; no body after C{HEAD}, 204 or 304; C{Connection:
+close} and HTTP/1.0 honoured.  A connection carries one request at a time
+(no pipelining).  Anything unreadable drops the connection and fails the
+request, which the forwarder then retries.
+
+A connection taken from the pool may have been closed by the app just as
+the request went out (Node closes idle keep-alives after 5 s): when it is
+lost before a byte of the answer arrived, the request goes out once more at
+once on a new connection.  An answer's C{Keep-Alive: timeout=N} bounds how
+long its connection stays in the pool: it is dropped half a second before
+the app would drop it (L{KEEP_ALIVE_MARGIN}).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Set, Tuple
+
+import attr
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
+from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+#: An answer's head (status line and headers) may not be longer.
+MAX_HEAD = 64 * 1024
+#: Of an answer's body only this much is kept by default (see
+#: L{AppAgent.max_kept_body}); the rest is read and dropped, so an app that
+#: answers with megabytes costs no memory.
+MAX_KEPT_BODY = 64 * 1024
+#: A connection whose answer said C{Keep-Alive: timeout=N} leaves the pool
+#: this many seconds before N have passed: the app's clock started when it
+#: wrote the answer, ours when it arrived, and a request written in the
+#: last moments would cross the app's close.
+KEEP_ALIVE_MARGIN = 0.5
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|,)\s*timeout\s*=\s*([0-9]{1,9})\s*(?:,|$)", re.IGNORECASE)
+
+
+class BadResponse(Exception):
+    """
+    The app's answer is not HTTP/1.x as this client reads it.
+    """
+
+
+@implementer(IResponse)
+@attr.s(eq=False)
+class Answer:
+    """
+    The app's whole answer: its body has been read already.
+    """
+
+    version: Tuple[bytes, int, int] = attr.ib()
+    code: int = attr.ib()
+    phrase: bytes = attr.ib()
+    headers: Headers = attr.ib()
+    #: The body's first bytes (L{AppAgent.max_kept_body}), as sent (not decoded).
+    body: bytes = attr.ib(default=b"")
+    request = None
+    previousResponse = None
+
+    @property
+    def length(self) -> int:
+        return len(self.body)
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        if self.body:
+            protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+
+@implementer(IBodyProducer)
+@attr.s(slots=True)
+class BytesBody:
+    """
+    A request body already in memory, written in one call.  Given plain
+    bytes, treq wraps them in a C{FileBodyProducer}, which feeds them
+    through a cooperator task (a C{LoopingCall}) on every request; and
+    L{AppAgent} sends only bodies it can write at once.
+    """
+
+    body: bytes = attr.ib()
+    length: int = attr.ib(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.length = len(self.body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _HeadAnswered(Exception):
+    """Raised inside the parser: the answer to a HEAD ends with its head."""
+
+
+class _OutOfTurn(Exception):
+    """Raised inside the parser: bytes follow the answer nobody asked for."""
+
+
+class AppConnection(Protocol):
+    """
+    One persistent connection to the app, one request at a time.
+    """
+
+    def __init__(self, pool: AppPool, key: tuple, max_kept_body: int = MAX_KEPT_BODY) -> None:
+        self._pool = pool
+        self._key = key
+        self._max_kept_body = max_kept_body
+        self._parser = HttpResponseParser(self)
+        self._lenient_lines(True)
+        self._waiting: Optional[Deferred[Answer]] = None
+        self.lost = False
+        self._reset(head_only=False)
+
+    def _reset(self, head_only: bool) -> None:
+        self._head_only = head_only
+        self._received = 0
+        self._phrase = b""
+        self._headers = Headers()
+        self._head_done = False
+        #: The body runs to the end of the connection.
+        self._until_close = False
+        self._body: List[bytes] = []
+        self._body_size = 0
+        self._answer: Optional[Answer] = None
+        self._keep_alive = False
+        self._keep_for: Optional[float] = None
+
+    def send(self, data: bytes, head_only: bool = False) -> Deferred[Answer]:
+        """
+        Write one whole request; the L{Deferred} fires with the L{Answer}.
+        C{head_only}: the request was a C{HEAD}, whose answer has no body.
+        """
+        self._waiting = Deferred(self._cancel)
+        self._reset(head_only)
+        self.transport.write(data)
+        return self._waiting
+
+    def _cancel(self, _d: Deferred[Answer]) -> None:
+        # The answer is no longer wanted (the attempt timed out): this
+        # connection is mid-answer, so it cannot serve another request.
+        self._waiting = None
+        self.transport.abortConnection()
+
+    def _lenient_lines(self, lenient: bool) -> None:
+        # RFC 9112 2.2 lets a client read a bare LF as the end of the
+        # status line and of a field line (Twisted's client does); chunks
+        # and trailers end in CRLF (Twisted checks).  llhttp has one
+        # leniency for both, so it is on for heads only.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=lenient)
+
+    # llhttp's callbacks, called from within feed_data.
+
+    def on_message_begin(self) -> None:
+        if self._answer is not None:
+            raise _OutOfTurn()
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:  # trailers are read and dropped
+            self._headers.addRawHeader(name, value)
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
+        if 100 <= code < 200:
+            return  # an interim answer; llhttp reads it as a message of its own
+        self._head_done = True
+        self._lenient_lines(False)
+        if not self._parser.get_http_version().startswith("1."):
+            raise BadResponse(f"not HTTP/1.x: HTTP/{self._parser.get_http_version()}")
+        headers = self._headers
+        codings = headers.getRawHeaders(b"transfer-encoding")
+        no_body = self._head_only or code in (204, 304)
+        if not no_body and codings is not None and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+            # Only chunked can be undone here; Twisted's client agrees.
+            raise BadResponse(f"unsupported Transfer-Encoding: {b','.join(codings)[:40]!r}")
+        self._until_close = not no_body and codings is None and not headers.hasHeader(b"content-length")
+        if self._head_only:
+            # llhttp cannot be told that no body follows: stop it here.
+            raise _HeadAnswered()
+
+    def on_body(self, data: bytes) -> None:
+        room = self._max_kept_body - self._body_size
+        if room > 0:
+            self._body.append(data[:room])
+        self._body_size += len(data)
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:
+            # The end of an interim answer: the real one follows.
+            self._phrase = b""
+            self._headers = Headers()
+            return
+        self._lenient_lines(True)
+        self._answer = self._make_answer()
+        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_for = _keep_alive_timeout(self._headers)
+
+    def _make_answer(self) -> Answer:
+        minor = 0 if self._parser.get_http_version() == "1.0" else 1
+        return Answer(
+            (b"HTTP", 1, minor),
+            self._parser.get_status_code(),
+            self._phrase,
+            self._headers,
+            b"".join(self._body),
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._waiting is None:
+            # Nothing was asked: an app talking out of turn.
+            self.transport.abortConnection()
+            return
+        self._received += len(data)
+        extra = False
+        try:
+            self._parser.feed_data(data)
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _HeadAnswered):
+                # The parser stopped mid-stream: this connection is done.
+                self._answer = self._make_answer()
+                extra = True
+            elif self._answer is not None:
+                extra = True  # bytes after the answer (_OutOfTurn)
+            else:
+                self._bad(cause if isinstance(cause, BadResponse) else e)
+                return
+        except (HttpParserError, HttpParserUpgrade) as e:
+            if self._answer is None:
+                self._bad(e)
+                return
+            extra = True  # bytes after an answer that said Connection: close
+        if self._answer is not None:
+            self._finish(reusable=not extra and self._keep_alive)
+        elif not self._head_done and self._received > MAX_HEAD:
+            self._bad(BadResponse(f"answer head over {MAX_HEAD} bytes"))
+
+    def _bad(self, error: BaseException) -> None:
+        waiting, self._waiting = self._waiting, None
+        self.transport.abortConnection()
+        if waiting is not None:
+            waiting.errback(Failure(ResponseFailed([Failure(error)])))
+
+    def _finish(self, reusable: bool) -> None:
+        answer, waiting = self._answer, self._waiting
+        self._waiting = None
+        if reusable:
+            self._pool.put(self._key, self, self._keep_for)
+        else:
+            self.transport.loseConnection()
+        waiting.callback(answer)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        self._pool.forget(self._key, self)
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return
+        if self._head_done and self._until_close:
+            waiting.callback(self._make_answer())
+        elif self._received == 0:
+            # Nothing of an answer: the app may have closed an idle
+            # connection as the request went out (see AppAgent.request).
+            waiting.errback(Failure(ResponseNeverReceived([reason])))
+        else:
+            waiting.errback(Failure(ResponseFailed([reason])))
+
+
+def _keep_alive_timeout(headers: Headers) -> Optional[float]:
+    values = headers.getRawHeaders(b"keep-alive")
+    if values is None:
+        return None
+    found = _KEEP_ALIVE_TIMEOUT.search(b",".join(values))
+    return None if found is None else float(int(found.group(1)))
+
+
+@attr.s(eq=False)
+class AppPool:
+    """
+    Idle connections per app address, the most recently used first; at
+    most C{max_idle} kept per address, each for C{idle_timeout} seconds or
+    less when the app said so (L{KEEP_ALIVE_MARGIN}).
+    """
+
+    reactor: IReactorTime = attr.ib()
+    max_idle: int = attr.ib(default=64)
+    idle_timeout: float = attr.ib(default=120.0)
+    _idle: Dict[tuple, List[AppConnection]] = attr.ib(factory=dict, init=False)
+    _timers: Dict[AppConnection, IDelayedCall] = attr.ib(factory=dict, init=False)
+
+    def take(self, key: tuple) -> Optional[AppConnection]:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            timer = self._timers.pop(connection, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not connection.lost:
+                return connection
+        return None
+
+    def put(self, key: tuple, connection: AppConnection, keep_for: Optional[float] = None) -> None:
+        """
+        Keep C{connection} for the next request to C{key}; C{keep_for}: the
+        app's C{Keep-Alive} timeout, if it gave one.
+        """
+        lifetime = self.idle_timeout
+        if keep_for is not None:
+            lifetime = min(lifetime, keep_for - KEEP_ALIVE_MARGIN)
+        idle = self._idle.setdefault(key, [])
+        if lifetime <= 0 or len(idle) >= self.max_idle:
+            connection.transport.loseConnection()
+            return
+        idle.append(connection)
+        self._timers[connection] = self.reactor.callLater(lifetime, self._expire, key, connection)
+
+    def forget(self, key: tuple, connection: AppConnection) -> None:
+        idle = self._idle.get(key)
+        if idle and connection in idle:
+            idle.remove(connection)
+        timer = self._timers.pop(connection, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _expire(self, key: tuple, connection: AppConnection) -> None:
+        self._timers.pop(connection, None)
+        self.forget(key, connection)
+        connection.transport.loseConnection()
+
+
+@attr.s(frozen=True)
+class _NoDelayEndpoint:
+    """
+    Connects like C{inner} and turns Nagle's algorithm off: a request
+    written in one call still goes out in several segments when it is
+    larger than one, and with Nagle on the last would wait for the app's
+    delayed ACK (40 ms on Linux).
+    """
+
+    inner: IStreamClientEndpoint = attr.ib()
+
+    def connect(self, factory: Factory) -> Deferred[Protocol]:
+        def no_delay(protocol: Protocol) -> Protocol:
+            if ITCPTransport.providedBy(protocol.transport):
+                protocol.transport.setTcpNoDelay(True)
+            return protocol
+
+        return self.inner.connect(factory).addCallback(no_delay)
+
+
+@implementer(IAgentEndpointFactory)
+@attr.s(frozen=True)
+class AppEndpoints:
+    """
+    One endpoint per app address, built on first use: the agent asks for
+    one whenever it connects, and building it (IDNA-encoding the host, TLS
+    options) cost more than the rest of the request's setup.
+    """
+
+    reactor: object = attr.ib()
+    _built: Dict[tuple, _NoDelayEndpoint] = attr.ib(factory=dict, init=False)
+
+    def endpointForURI(self, uri: URI) -> _NoDelayEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._built.get(key)
+        if endpoint is None:
+            inner: IStreamClientEndpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
+            if uri.scheme == b"https":
+                inner = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), inner)
+            endpoint = self._built[key] = _NoDelayEndpoint(inner)
+        return endpoint
+
+
+@attr.s(frozen=True)
+class _Target:
+    """What a request URI means to the agent, worked out once per URI."""
+
+    key: tuple = attr.ib()
+    path: bytes = attr.ib()
+    #: The C{Host} header: the host, and the port unless it is the default.
+    host: bytes = attr.ib()
+    uri: URI = attr.ib()
+
+
+def _target(uri: bytes) -> _Target:
+    parsed = URI.fromBytes(uri)
+    if parsed.scheme not in (b"http", b"https"):
+        raise ValueError(f"unsupported scheme in {uri!r}")
+    default = 443 if parsed.scheme == b"https" else 80
+    host = parsed.host if parsed.port == default else parsed.host + b":%d" % parsed.port
+    return _Target((parsed.scheme, parsed.host, parsed.port), parsed.originForm, host, parsed)
+
+
+#: Headers the agent writes itself, from the request's framing.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+#: Header names and methods found to be tokens (a handful in practice).
+_TOKENS_SEEN: Set[bytes] = set()
+
+
+def _check_token(token: bytes, what: str) -> None:
+    if token not in _TOKENS_SEEN:
+        if not _TOKEN.match(token):
+            raise ValueError(f"bad {what} {token[:40]!r}")
+        if len(_TOKENS_SEEN) < 256:
+            _TOKENS_SEEN.add(token)
+
+
+def serialize(method: bytes, target: _Target, headers: Optional[Headers], body: bytes) -> bytes:
+    """
+    The request as it goes on the wire.  A method that is not a token, a
+    header name that is not a token or a value with CR, LF or NUL is
+    refused here, where the request is built (L{ValueError}).
+    """
+    _check_token(method, "method")
+    lines = [method, b" ", target.path, b" HTTP/1.1\r\n"]
+    count = 2  # the request line and the blank line that ends the head
+    has_host = False
+    if headers is not None:
+        for name, values in headers.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _FRAMING:
+                continue
+            _check_token(name, "header name")
+            if lower == b"host":
+                has_host = True
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+                count += 1
+    if not has_host:
+        lines += (b"Host: ", target.host, b"\r\n")
+        count += 1
+    if body or method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+        count += 1
+    lines.append(b"\r\n")
+    head = b"".join(lines)
+    # Each of the head's lines ends in the CRLF written here: any other CR
+    # or LF, or a NUL, came in a header value (or the request's path).
+    if head.count(b"\r") != count or head.count(b"\n") != count or b"\0" in head:
+        raise ValueError("CR, LF or NUL in a header value or the path")
+    return head + body
+
+
+@implementer(IAgent)
+@attr.s(eq=False)
+class AppAgent:
+    """
+    An C{IAgent} over L{AppConnection}s, connecting through
+    C{endpoint_factory} (an C{IAgentEndpointFactory}, L{AppEndpoints} in
+    the daemon).
+
+    It sends the headers it is given as given, adding C{Host} (unless
+    given) and the framing headers.  Request bodies must be producers with
+    the bytes at hand as C{.body} (L{BytesBody}).  The L{Deferred} fires
+    once the whole answer has been read, with the connection back in the
+    pool; of its body the first C{max_kept_body} bytes are kept.
+    """
+
+    reactor: IReactorTime = attr.ib()
+    endpoint_factory: IAgentEndpointFactory = attr.ib()
+    pool: AppPool = attr.ib()
+    max_kept_body: int = attr.ib(default=MAX_KEPT_BODY)
+    _targets: Dict[bytes, _Target] = attr.ib(factory=dict, init=False)
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Optional[Headers] = None,
+        bodyProducer: Optional[IBodyProducer] = None,
+    ) -> Deferred[IResponse]:
+        target = self._targets.get(uri)
+        if target is None:
+            try:
+                target = _target(uri)
+            except Exception:
+                return fail()
+            if len(self._targets) < 100:
+                self._targets[uri] = target
+        if bodyProducer is None:
+            body = b""
+        else:
+            body = getattr(bodyProducer, "body", None)
+            if not isinstance(body, bytes) or bodyProducer.length is UNKNOWN_LENGTH:
+                return fail(TypeError("AppAgent sends bodies already in memory only (BytesBody)"))
+        try:
+            data = serialize(method, target, headers, body)
+        except ValueError:
+            return fail()
+        head_only = method == b"HEAD"
+        connection = self.pool.take(target.key)
+        if connection is None:
+            return self._connect(target, data, head_only)
+
+        def stale(failure: Failure) -> object:
+            # The app closed this idle connection as the request went out:
+            # nothing was answered, so the request goes out once more, now.
+            if failure.check(ResponseNeverReceived):
+                return self._connect(target, data, head_only)
+            return failure
+
+        return connection.send(data, head_only).addErrback(stale)
+
+    def _connect(self, target: _Target, data: bytes, head_only: bool) -> Deferred[IResponse]:
+        try:
+            endpoint = self.endpoint_factory.endpointForURI(target.uri)
+        except Exception:
+            return fail()
+        factory = Factory.forProtocol(lambda: AppConnection(self.pool, target.key, self.max_kept_body))
+        connecting = endpoint.connect(factory)
+
+        def connected(protocol: AppConnection) -> Deferred[Answer]:
+            return protocol.send(data, head_only)
+
+        def not_connected(failure: Failure) -> Failure:
+            if failure.check(CancelledError):
+                return failure  # the attempt timed out while connecting
+            raise ResponseFailed([failure])
+
+        return connecting.addCallbacks(connected, not_connected)
