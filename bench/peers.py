@@ -140,11 +140,29 @@ class Wsgw(Server):
         if app_url:
             argv += ["--app-url", app_url + "/wsgw"]
         argv += list(self.extra_args)
-        self.proc = procs.spawn(argv, procs.SERVER_CORE, self.workdir / "wsgw.log", env=env)
+        # From the source's folder: `python -m` puts the working directory
+        # first on sys.path, ahead of PYTHONPATH.
+        self.proc = procs.spawn(argv, procs.SERVER_CORE, self.workdir / "wsgw.log", env=env, cwd=str(source))
         procs.wait_http(f"http://127.0.0.1:{self.port}/tapr/ws/conn/list", 30, self.proc)
 
     def app_endpoints(self) -> Dict[str, str]:
         return {"wsgwSend": f"http://127.0.0.1:{self.port}/tapr/ws/conn/send"}
+
+    @classmethod
+    def supports(cls, option: str) -> bool:
+        """This wsgw (a baseline may be older) knows C{option}."""
+        import wsgw
+
+        source = cls.source or Path(wsgw.__file__).resolve().parent.parent
+        out = subprocess.run(
+            [cls.python or sys.executable, "-m", "twisted", "wsgw", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(source),
+            env={**os.environ, "PYTHONPATH": str(source)},
+        )
+        return option in out.stdout
 
     def clients(self, workload: str) -> Dict:
         # W2 puts every connection on user "bench"; the others give each its own user.

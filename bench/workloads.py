@@ -401,6 +401,9 @@ class Runner:
 
         def run(cls) -> None:
             if issubclass(cls, Wsgw):
+                if not cls.supports("--app-batch"):
+                    self.results.not_applicable(label, self.W3_METRICS, cls.name, "n/a (no --app-batch)")
+                    return
                 cls = type(cls.__name__, (cls,), {"extra_args": (*cls.extra_args, "--app-batch", str(self.W3B_BATCH))})
             self._w3(cls, label)
 
@@ -458,7 +461,7 @@ class Runner:
         label = f"W4r round trip by inline reply, {p.w4_rate} msg/s for {p.w4_seconds:g}s"
 
         def run(cls) -> None:
-            if not issubclass(cls, Wsgw):
+            if not issubclass(cls, Wsgw) or not cls.supports("--app-batch"):  # replies came with batches
                 self.results.not_applicable(label, self.W4_METRICS, cls.name, "n/a (no inline replies)")
                 return
             self._w4(cls, label, mode="reply")
