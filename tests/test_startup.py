@@ -180,4 +180,26 @@ def test_a_port_in_use_is_one_line_without_a_traceback(ephemeral: bool, tmp_path
     assert result.returncode == 1
     output = (result.stderr + result.stdout).strip().splitlines()
     assert len(output) == 1, "\n".join(output)
-    assert output[0].startswith(f"cannot listen on tcp:{port}:interface=127.0.0.1: ")
+    line = output[0]
+    assert line.startswith(f"cannot listen on tcp:{port}:interface=127.0.0.1: port {port} is in use"), line
+    assert f"find it with: ss -ltnp 'sport = :{port}'" in line
+    if ephemeral:
+        assert f"sysctl -w net.ipv4.ip_local_reserved_ports={port}" in line and "socket activation" in line
+        assert "ephemeral range" in line
+    else:
+        assert "ephemeral" not in line and "ip_local_reserved_ports" not in line
+    if port != 40010:
+        assert "40010" not in line  # the port asked for, not the default
+
+
+@pytest_twisted.ensureDeferred
+async def test_factories_are_not_announced_at_info(app: RecordingApp, tmp_path: Path) -> None:
+    """No "Starting factory" / "Stopping factory" per app connection (or per listener)."""
+    daemon = await start_daemon("--app-url", app.url, cwd=tmp_path)
+    client = await py_client(daemon.ws_url, {"X-Bfl-User": "alice"})
+    opened = await app.wait_for_action("open")
+    client.sendClose()
+    await app.wait_for_action("close", opened["conn_id"])
+    assert await daemon.terminate() == (0, None)
+    noise = [line for line in daemon.log_lines() if "Starting factory" in line or "Stopping factory" in line]
+    assert noise == []
