@@ -241,6 +241,7 @@ class GatewaySite(Site):
 
     protocol = GatewayChannel
     requestFactory = BoundedRequest
+    noisy = False  # start-up says where it serves (wsgw.tap); no "Starting factory" lines
 
     def __init__(self, resource: Resource, config: Config, reactor: Any = None):
         super().__init__(resource, timeout=60, reactor=reactor, parsePOSTFormSubmission=False)
