@@ -102,6 +102,8 @@ class Refusal(Resource):
         )
         if self.status == 401:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="wsgw"')
+        if self.status == 429:
+            request.setHeader(b"Retry-After", b"1")  # as the router's handshake refusals say
         return error_response(request, self.status, self.message)
 
 
