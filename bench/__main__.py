@@ -39,7 +39,7 @@ def parse(argv):
         "--servers", help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)"
     )
     parser.add_argument(
-        "--only", default="W1,W2,W3,W3b,W4,W4r,W5", help="comma-separated workloads to run (default: all)"
+        "--only", default="W1,W2,W3,W3b,W4,W4r,W5,W6", help="comma-separated workloads to run (default: all)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
     parser.add_argument(
@@ -49,6 +49,11 @@ def parse(argv):
         "--baseline",
         metavar="REV",
         help="also run wsgw at this commit (a git worktree), beside the working tree, for same-run ratios",
+    )
+    parser.add_argument(
+        "--pypy",
+        metavar="PYTHON",
+        help="also run the working tree under this interpreter (a PyPy with wsgw's dependencies), as wsgw-pypy",
     )
     parser.add_argument(
         "--profile",
@@ -119,6 +124,8 @@ def main(argv=None) -> int:
     if args.baseline:
         base = peers.baseline(args.baseline, workdir)
         servers.insert(1, base)
+    if args.pypy:
+        servers.insert(1, peers.under(args.pypy))
     results = report.Results([cls.name for cls in servers])
     names = ", ".join(c.name for c in servers)
     log(f"mode {'quick' if args.quick else 'full'}, servers {names}, work folder {workdir}")

@@ -46,7 +46,7 @@ class Server:
 
     name = "server"
     #: Workloads it can play; the others show "n/a".
-    workloads = ("W1", "W2", "W3", "W4", "W5")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def __init__(self, workdir: Path, ports: procs.Ports):
         self.workdir = workdir
@@ -112,6 +112,8 @@ class Wsgw(Server):
     #: A checkout of another commit to run instead of the wsgw this runner
     #: imports (see L{baseline}).
     source: Optional[Path] = None
+    #: The interpreter to run it with (see L{under}); this runner's by default.
+    python: Optional[str] = None
 
     def start(self, app_url: Optional[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
@@ -122,7 +124,7 @@ class Wsgw(Server):
         source = self.source or Path(wsgw.__file__).resolve().parent.parent
         env["PYTHONPATH"] = os.pathsep.join([str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         argv = [
-            sys.executable,
+            self.python or sys.executable,
             "-m",
             "twisted",
             "--log-format=text",
@@ -138,11 +140,29 @@ class Wsgw(Server):
         if app_url:
             argv += ["--app-url", app_url + "/wsgw"]
         argv += list(self.extra_args)
-        self.proc = procs.spawn(argv, procs.SERVER_CORE, self.workdir / "wsgw.log", env=env)
+        # From the source's folder: `python -m` puts the working directory
+        # first on sys.path, ahead of PYTHONPATH.
+        self.proc = procs.spawn(argv, procs.SERVER_CORE, self.workdir / "wsgw.log", env=env, cwd=str(source))
         procs.wait_http(f"http://127.0.0.1:{self.port}/tapr/ws/conn/list", 30, self.proc)
 
     def app_endpoints(self) -> Dict[str, str]:
         return {"wsgwSend": f"http://127.0.0.1:{self.port}/tapr/ws/conn/send"}
+
+    @classmethod
+    def supports(cls, option: str) -> bool:
+        """This wsgw (a baseline may be older) knows C{option}."""
+        import wsgw
+
+        source = cls.source or Path(wsgw.__file__).resolve().parent.parent
+        out = subprocess.run(
+            [cls.python or sys.executable, "-m", "twisted", "wsgw", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(source),
+            env={**os.environ, "PYTHONPATH": str(source)},
+        )
+        return option in out.stdout
 
     def clients(self, workload: str) -> Dict:
         # W2 puts every connection on user "bench"; the others give each its own user.
@@ -298,7 +318,7 @@ class Nchan(Server):
     """
 
     name = "nchan"
-    workloads = ("W1", "W2", "W3", "W4", "W5")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def start(self, app_url: Optional[str]) -> None:
         root = self.workdir / "nginx"
@@ -412,6 +432,24 @@ def baseline(rev: str, workdir: Path) -> type:
     return type(
         "WsgwBaseline", (Wsgw,), {"name": f"wsgw@{short}", "source": checkout, "version": staticmethod(lambda: short)}
     )
+
+
+def under(python: str, name: str = "wsgw-pypy") -> type:
+    """
+    The working tree's wsgw run by another interpreter (PyPy), which must
+    have wsgw's dependencies installed.
+    """
+    found = shutil.which(python) or python
+    out = subprocess.run(
+        [found, "-c", "import sys, twisted, autobahn; print(sys.version.split()[0], sys.implementation.name)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{python} cannot run wsgw: {out.stderr.strip().splitlines()[-1:]}")
+    version = out.stdout.strip()
+    return type("WsgwUnder", (Wsgw,), {"name": name, "python": found, "version": staticmethod(lambda: version)})
 
 
 def remove_baseline(cls: type) -> None:

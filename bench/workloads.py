@@ -24,7 +24,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from . import procs
 from .loadgen import App, LoadGen
@@ -54,6 +54,7 @@ class Params:
     w5_background: Sequence[int]
     w5_calls: int
     w5_user_conns: int
+    w6_conns: int = 5000
     concurrency: int = 100  # handshakes in flight at once
     payload: int = 100  # bytes of each message
 
@@ -88,6 +89,7 @@ QUICK = Params(
     w5_background=(10, 100),
     w5_calls=100,
     w5_user_conns=5,
+    w6_conns=50,
 )
 
 
@@ -399,6 +401,9 @@ class Runner:
 
         def run(cls) -> None:
             if issubclass(cls, Wsgw):
+                if not cls.supports("--app-batch"):
+                    self.results.not_applicable(label, self.W3_METRICS, cls.name, "n/a (no --app-batch)")
+                    return
                 cls = type(cls.__name__, (cls,), {"extra_args": (*cls.extra_args, "--app-batch", str(self.W3B_BATCH))})
             self._w3(cls, label)
 
@@ -456,7 +461,7 @@ class Runner:
         label = f"W4r round trip by inline reply, {p.w4_rate} msg/s for {p.w4_seconds:g}s"
 
         def run(cls) -> None:
-            if not issubclass(cls, Wsgw):
+            if not issubclass(cls, Wsgw) or not cls.supports("--app-batch"):  # replies came with batches
                 self.results.not_applicable(label, self.W4_METRICS, cls.name, "n/a (no inline replies)")
                 return
             self._w4(cls, label, mode="reply")
@@ -610,7 +615,61 @@ class Runner:
                         label, f"{what} at {high:,} ÷ at {low:,} others", server_cls.name, value, "↓", digits=2
                     )
 
-    ALL = ("W1", "W2", "W3", "W3B", "W4", "W4R", "W5")
+    # -- W6 ---------------------------------------------------------------------------------
+
+    W6_METRICS = [
+        ("all reconnected after a restart, s", "↓"),
+        ("app has every open event again, s", "↓"),
+        ("handshakes refused while reconnecting", ""),
+        ("open/close events lost", ""),
+    ]
+
+    def w6(self) -> None:
+        p = self.params
+        label = f"W6 reconnect storm, {p.w6_conns:,} clients, server restarted"
+        self.each_server("W6", label, self.W6_METRICS, lambda cls: self._w6(cls, label))
+
+    def _w6(self, server_cls, label: str) -> None:
+        """
+        N clients connected; the server is stopped (SIGTERM) and started
+        again on its port; every client reconnects after 0-1 s of jitter and
+        retries while it is refused.  Timed from the first client closed.
+        """
+        p, r = self.params, self.results
+        with self.session(server_cls) as s:
+            spec = s.server.clients("W1")
+            s.open("storm", p.w6_conns, spec, p)
+            s.settle()
+            s.load.call(timeout=30, cmd="stormArm", group="storm", jitterMs=1000, **spec)
+            s.server.stop()
+            s.server.start(s.app.base if s.app else None)
+            answer = s.load.call(timeout=180, cmd="stormWait", group="storm", timeoutMs=150000)
+            name = server_cls.name
+            seconds = answer["seconds"]
+            app_seconds: Any = NA
+            lost: Any = NA
+            if s.app is not None and issubclass(server_cls, Wsgw):
+                # Every open (before and after) and every close of the first connections.
+                expected_open, expected_close = 2 * p.w6_conns, p.w6_conns
+                deadline = time.monotonic() + 60
+                stats = s.app.stats()
+                while (
+                    stats["open"] < expected_open or stats["close"] < expected_close
+                ) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    stats = s.app.stats()
+                if stats["open"] >= expected_open:
+                    app_seconds = time.time() - answer["firstCloseAt"] / 1000
+                lost = f"{max(0, expected_open - stats['open'])}/{max(0, expected_close - stats['close'])}"
+            r.add(label, "all reconnected after a restart, s", name, seconds, "↓", digits=2)
+            r.add(label, "app has every open event again, s", name, app_seconds, "↓", digits=2)
+            r.add(label, "handshakes refused while reconnecting", name, answer["refused"])
+            r.add(label, "open/close events lost", name, lost)
+            if answer["back"] != answer["count"]:
+                r.fail(name, f"{label}, {name}: only {answer['back']} of {answer['count']} reconnected")
+            self.log(f"  {answer['back']}/{answer['count']} back in {seconds} s, errors {answer['errors']}")
+
+    ALL = ("W1", "W2", "W3", "W3B", "W4", "W4R", "W5", "W6")
 
     def run(self, only: Sequence[str] = ALL) -> None:
         for name in self.ALL:

@@ -33,3 +33,18 @@ def app():
     app = start_app()
     yield app
     app.port.stopListening()
+
+
+@pytest.fixture
+def log_lines():
+    """The text of every log event emitted while the test runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+
+    def observe(event):
+        seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)

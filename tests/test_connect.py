@@ -221,7 +221,7 @@ def test_a_4xx_refuses_with_that_status_and_a_small_json_body_of_the_app(status,
     assert (refusal.status, refusal.body, d.result.result) == (status, passed, "refused")
 
 
-def test_a_5xx_or_no_answer_in_time_is_a_503_logged_once_per_outage(caplog_lines):
+def test_a_5xx_or_no_answer_in_time_is_a_503_logged_once_per_outage(log_lines):
     hook, d = ask(ConnectApp(502))
     assert (d.result.refusal.status, d.result.result) == (503, "app_error")
     clock = Clock()
@@ -235,27 +235,13 @@ def test_a_5xx_or_no_answer_in_time_is_a_503_logged_once_per_outage(caplog_lines
     stub.flush()
     clock.advance(2.1)
     assert (d.result.refusal.status, d.result.result) == (503, "timeout")
-    assert len([line for line in caplog_lines if "does not decide" in line]) == 1
+    assert len([line for line in log_lines if "does not decide" in line]) == 1
     hook.client = StubTreq(ConnectApp(200))
     d = hook.admit(conn)
     hook.client.flush()
     assert d.result.admitted
-    assert [line for line in caplog_lines if "decides again" in line]
+    assert [line for line in log_lines if "decides again" in line]
     assert hook.counts == {"app_error": 1, "timeout": 1, "admitted": 1}
-
-
-@pytest.fixture
-def caplog_lines():
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    seen = []
-
-    def observe(event):
-        seen.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 # -- the real daemon -----------------------------------------------------------------------

@@ -289,7 +289,7 @@ def test_a_reply_reaches_its_connection_as_one_text_frame():
         (b"x" * 1001, "too_big"),
     ],
 )
-def test_a_reply_that_cannot_be_sent_is_refused_counted_and_logged(body, counted, caplog_warnings):
+def test_a_reply_that_cannot_be_sent_is_refused_counted_and_logged(body, counted, log_lines):
     clock, app = Clock(), FakeApp()
     gateway = make_gateway(clock, app)
     gateway.live.max_reply = 1000
@@ -297,7 +297,7 @@ def test_a_reply_that_cannot_be_sent_is_refused_counted_and_logged(body, counted
     app.pending[0][2].callback(body)
     assert conn.channel.frames == []
     assert gateway.live.reply_stats.refused == {counted: 1}
-    assert [e for e in caplog_warnings if "refused the app's reply to a:0" in e]
+    assert [e for e in log_lines if "refused the app's reply to a:0" in e]
 
 
 def test_replies_to_close_events_and_empty_replies_send_nothing():
@@ -318,17 +318,3 @@ def test_batches_take_no_replies():
     fwd.enqueue(event("a", 0))
     app.batches[0][2].callback(b"ignored")
     assert replies.got == []
-
-
-@pytest.fixture
-def caplog_warnings():
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    seen = []
-
-    def observe(event):
-        seen.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)

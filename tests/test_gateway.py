@@ -5,8 +5,6 @@ come exactly once and last.
 
 import json
 
-import pytest
-
 from twisted.internet.task import Clock
 
 from fakes import FakeApp, make_gateway, open_conn
@@ -186,28 +184,14 @@ def test_connection_opening_during_shutdown_is_closed_too():
     assert [a for _, a, _ in app.summary()] == ["open", "close"]
 
 
-def test_connections_are_logged_only_when_asked(caplog_lines):
+def test_connections_are_logged_only_when_asked(log_lines):
     clock, app = Clock(), FakeApp()
     quiet = make_gateway(clock, app)
     conn = open_conn(quiet, "q")
     quiet.closed(conn, 1000, "")
-    assert not [line for line in caplog_lines if line.startswith(("open q", "close q"))]
+    assert not [line for line in log_lines if line.startswith(("open q", "close q"))]
     chatty = make_gateway(clock, app)
     chatty.log_connections = True
     conn = open_conn(chatty, "c")
     chatty.closed(conn, 1000, "")
-    assert [line.split(" ")[0] for line in caplog_lines if " c " in f" {line} "] == ["open", "close"]
-
-
-@pytest.fixture
-def caplog_lines():
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    seen = []
-
-    def observe(event):
-        seen.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
+    assert [line.split(" ")[0] for line in log_lines if " c " in f" {line} "] == ["open", "close"]

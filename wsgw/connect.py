@@ -120,7 +120,7 @@ class ConnectHook:
         )
         if conn.cookie:
             headers.setRawHeaders(b"Cookie", [_header_value(conn.cookie)])
-        d = self.client.post(
+        d: Deferred[Any] = self.client.post(
             self._parsed_url, data=connect_request(conn), headers=headers, allow_redirects=False, unbuffered=True
         )
         self.asking += 1

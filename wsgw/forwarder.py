@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -295,11 +295,9 @@ class AppForwarder:
         if request.first_try is None:
             request.first_try = request.attempt_started
         assert self.sink is not None
+        d: Deferred[Any]
         try:
-            if self.batch > 1:
-                d = self.sink.post_batch(request.events)
-            else:
-                d = self.sink.post(request.events[0])
+            d = self.sink.post_batch(request.events) if self.batch > 1 else self.sink.post(request.events[0])
         except Exception:  # a bug in the sink must not wedge the streams
             d = fail()
         d.addCallbacks(self._delivered, self._failed, callbackArgs=(request,), errbackArgs=(request,))

@@ -165,7 +165,7 @@ class Registry:
         The connections C{targets} names, in the order they opened.
         """
         conn_ids, users, tokens, access = targets.conn_ids, targets.users, targets.tokens, targets.access
-        candidates: List[Iterable[Connection]] = []
+        candidates: List[List[Connection]] = []
         if conn_ids:
             candidates.append([c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None])
         if users:
@@ -174,7 +174,6 @@ class Registry:
             candidates.append(self._union(self._by_token, tokens))
         if not candidates:
             return []
-        candidates = [list(c) for c in candidates]
         candidates.sort(key=len)
         smallest, others = candidates[0], candidates[1:]
         other_ids = [{c.conn_id for c in group} for group in others]

@@ -15,7 +15,7 @@ requests that upgrade on a kept-alive API connection.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
@@ -70,8 +70,10 @@ class FirstRequestRouter(Protocol):
     """
 
     factory: RouterFactory
+    #: A TCP (or TLS) transport: it is handed on, so typed loosely.
+    transport: Any
 
-    def __init__(self, addr: IAddress):
+    def __init__(self, addr: Optional[IAddress]):
         self._addr = addr
         self._buffer = b""
         self._deadline: Optional[IDelayedCall] = None
@@ -83,7 +85,7 @@ class FirstRequestRouter(Protocol):
         self._buffer += data
         buffer = self._buffer
         if not _could_be_ws(buffer[:8]):
-            self._hand_to(self.factory.site.buildProtocol(self._addr))
+            self._hand_to(self._web())
             return
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -91,7 +93,7 @@ class FirstRequestRouter(Protocol):
                 self._answer(431, "the request head is over 16 KiB")
             return
         if not _is_upgrade_of_ws(buffer[: end + 2]):
-            self._hand_to(self.factory.site.buildProtocol(self._addr))
+            self._hand_to(self._web())
             return
         limiter = self.factory.rate_limiter
         if limiter is not None:
@@ -99,7 +101,12 @@ class FirstRequestRouter(Protocol):
             if host is not None and not limiter.allow(host):
                 self._answer(429, "too many requests from this address; slow down")
                 return
-        self._hand_to(self.factory.websocket.buildProtocol(self._addr))
+        websocket = cast(Optional[Protocol], self.factory.websocket.buildProtocol(self._addr))
+        self._hand_to(websocket)
+
+    def _web(self) -> Optional[Protocol]:
+        protocol: Optional[Protocol] = self.factory.site.buildProtocol(self._addr)
+        return protocol
 
     def _hand_to(self, protocol: Optional[Protocol]) -> None:
         self._cancel_deadline()
@@ -150,7 +157,7 @@ class RouterFactory(Factory):
     L{FirstRequestRouter} that hands it to C{websocket} or to C{site}.
     """
 
-    protocol = FirstRequestRouter
+    protocol = FirstRequestRouter  # type: ignore[assignment]
     noisy = False
 
     def __init__(
@@ -167,7 +174,7 @@ class RouterFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.rate_limiter = rate_limiter
 
-    def buildProtocol(self, addr: IAddress) -> FirstRequestRouter:
+    def buildProtocol(self, addr: Optional[IAddress]) -> FirstRequestRouter:  # type: ignore[override]
         protocol = FirstRequestRouter(addr)
         protocol.factory = self
         return protocol

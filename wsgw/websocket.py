@@ -274,6 +274,7 @@ class GatewayFactory(WebSocketServerFactory):
     """
 
     protocol = GatewayProtocol
+    noisy = False  # no "Starting factory" line at start-up and stop
 
     def __init__(
         self,

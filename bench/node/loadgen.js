@@ -484,7 +484,61 @@ async function pause(cmd) {
   return {};
 }
 
-const commands = { open, close, pongs, sleep: pause, fanout, forward, roundtrip, apicalls };
+/**
+ * stormArm: from now on, each client of the group that is closed (its server
+ * restarts) reconnects after a random 0-`jitterMs` delay, as front ends do,
+ * and tries again every 100-300 ms while the server is not back (connection
+ * refused) or refuses the handshake (counted apart).  Returns at once;
+ * stormWait reports.
+ */
+const storms = new Map(); // group -> state
+function stormArm(cmd) {
+  const group = groups.get(cmd.group) || [];
+  const state = { started: null, back: 0, errors: {}, refused: 0, count: group.length, done: null, firstClose: null };
+  storms.set(cmd.group, state);
+  const reconnect = (index) => {
+    setTimeout(async function attempt() {
+      const { client, error } = await openOne(index, cmd);
+      if (!error) {
+        state.back++;
+        const at = group.findIndex((c) => c.index === index);
+        if (at >= 0) group[at] = client;
+        if (state.back === state.count) state.done = now();
+        return;
+      }
+      state.errors[error] = (state.errors[error] || 0) + 1;
+      if (error.startsWith('HTTP ')) state.refused++;
+      client.ws.terminate();
+      setTimeout(attempt, 100 + Math.random() * 200);
+    }, Math.random() * (cmd.jitterMs || 1000));
+  };
+  const watch = (client) => {
+    client.ws.once('close', () => {
+      if (state.firstClose === null) state.firstClose = now();
+      reconnect(client.index);
+    });
+  };
+  for (const client of group) watch(client);
+  return { armed: group.length };
+}
+
+/** stormWait: wait (bounded) until every client of the storm is connected again. */
+async function stormWait(cmd) {
+  const state = storms.get(cmd.group);
+  const deadline = now() + (cmd.timeoutMs || 120000);
+  while (state.back < state.count && now() < deadline) await sleep(20);
+  storms.delete(cmd.group);
+  return {
+    back: state.back,
+    count: state.count,
+    seconds: state.done !== null && state.firstClose !== null ? (state.done - state.firstClose) / 1000 : null,
+    firstCloseAt: state.firstClose,
+    refused: state.refused,
+    errors: state.errors,
+  };
+}
+
+const commands = { open, close, pongs, sleep: pause, fanout, forward, roundtrip, apicalls, stormArm, stormWait };
 
 async function main() {
   const lines = readline.createInterface({ input: process.stdin });
