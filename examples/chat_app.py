@@ -13,8 +13,10 @@ the gateway's event POSTs at /ws/message:
 
 Everything it says goes through the gateway's /tapr/ws/conn/send.
 
-    twist wsgw --app-url http://127.0.0.1:8888/ws/message
-    python examples/chat_app.py --port 8888 --gateway http://127.0.0.1:40010
+    .venv/bin/twist wsgw --allowed-origin http://127.0.0.1:8888 --app-url http://127.0.0.1:8888/ws/message
+    .venv/bin/python examples/chat_app.py --port 8888 --gateway http://127.0.0.1:40010
+
+then open http://127.0.0.1:8888/?ws=ws://127.0.0.1:40010/ws (examples/README.rst).
 """
 
 import argparse

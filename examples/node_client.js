@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // A command-line chat client for the example app, on the Node `ws` library.
 //
-//   node examples/node_client.js [--url ws://127.0.0.1:40010/ws] [--user NAME] [words to say...]
+//   node examples/node_client.js [--url ws://127.0.0.1:40010/ws] [--user NAME] [--] [words to say...]
 //
 // It connects, pings every 30 s as the gateway expects, prints every message
 // it receives (chat lines as "from: text", anything else as its JSON) and,
@@ -10,24 +10,44 @@
 // X-Bfl-User); a real deployment's proxy sets it instead. Ctrl-C quits.
 'use strict';
 
+const USAGE = `usage: node examples/node_client.js [--url URL] [--user NAME] [--] [WORDS...]
+
+A terminal client for the example chat: connects to the gateway, pings every
+30 s, prints what it receives and, once connected, says WORDS to the chat.
+
+  --url URL    the gateway's WebSocket (default ws://127.0.0.1:40010/ws)
+  --user NAME  sent as the X-Bfl-User header (only without a proxy in front)
+  --           the rest are words, even those starting with "-"
+  -h, --help   this text
+`;
+
+function parse(argv) {
+  const options = {url: 'ws://127.0.0.1:40010/ws', user: '', words: []};
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--') { options.words.push(...argv.slice(i + 1)); break; }
+    if (arg === '-h' || arg === '--help') { process.stdout.write(USAGE); process.exit(0); }
+    if (arg === '--url' || arg === '--user') {
+      if (i + 1 >= argv.length) fail(`${arg} needs a value`);
+      options[arg.slice(2)] = argv[++i];
+    } else if (arg.startsWith('-') && arg !== '-') fail(`unknown option ${arg}`);
+    else options.words.push(arg);
+  }
+  return options;
+}
+
+function fail(message) {
+  process.stderr.write(`node_client.js: ${message} (see --help)\n`);
+  process.exit(2);
+}
+
+const options = parse(process.argv.slice(2));
 let WebSocket;
 try {
   WebSocket = require('ws');  // cd examples && npm ci
 } catch (e) {
   WebSocket = require('../tests/node/node_modules/ws');  // or the test suite's copy
 }
-
-function parse(argv) {
-  const options = {url: 'ws://127.0.0.1:40010/ws', user: '', words: []};
-  for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === '--url') options.url = argv[++i];
-    else if (argv[i] === '--user') options.user = argv[++i];
-    else options.words.push(argv[i]);
-  }
-  return options;
-}
-
-const options = parse(process.argv.slice(2));
 const headers = options.user ? {'X-Bfl-User': options.user} : {};
 const ws = new WebSocket(options.url, {headers});
 let pinger = null;

@@ -192,11 +192,13 @@ class Daemon:
         return bounded(self.proto.ended, 30, "the daemon to exit")
 
 
-async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_format="text"):
+async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_format="text", wrapper=()):
     """
     `twist wsgw ARGS` on an ephemeral loopback port (unless ARGS give
     --listen); waits until C{listeners} ports listen.  C{Daemon.ports}
     holds them in the order they started, C{Daemon.port} the first.
+    C{wrapper}: a command that runs the daemon's command line (its argv
+    follows), e.g. tests/unit_exec.py to apply a unit's restrictions.
     """
     proto = DaemonProtocol()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
@@ -207,7 +209,8 @@ async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_
     if not any(a.startswith("--listen") for a in args):
         argv += ["--listen", "tcp:0:interface=127.0.0.1"]
     argv += list(args)
-    process = reactor.spawnProcess(proto, sys.executable, argv, env=environment, path=str(cwd))
+    argv = [*wrapper, *argv]
+    process = reactor.spawnProcess(proto, argv[0], argv, env=environment, path=str(cwd))
     pattern = re.compile(r"starting on (\d+)")
 
     def listening():
@@ -227,6 +230,56 @@ async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_
     daemon = Daemon(process, proto, ports[0])
     daemon.ports = ports
     return daemon
+
+
+class Child:
+    """A process started by L{start_process}: its output lines, and a way to stop it."""
+
+    def __init__(self, process, proto, ready):
+        self.process = process
+        self.proto = proto
+        self.ready = ready  # the match of the line it was waited for
+
+    @property
+    def lines(self):
+        return self.proto.lines
+
+    def wait_line(self, pattern, what=None, seconds=WAIT):
+        """The match of the first output line matching C{pattern}, once there is one."""
+        regex = re.compile(pattern)
+        return self.proto.waiters.wait(
+            lambda: next((m for m in map(regex.search, self.proto.lines) if m), None), what or pattern, seconds
+        )
+
+    def terminate(self, sig="TERM"):
+        if self.proto.status is None:
+            self.process.signalProcess(sig)
+        return bounded(self.proto.ended, 30, f"{self.process.argv[:2]} to exit")
+
+
+async def start_process(argv, ready, *, cwd, env=None, seconds=30):
+    """
+    C{argv} as a child process (stdout and stderr kept by line); returns a
+    L{Child} once a line matches the regular expression C{ready}, or fails
+    with its output if it exits first.
+    """
+    proto = DaemonProtocol()
+    process = reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ if env is None else env), path=str(cwd))
+    process.argv = argv
+    regex = re.compile(ready)
+
+    def started():
+        found = next((m for m in map(regex.search, proto.lines) if m), None)
+        return found or (proto.status is not None and "exited")
+
+    try:
+        found = await proto.waiters.wait(started, f"{argv[:2]} to print {ready!r}", seconds)
+    except Exception:
+        process.signalProcess("KILL")
+        raise
+    if found == "exited":
+        raise AssertionError(f"{argv} exited {proto.status} before printing {ready!r}:\n" + "\n".join(proto.lines))
+    return Child(process, proto, found)
 
 
 class PyClient(WebSocketClientProtocol):

@@ -556,6 +556,7 @@ class AppAgent:
         except Exception:
             return fail()
         factory = Factory.forProtocol(lambda: AppConnection(self.pool, target.key, self.max_kept_body))
+        factory.noisy = False  # no "Starting factory" line per app connection
         connecting = endpoint.connect(factory)
 
         def connected(protocol: AppConnection) -> Deferred[Answer]:

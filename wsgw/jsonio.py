@@ -45,10 +45,10 @@ _REASONS = {426: b"Upgrade Required"}
 
 
 def json_response(request: IRequest, status: int, body: Dict[str, Any], reason: Optional[bytes] = None) -> bytes:
-    """Set C{request}'s status and content type; the body to render."""
+    """Set C{request}'s status and content type; the body to render, ending in a newline."""
     request.setResponseCode(status, reason or _REASONS.get(status))
     request.setHeader(b"Content-Type", b"application/json")
-    return to_json(body)
+    return to_json(body) + b"\n"  # so that curl's prompt starts on a line of its own
 
 
 def error_response(request: IRequest, status: int, message: str) -> bytes:

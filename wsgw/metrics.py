@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
@@ -154,6 +154,17 @@ class GatewayCollector:
                 yield CounterMetricFamily(name, text, value=value)
 
 
+class BuildInfo:
+    """C{wsgw_build_info{version}}: which wsgw a scrape came from."""
+
+    def collect(self) -> Iterator[Any]:
+        from . import __version__  # the package imports this module first
+
+        info = GaugeMetricFamily("wsgw_build_info", "The running wsgw's version; always 1.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
 class MetricsPage(Resource):
     """C{GET /metrics} in the Prometheus text format."""
 
@@ -163,6 +174,9 @@ class MetricsPage(Resource):
         super().__init__()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gateway, cluster, connect_hook))
+        self.registry.register(BuildInfo())
+        # The standard process_* metrics (CPU, memory, open files), from /proc.
+        ProcessCollector(registry=self.registry)
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))

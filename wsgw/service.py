@@ -10,12 +10,14 @@ of it; one with its own C{MultiService} adds L{make_service}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional
+import errno
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -112,6 +114,47 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
     return Node(config, reactor, gateway, cluster, cluster, connect_hook=hook)
 
 
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> Tuple[int, int]:
+    """Linux's ephemeral port range, or its default when it cannot be read."""
+    try:
+        with open(path, encoding="ascii") as f:
+            low, high = (int(n) for n in f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def cannot_listen_advice(error: BaseException) -> str:
+    """
+    Why a listener cannot listen and what to do, for the port asked for:
+    who holds it and, only for a port in the ephemeral range, how to keep
+    the system's own outgoing connections off it.
+    """
+    port = getattr(error, "port", None)
+    cause = getattr(error, "socketError", None)
+    if not isinstance(error, CannotListenError) or not isinstance(port, int) or not isinstance(cause, OSError):
+        return str(error).rstrip(".") + "."
+    if cause.errno == errno.EADDRINUSE:
+        text = (
+            f"port {port} is in use ({cause.strerror}): another process holds it;"
+            f" find it with: ss -ltnp 'sport = :{port}'."
+        )
+        low, high = ephemeral_ports()
+        if low <= port <= high:
+            text += (
+                f" Port {port} is in Linux's ephemeral range ({low}-{high}), where the system's own outgoing"
+                f" connections can take it first: reserve it (sysctl -w net.ipv4.ip_local_reserved_ports={port})"
+                " or use socket activation (systemd/wsgw.socket)."
+            )
+        return text
+    if cause.errno == errno.EACCES and 0 < port < 1024:
+        return (
+            f"port {port} needs privileges ({cause.strerror}): use a port from 1024 up,"
+            " or socket activation (systemd/wsgw.socket)."
+        )
+    return f"port {port}: {cause.strerror}."
+
+
 @attr.s(eq=False)
 class ListenerService(Service):
     """
@@ -141,19 +184,10 @@ class ListenerService(Service):
 
     def _failed(self, failure):
         self._failure = failure
-        hint = ""
-        if "in use" in failure.getErrorMessage():
-            hint = (
-                " Another process holds the port. Ports from 32768 to 60999 (40010 among them) are"
-                " Linux's ephemeral range, where the system's own outgoing connections can take a"
-                " port first: reserve it (sysctl -w net.ipv4.ip_local_reserved_ports=40010) or use"
-                " socket activation (systemd/wsgw.socket)."
-            )
         log.critical(
-            "cannot listen on {endpoint}: {error}.{hint}",
+            "cannot listen on {endpoint}: {error}",
             endpoint=self.description,
-            error=failure.getErrorMessage(),
-            hint=hint,
+            error=cannot_listen_advice(failure.value),
         )
         self.ready.errback(failure)
 

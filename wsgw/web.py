@@ -105,6 +105,8 @@ class Refusal(Resource):
         )
         if self.status == 401:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="wsgw"')
+        if self.status == 429:
+            request.setHeader(b"Retry-After", b"1")  # as the router's handshake refusals say
         return error_response(request, self.status, self.message)
 
 
@@ -248,6 +250,7 @@ class GatewaySite(Site):
 
     protocol = GatewayChannel  # type: ignore[assignment]  # Twisted types it as a plain callable
     requestFactory = BoundedRequest
+    noisy = False  # start-up says where it serves (wsgw.tap); no "Starting factory" lines
 
     def __init__(self, resource: Resource, config: Config, reactor: Any = None):
         super().__init__(resource, timeout=60, reactor=reactor, parsePOSTFormSubmission=False)

@@ -278,7 +278,8 @@ class GatewayFactory(WebSocketServerFactory):
     from twisted.web (see L{wsgw.web.make_resource}).
     """
 
-    protocol = GatewayProtocol  # type: ignore[assignment]  # its factory is a GatewayFactory
+    protocol = GatewayProtocol
+    noisy = False  # no "Starting factory" line at start-up and stop
 
     def __init__(
         self,

@@ -12,7 +12,7 @@
   var url = params.get('ws') || (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
   var body = document.body;
   var $ = function (id) { return document.getElementById(id); };
-  var ws = null, delay = FIRST_DELAY, opens = 0;
+  var ws = null, delay = FIRST_DELAY, opens = 0, lastError = null;
   var pingTimer = null, pongTimer = null, retryTimer = null;
 
   function setStatus(text, state) {
@@ -28,9 +28,18 @@
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(message));
   }
 
+  // What to check when a socket on another origin than the page's fails.
+  function hint() {
+    var host;
+    try { host = new URL(url, location.href).host; } catch (e) { return ''; }
+    if (host === location.host) return '';
+    return ' (is the gateway running, and started with --allowed-origin ' + location.origin + '?)';
+  }
+
   function connect() {
     retryTimer = null;
-    setStatus('connecting…', 'connecting');
+    if (lastError) setStatus('connecting… (last attempt: ' + lastError + ')', 'error');
+    else setStatus('connecting…', 'connecting');
     var sock;
     try {
       sock = ws = new WebSocket(url);
@@ -38,8 +47,11 @@
       setStatus('cannot connect to ' + url + ': ' + e.message, 'failed');
       return;
     }
+    var opened = false;
     sock.onopen = function () {
       if (sock !== ws) return;
+      opened = true;
+      lastError = null;
       delay = FIRST_DELAY;
       body.dataset.opens = String(++opens);
       setStatus('connected', 'open');
@@ -47,15 +59,24 @@
       pingTimer = setInterval(ping, PING_EVERY);
     };
     sock.onmessage = function (e) { if (sock === ws) receive(e.data); };
-    sock.onclose = function (e) { if (sock === ws) reconnect('closed (' + e.code + ')'); };
+    sock.onclose = function (e) {
+      if (sock !== ws) return;
+      if (opened) reconnect('closed (' + e.code + ')', 'waiting');
+      // Never opened: refused (a browser hides the HTTP status: an origin the
+      // gateway does not allow, 403, looks the same as no gateway at all).
+      else {
+        lastError = 'cannot connect to ' + url + ': refused or unreachable' + hint();
+        reconnect(lastError, 'error');
+      }
+    };
   }
 
   function ping() {
     send({event: 'ping', data: {}});
-    if (!pongTimer) pongTimer = setTimeout(function () { reconnect('no pong'); }, PONG_WITHIN);
+    if (!pongTimer) pongTimer = setTimeout(function () { reconnect('no pong', 'waiting'); }, PONG_WITHIN);
   }
 
-  function reconnect(why) {
+  function reconnect(why, state) {
     var sock = ws;
     ws = null;
     clearInterval(pingTimer);
@@ -67,7 +88,7 @@
       if (sock.readyState < WebSocket.CLOSING) sock.close();
     }
     if (retryTimer) return;
-    setStatus(why + '; reconnecting in ' + delay / 1000 + ' s', 'waiting');
+    setStatus(why + '; reconnecting in ' + delay / 1000 + ' s', state || 'waiting');
     retryTimer = setTimeout(connect, delay);
     delay = Math.min(delay * 2, MAX_DELAY);
   }
