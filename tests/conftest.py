@@ -42,8 +42,10 @@ INTEGRATION_MODULES = {
     "test_hostile.py",
     "test_leaks.py",
     "test_metrics.py",
+    "test_operability.py",
     "test_replies_batches.py",
     "test_security.py",
+    "test_startup.py",
     "test_systemd.py",
     "test_trusted_proxy.py",
 }

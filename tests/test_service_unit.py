@@ -56,7 +56,7 @@ def test_a_listener_that_cannot_listen_fails_the_start_and_says_why(caplog_event
     assert failures and failures[0].check(CannotListenError)
     [critical] = [event for event in caplog_events if "cannot listen" in event["log_format"]]
     assert critical["endpoint"] == "tcp:40010"
-    assert "ip_local_reserved_ports" in critical["hint"] and "socket activation" in critical["hint"]
+    assert "port 40010 is in use" in critical["error"] and "ss -ltnp" in critical["error"]
 
 
 @pytest.fixture

@@ -215,6 +215,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0][len("Error: ") :]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "url, message",
     [
@@ -254,6 +255,7 @@ def test_listen_shorthands_become_tcp_endpoints(value: str, endpoint: str) -> No
     assert parse([], {"WSGW_LISTEN": f"{value} 1"}).listen == (endpoint, "tcp:1")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "value, message",
     [
@@ -278,11 +280,13 @@ SYSTEMD_MISSING = (
 )
 
 
+@pytest.mark.integration
 def test_a_systemd_endpoint_without_a_passed_socket_says_what_is_missing() -> None:
     line = refused(twist("--listen", "systemd:domain=INET:index=0"))
     assert line == f"--listen='systemd:domain=INET:index=0': {SYSTEMD_MISSING}"
 
 
+@pytest.mark.integration
 def test_a_systemd_index_beyond_the_passed_sockets_is_refused(tmp_path: Path) -> None:
     """One socket passed (as fd 3), the second asked for.  (Adopting a passed
     socket: test_systemd.py's socket activation test.)"""
@@ -296,6 +300,7 @@ def test_a_systemd_index_beyond_the_passed_sockets_is_refused(tmp_path: Path) ->
     assert refused(result) == f"--listen='systemd:domain=INET:index=1': {SYSTEMD_MISSING}"
 
 
+@pytest.mark.integration
 def test_an_unknown_option_prints_a_suggestion_not_the_help() -> None:
     result = twist("--ping-timout", "3")
     assert refused(result) == "option --ping-timout not recognized; did you mean --ping-timeout?"
@@ -303,12 +308,14 @@ def test_an_unknown_option_prints_a_suggestion_not_the_help() -> None:
     assert refused(twist("--zzzz")) == "option --zzzz not recognized"
 
 
+@pytest.mark.integration
 def test_help_says_the_listen_shorthands() -> None:
     result = twist("--help")
     assert result.returncode == 0
     assert "a port (40010), HOST:PORT" in " ".join(result.stdout.split())
 
 
+@pytest.mark.integration
 def test_version_is_wsgws() -> None:
     result = twist("--version")
     assert (result.returncode, result.stdout) == (0, f"wsgw {wsgw.__version__}\n")
@@ -324,12 +331,14 @@ def test_switches_from_the_environment_take_the_usual_words(word: str, meaning: 
     assert parse([], {"WSGW_REQUIRE_USER": word}).require_user is meaning
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("word", ["Y", "2", "enabled"])
 def test_other_switch_words_are_refused_under_the_variable(word: str) -> None:
     line = refused(twist(env={"WSGW_REQUIRE_USER": word}))
     assert line == f"WSGW_REQUIRE_USER={word!r}: must be one of 0, 1, true, false, yes, no, on, off"
 
 
+@pytest.mark.integration
 def test_errors_from_variables_name_the_variable() -> None:
     assert refused(twist(env={"WSGW_PING_TIMEOUT": "x"})) == "WSGW_PING_TIMEOUT='x': must be a number"
     assert refused(twist(env={"WSGW_MAX_IN_FLIGHT": "0"})) == "WSGW_MAX_IN_FLIGHT='0': must be greater than 0"
@@ -340,6 +349,7 @@ def test_errors_from_variables_name_the_variable() -> None:
         parse(["--presence-ttl", "0.5"])
 
 
+@pytest.mark.integration
 def test_a_token_and_a_token_file_together_are_refused(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
@@ -353,6 +363,7 @@ def test_a_token_and_a_token_file_together_are_refused(tmp_path: Path) -> None:
     assert parse(["--admin-token", "flag"], {"WSGW_ADMIN_TOKEN_FILE": str(token_file)}).admin_token == "flag"
 
 
+@pytest.mark.integration
 def test_the_token_file_error_shows_the_path_never_a_token(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     line = refused(twist("--admin-token-file", str(missing)))
@@ -394,6 +405,7 @@ def wsgw_command(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_the_wsgw_command_takes_the_same_options() -> None:
     result = wsgw_command("--version")
     assert (result.returncode, result.stdout) == (0, f"wsgw {wsgw.__version__}\n")
@@ -415,6 +427,7 @@ def test_twist_options_may_come_anywhere_on_the_wsgw_line() -> None:
     )
 
 
+@pytest.mark.integration
 def test_every_url_option_is_checked_at_start_up() -> None:
     line = refused(twist("--connect-url", "127.0.0.1:8888/ws/connect"))
     assert line == (
