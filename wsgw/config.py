@@ -150,7 +150,7 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def _field_error(attribute: attr.Attribute, message: str) -> ConfigError:
+def _field_error(attribute: attr.Attribute[Any], message: str) -> ConfigError:
     return ConfigError(attribute.name, f"{attribute.name} {message}")
 
 
@@ -162,7 +162,7 @@ def _number(*, integer: bool, zero: bool) -> Validator:
     kind = "an integer" if integer else "a number"
     bound = "0 or more" if zero else "greater than 0"
 
-    def check(instance: Any, attribute: attr.Attribute, value: Any) -> None:
+    def check(instance: Any, attribute: attr.Attribute[Any], value: Any) -> None:
         types = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, types):
             raise _field_error(attribute, f"must be {kind}, not {value!r}")
@@ -181,7 +181,7 @@ _non_negative = _number(integer=False, zero=True)
 
 
 def _text(*, optional: bool = False) -> Validator:
-    def check(instance: Any, attribute: attr.Attribute, value: Any) -> None:
+    def check(instance: Any, attribute: attr.Attribute[Any], value: Any) -> None:
         if value is None and optional:
             return
         if not isinstance(value, str) or not value:
@@ -190,7 +190,7 @@ def _text(*, optional: bool = False) -> Validator:
     return check
 
 
-def _flag(instance: Any, attribute: attr.Attribute, value: Any) -> None:
+def _flag(instance: Any, attribute: attr.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bool):
         raise _field_error(attribute, f"must be True or False, not {value!r}")
 
@@ -205,12 +205,12 @@ def _as_tuple(value: Any) -> Any:
         return value
 
 
-def _strings(instance: Any, attribute: attr.Attribute, value: Any) -> None:
+def _strings(instance: Any, attribute: attr.Attribute[Any], value: Any) -> None:
     if not isinstance(value, tuple) or not all(isinstance(item, str) and item for item in value):
         raise _field_error(attribute, f"must be a sequence of non-empty strings, not {value!r}")
 
 
-def _http_url(instance: Any, attribute: attr.Attribute, value: Any) -> None:
+def _http_url(instance: Any, attribute: attr.Attribute[Any], value: Any) -> None:
     if value is None:
         return
     try:

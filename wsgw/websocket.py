@@ -278,7 +278,7 @@ class GatewayFactory(WebSocketServerFactory):
     from twisted.web (see L{wsgw.web.make_resource}).
     """
 
-    protocol = GatewayProtocol
+    protocol = GatewayProtocol  # type: ignore[assignment]  # its factory is a GatewayFactory
     noisy = False  # no "Starting factory" line at start-up and stop
 
     def __init__(
