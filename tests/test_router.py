@@ -141,3 +141,9 @@ def test_what_counts_as_an_upgrade_of_ws(head, expected):
 def test_request_line_prefixes():
     assert _could_be_ws(b"GE") and _could_be_ws(b"GET /ws") and _could_be_ws(b"GET /ws ")
     assert not _could_be_ws(b"POST") and not _could_be_ws(b"GET /wsx") and not _could_be_ws(b"GET /a")
+
+
+def test_the_log_names_a_refused_origin(log_lines):
+    _clock, _node, factory = front()
+    connect(factory, UPGRADE.replace(b"X-Bfl-User: alice\r\n", b"Origin: https://evil.example\r\n"))
+    assert [line for line in log_lines if "handshake refused" in line and "Origin: https://evil.example" in line]

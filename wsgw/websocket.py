@@ -89,7 +89,7 @@ class GatewayProtocol(WebSocketServerProtocol):
             headers.get("origin"), [headers.get("host", ""), headers.get("x-forwarded-host", "")], conn.user_name
         )
         if refusal is not None:
-            self._refuse(refusal)
+            self._refuse(refusal, headers.get("origin"))
         hook = self.factory.connect_hook
         if hook is None:
             return self._admitted(conn, request)
@@ -122,11 +122,17 @@ class GatewayProtocol(WebSocketServerProtocol):
         # as the original does, makes browsers fail the handshake.
         return request.protocols[0] if request.protocols else None
 
-    def _refuse(self, refusal: Refusal) -> NoReturn:
+    def _refuse(self, refusal: Refusal, origin: Optional[str] = None) -> NoReturn:
         self._refused = refusal
         stats = self.factory.gateway.stats
         stats.count(stats.refused, refusal.label)
-        _log.info("handshake refused: {message}", message=refusal.message)
+        if refusal.label == "origin":
+            # Which page was refused, so that the log alone says what to allow.
+            _log.info(
+                "handshake refused: {message}; Origin: {origin}", message=refusal.message, origin=(origin or "")[:200]
+            )
+        else:
+            _log.info("handshake refused: {message}", message=refusal.message)
         raise ConnectionDeny(refusal.status, refusal.message)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
