@@ -44,7 +44,10 @@ def send_close_frame(protocol: WebSocketServerProtocol, code: int, reason: str) 
     C{sendClose()} refuses 1001 (Going Away), which a server that shuts
     down must send; the frame-level call it makes itself does not.
     """
-    protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+    # A close frame's reason is at most 123 bytes, cut between characters:
+    # a cut inside one would be invalid UTF-8, which the client refuses.
+    reason_bytes = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    protocol.sendCloseFrame(code=code, reasonUtf8=reason_bytes, isReply=False)
 
 
 # -- Autobahn and Twisted: the direct write path ----------------------------------
