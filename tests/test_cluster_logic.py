@@ -164,9 +164,11 @@ def test_a_command_from_another_node_is_applied_and_answered():
 def test_presence_follows_the_registry():
     _clock, gateway, cluster = make_node()
     conn = open_conn(gateway, "a", user="alice", token="t")
-    [(args, _d)] = cluster.link.commands
+    [(args, _d), (expire, _e)] = cluster.link.commands
     assert args[:3] == ("HSET", "wsgw:conns:n1", "a")
     assert parse_presence(args[3]) == ("alice", False, conn.describe())
+    # A hash the HSET created expires even if the node dies before its refresh.
+    assert expire == ("PEXPIRE", "wsgw:conns:n1", 15000)
     gateway.close_connection(conn, 4000, "bye")
     assert cluster.link.commands[-1][0] == ("HDEL", "wsgw:conns:n1", "a")
 

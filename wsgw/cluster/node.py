@@ -134,9 +134,12 @@ class Presence:
 
     def joined(self, conn: Connection) -> None:
         if self._link is not None and not self._resync:
-            self._link.command("HSET", self.conns_key, conn.conn_id, presence_record(conn)).addErrback(
-                self._write_failed
-            )
+            link, key = self._link, self.conns_key
+            link.command("HSET", key, conn.conn_id, presence_record(conn)).addErrback(self._write_failed)
+            # The hash may have just been created (its last field had gone,
+            # and Redis deleted it): it must expire even if this node dies
+            # before its next refresh.
+            link.command("PEXPIRE", key, int(self.presence_ttl * 1000)).addErrback(self._write_failed)
         else:
             self._resync = True
 
