@@ -192,3 +192,17 @@ def test_transports_that_are_not_twisteds_tcp_always_take_write():
     transport = StringTransport()
     internals.write_now(transport, b"x")
     assert transport.value() == b"x"
+
+
+def test_the_wsgw_command_runs_on_twists_private_runner():
+    """The wsgw command runs twist under its own name through Twist's
+    private runner and options classes, and exits the way they exit."""
+    from twisted.application.runner import _exit
+    from twisted.application.twist import _options, _twist
+
+    assert hasattr(_twist.Twist, "main") and hasattr(_twist.Twist, "options")
+    assert hasattr(_options.TwistOptions, "parseOptions")
+    assert _exit.ExitStatus.EX_USAGE == 64 and callable(_exit.exit)
+    with pytest.raises(SystemExit) as ended:
+        internals.run_twist(["wsgw", "--no-such-option"], "run 'wsgw --help' for all options")
+    assert ended.value.code == 64

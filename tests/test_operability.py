@@ -133,3 +133,17 @@ async def test_an_ipv6_listener_serves_ws_and_the_api_on_loopback(tmp_path: Path
         await bounded(client.closed, what="close")
     finally:
         await daemon.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dual_stack_listener_serves_ipv4_and_ipv6_loopback(tmp_path: Path) -> None:
+    """tcp6 on :: takes IPv4 clients too (Linux maps them), as the README says."""
+    daemon = await start_daemon("--listen", "tcp6:0:interface=\\:\\:", cwd=tmp_path)
+    try:
+        agent = Agent(reactor)
+        for host in ("127.0.0.1", "[::1]"):
+            response = await agent.request(b"GET", f"http://{host}:{daemon.port}/healthz".encode())
+            assert response.code == 200, host
+            await treq.content(response)
+    finally:
+        await daemon.terminate()

@@ -10,7 +10,7 @@ the code takes the public path instead of failing.
 
 from __future__ import annotations
 
-from typing import Any, Tuple, Type
+from typing import Any, Sequence, Tuple, Type
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage
@@ -156,3 +156,31 @@ def hand_over(transport: Any, protocol: Any) -> None:
         transport.wrappedProtocol = protocol
     else:
         transport.protocol = protocol
+
+
+# -- Twisted: the twist command, run under another name ------------------------------
+
+
+def run_twist(argv: Sequence[str], hint: str) -> None:
+    """
+    Run what C{python -m twisted} runs, with C{argv}; a usage error ends in
+    its one line and C{hint}, without twist's synopsis (which names a
+    plugin argument the C{wsgw} command does not take).  Twist's runner and
+    options live in private modules.
+    """
+    from twisted.application.runner._exit import ExitStatus, exit
+    from twisted.application.twist._options import TwistOptions
+    from twisted.application.twist._twist import Twist
+    from twisted.python import usage
+
+    class Command(Twist):
+        @staticmethod
+        def options(argv: Sequence[str]) -> TwistOptions:
+            options = TwistOptions()
+            try:
+                options.parseOptions(argv[1:])
+            except usage.UsageError as e:
+                exit(ExitStatus.EX_USAGE, f"Error: {e}\n{hint}")
+            return options
+
+    Command.main(list(argv))

@@ -28,7 +28,7 @@ from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.python import usage
 from zope.interface import provider
 
-from . import __version__
+from . import __version__, internals
 from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url, trusted_networks
 from .service import make_service
 from .systemd import SystemdNotifier
@@ -671,22 +671,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logging options anywhere on the line).  Under systemd the units run
     C{twist wsgw}; both are the same daemon.
     """
-    # What `python -m twisted` runs; these live in private modules.
-    from twisted.application.runner._exit import ExitStatus, exit
-    from twisted.application.twist._options import TwistOptions
-    from twisted.application.twist._twist import Twist
-
-    class WsgwCommand(Twist):
-        @staticmethod
-        def options(argv: Sequence[str]) -> TwistOptions:
-            options = TwistOptions()
-            try:
-                options.parseOptions(argv[1:])
-            except usage.UsageError as e:
-                # Without twist's synopsis, which names a plugin argument
-                # the wsgw command does not take.
-                exit(ExitStatus.EX_USAGE, f"Error: {e}\nrun 'wsgw --help' for all options")
-            return options
-
     twist, rest = split_twist_options(sys.argv[1:] if argv is None else argv)
-    WsgwCommand.main(["wsgw", *twist, "wsgw", *rest])
+    internals.run_twist(["wsgw", *twist, "wsgw", *rest], "run 'wsgw --help' for all options")
