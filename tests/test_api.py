@@ -174,3 +174,10 @@ def test_empty_user_name_is_a_target(treq, gateway):
     assert anonymous.channel.frames == [b"1"]
     status, _, _ = call(treq, "POST", "send", {"payload": 1, "conn_id": ""})
     assert status == 400
+
+
+def test_log_lines_show_paths_as_text_not_bytes(treq, log_lines):
+    status, _body, _response = call(treq, "POST", "send", {"users": "alice"})
+    assert status == 400
+    [line] = [line for line in log_lines if "refused" in line]
+    assert "/tapr/ws/conn/send" in line and "b'" not in line

@@ -129,17 +129,17 @@ class JsonEndpoint(Resource):
         try:
             answer = self.answer(request)
         except ApiError as e:
-            log.info("API {path} refused: {message}", path=request.path, message=e.message)
+            log.info("API {path} refused: {message}", path=request.path.decode("utf-8", "replace"), message=e.message)
             return error_response(request, e.status, e.message)
         except Exception:
-            log.failure("API {path} failed", path=request.path)
+            log.failure("API {path} failed", path=request.path.decode("utf-8", "replace"))
             return error_response(request, 500, "internal error; see the gateway's log")
         if answer.called:
             # Known at once (one process, or targets all on this node).
             outcome: List[Union[Answer, Failure]] = []
             answer.addBoth(outcome.append)
             if isinstance(outcome[0], Failure):
-                log.failure("API {path} failed", outcome[0], path=request.path)
+                log.failure("API {path} failed", outcome[0], path=request.path.decode("utf-8", "replace"))
                 return error_response(request, 500, "internal error; see the gateway's log")
             return json_response(request, 200, outcome[0])
         # A cluster asks the other nodes through Redis first.
@@ -153,7 +153,7 @@ class JsonEndpoint(Resource):
         request.finish()
 
     def _failed(self, failure: Failure, request: Request) -> None:
-        log.failure("API {path} failed", failure, path=request.path)
+        log.failure("API {path} failed", failure, path=request.path.decode("utf-8", "replace"))
         if request.channel:
             request.write(error_response(request, 500, "internal error; see the gateway's log"))
             request.finish()

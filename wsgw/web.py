@@ -98,8 +98,8 @@ class Refusal(Resource):
     def render(self, request):
         log.info(
             "refused {method} {path} from {peer}: {message}",
-            method=request.method,
-            path=request.path,
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
             peer=str(request.getClientAddress()),
             message=self.message,
         )
