@@ -250,3 +250,15 @@ def test_a_failed_listener_is_never_reported_ready(notify_socket):
     service.listening.addErrback(errors.append)
     assert errors and isinstance(errors[0], Failure)
     assert not [m for m in received() if m.startswith("READY=1")]
+
+
+def test_tcp_listeners_queue_a_reconnect_storm():
+    """A restarted gateway's clients all come back at once: the listen
+    backlog must hold them (Twisted's 50 drops the rest's SYNs)."""
+    from wsgw.service import LISTEN_BACKLOG, with_backlog
+
+    assert with_backlog("tcp:40010") == f"tcp:40010:backlog={LISTEN_BACKLOG}"
+    assert with_backlog("tcp6:0:interface=\\:\\:1").endswith(f":backlog={LISTEN_BACKLOG}")
+    assert with_backlog("tcp:40010:backlog=10") == "tcp:40010:backlog=10"
+    assert with_backlog("unix:/run/wsgw.sock") == "unix:/run/wsgw.sock"
+    assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
