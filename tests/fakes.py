@@ -4,6 +4,7 @@ In-memory stand-ins for the gateway's edges: the app and client channels.
 
 import json
 
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -106,3 +107,18 @@ def open_conn(gateway, conn_id, user="alice", token=None, public=False, cookie="
 def node_of(gateway, config=None, cluster=None):
     """The L{Node} of an in-memory gateway, as make_resource takes it."""
     return Node(config or Config(), gateway.clock, gateway, cluster or gateway, cluster)
+
+
+class RecordingClient(WebSocketClientProtocol):
+    """An Autobahn client that records what it receives and how it closed."""
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.close_info = None
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.close_info = (code, reason)

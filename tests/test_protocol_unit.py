@@ -8,30 +8,18 @@ reached them.
 import json
 
 import pytest
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, connect
 
 from fakes import FakeApp, make_gateway
+from fakes import RecordingClient as Client
 from wsgw.gateway import CLOSE_BY_APP, CLOSE_GOING_AWAY, CLOSE_TOO_SLOW
 from wsgw.registry import Targets
 from wsgw.websocket import GatewayFactory, prepare_frame
 
 PEER = IPv4Address("TCP", "10.1.2.3", 5555)
-
-
-class Client(WebSocketClientProtocol):
-    def __init__(self):
-        super().__init__()
-        self.received = []
-        self.close_info = None
-
-    def onMessage(self, payload, isBinary):
-        self.received.append(payload)
-
-    def onClose(self, wasClean, code, reason):
-        self.close_info = (code, reason)
 
 
 class Setup:

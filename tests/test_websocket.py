@@ -6,29 +6,17 @@ gateway's protocol over iosim transports, no sockets.
 import json
 
 import pytest
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.test.iosim import FakeTransport, connect
 
 from fakes import FakeApp, make_gateway
+from fakes import RecordingClient as Client
 from wsgw.internals import frame_bytes
 from wsgw.registry import Targets
 from wsgw.websocket import GatewayFactory, prepare_frame
-
-
-class Client(WebSocketClientProtocol):
-    def __init__(self):
-        super().__init__()
-        self.received = []
-        self.close_info = None
-
-    def onMessage(self, payload, isBinary):
-        self.received.append(payload)
-
-    def onClose(self, wasClean, code, reason):
-        self.close_info = (code, reason)
 
 
 def pair(factory, headers=None, protocols=None):

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 from . import __version__
+from .config import read_token_file
 
 ACCESS = {"all": 0, "private": 1, "public": 2}
 
@@ -99,13 +100,9 @@ def call(url: str, path: str, body: Optional[Dict[str, Any]], token: Optional[st
 def read_token(path: str) -> str:
     """The token in C{path}, as the daemon reads its --admin-token-file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ApiFailure(f"--admin-token-file {path!r}: cannot read it: {e.strerror}") from None
-    if not token:
-        raise ApiFailure(f"--admin-token-file {path!r}: the file is empty")
-    return token
+        return read_token_file(path)
+    except ValueError as e:
+        raise ApiFailure(f"--admin-token-file {path!r}: {e}") from None
 
 
 def targets(args: argparse.Namespace) -> Dict[str, Any]:

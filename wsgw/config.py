@@ -22,6 +22,21 @@ ENGINES = ("memory", "redis")
 _NODE_ID = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
 
 
+def read_token_file(path: str) -> str:
+    """
+    The token in C{path} (whitespace around it dropped); raises
+    L{ValueError} saying why it cannot be had.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    if not token:
+        raise ValueError("the file is empty")
+    return token
+
+
 Networks = Sequence[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]
 
 

@@ -29,7 +29,7 @@ from twisted.python import usage
 from zope.interface import provider
 
 from . import __version__, internals
-from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url, trusted_networks
+from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url, read_token_file, trusted_networks
 from .service import make_service
 from .systemd import SystemdNotifier
 
@@ -90,15 +90,7 @@ def _engine(value: str) -> str:
     return value
 
 
-def _read_token_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read it: {e.strerror}") from None
-    if not token:
-        raise ValueError("the file is empty")
-    return token
+_read_token_file = read_token_file
 
 
 _TRUE = ("1", "true", "yes", "on")
