@@ -678,3 +678,19 @@ async def start_redis():
     server = RedisServer(free_port())
     await server.start()
     return server
+
+
+async def tls_round_trip(daemon, app, cert_path):
+    """
+    A Node client over wss:// (trusting C{cert_path}) is answered a ping
+    and its message reaches C{app}: the TLS listener serves end to end.
+    """
+    client = await node_client(
+        f"wss://localhost:{daemon.port}/ws", {"X-Bfl-User": "tls"}, env={"WS_CA_FILE": str(cert_path)}
+    )
+    client.send('{"event":"ping"}')
+    assert await client.wait_messages(1) == ['{"event":"pong"}']
+    client.send('{"event":"secure"}')
+    message = await app.wait_for_action("message")
+    assert message["data"] == {"event": "secure"} and message["user_name"] == "tls"
+    await client.stop()

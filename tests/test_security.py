@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from harness import node_client, py_client, start_daemon, upgrade_request
+from harness import py_client, start_daemon, tls_round_trip, upgrade_request
 
 
 @pytest_twisted.ensureDeferred
@@ -118,15 +118,7 @@ async def test_tls_listener_serves_node_clients(app, tmp_path, node_ws):
         cwd=tmp_path,
     )
     try:
-        client = await node_client(
-            f"wss://localhost:{daemon.port}/ws", {"X-Bfl-User": "tls"}, env={"WS_CA_FILE": str(cert_path)}
-        )
-        client.send('{"event":"ping"}')
-        assert await client.wait_messages(1) == ['{"event":"pong"}']
-        client.send('{"event":"secure"}')
-        message = await app.wait_for_action("message")
-        assert message["data"] == {"event": "secure"} and message["user_name"] == "tls"
-        await client.stop()
+        await tls_round_trip(daemon, app, cert_path)
     finally:
         await daemon.terminate()
 

@@ -19,7 +19,7 @@ from twisted.internet import reactor, ssl
 from twisted.web.server import Site
 from unit_exec import NO_MDWE, mdwe_supported, restrictions, service_settings
 
-from harness import RecordingApp, node_client, py_client, start_daemon
+from harness import RecordingApp, node_client, py_client, start_daemon, tls_round_trip
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -92,15 +92,7 @@ async def test_tls_works_under_the_units_restrictions(unit_name, tmp_path, node_
     try:
         applied = next(line for line in daemon.log_lines() if line.startswith("unit_exec: applied"))
         assert "no_new_privs" in applied, applied
-        client = await node_client(
-            f"wss://localhost:{daemon.port}/ws", {"X-Bfl-User": "tls"}, env={"WS_CA_FILE": str(cert_path)}
-        )
-        client.send('{"event":"ping"}')
-        assert await client.wait_messages(1) == ['{"event":"pong"}']
-        client.send('{"event":"secure"}')
-        message = await app.wait_for_action("message")
-        assert message["data"] == {"event": "secure"} and message["user_name"] == "tls"
-        await client.stop()
+        await tls_round_trip(daemon, app, cert_path)
         assert not [line for line in daemon.log_lines() if "write+execute" in line]
     finally:
         await daemon.terminate()
