@@ -12,6 +12,7 @@ from wsgw.config import Config
 from wsgw.forwarder import AppForwarder
 from wsgw.gateway import Gateway
 from wsgw.interfaces import IChannel, IEventSink
+from wsgw.online import OnlineUsers, PresenceEvents
 from wsgw.registry import Connection, LiveConnections
 from wsgw.service import Node
 
@@ -75,14 +76,20 @@ class FakeChannel:
         self.paused = False
 
 
-def make_gateway(clock, sink=None, *, prepare=None, registry=None, membership=None, **forwarder_options):
+def make_gateway(
+    clock, sink=None, *, prepare=None, registry=None, membership=None, presence_grace=None, **forwarder_options
+):
     """
     A gateway wired as the daemon's is, forwarding to C{sink}; its frames
-    are the payloads themselves unless C{prepare} says otherwise.
+    are the payloads themselves unless C{prepare} says otherwise.  With
+    C{presence_grace}, it posts presence events as C{--presence-events}.
     """
     live = LiveConnections(clock, prepare or (lambda payload, binary: payload))
     forwarder = AppForwarder(clock=clock, sink=sink, throttle=live, replies=live, **forwarder_options)
-    given = {"prepare": prepare, "registry": registry, "membership": membership}
+    online = None
+    if presence_grace is not None:
+        online = OnlineUsers(clock, PresenceEvents(forwarder).in_stream, presence_grace)
+    given = {"prepare": prepare, "registry": registry, "membership": membership, "online": online}
     return Gateway(
         clock=clock,
         forwarder=forwarder,

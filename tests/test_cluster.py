@@ -8,6 +8,7 @@ import signal
 
 import pytest_twisted
 import treq
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from harness import api, bounded, ctl, eventually, node_client, py_client, scrape, start_daemon, start_redis
@@ -442,3 +443,67 @@ async def test_a_hung_redis_is_noticed_and_the_nodes_keep_serving(nodes, app, re
     assert answer["data"] == {"matched": 1}
     assert [await client.next_message(), await client.next_message()] == ["2", "3"]
     client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_events_across_nodes_and_a_killed_node(redis, app, tmp_path, node_ws):
+    """
+    Three daemons with --presence-events: a user with clients on two nodes
+    is online once, ahead of the first open; a user whose only node is
+    SIGKILLed goes offline within the presence TTL plus the grace period,
+    posted by a surviving node, exactly once; a user also on a surviving
+    node stays online.
+    """
+    grace = 1.0
+    started = await gatherResults(
+        [
+            Deferred.fromCoroutine(
+                start_node(redis, app, tmp_path, f"node{i}", "--presence-events", "--presence-grace", str(grace))
+            )
+            for i in (1, 2, 3)
+        ],
+        consumeErrors=True,
+    )
+    try:
+        seen = set()
+
+        def presence(user):
+            return [e["action"] for e in app.events if e["action"] in ("online", "offline") and e["user_name"] == user]
+
+        # Signed-in clients (an auth_token cookie): public ones make nobody online.
+        def signed_in(user, n):
+            return {"X-Bfl-User": user, "Cookie": f"auth_token={user}{n}"}
+
+        kim = [await node_client(node.ws_url, signed_in("kim", n)) for n, node in enumerate(started[:2])]
+        first_kim = await opened_conn(app, "kim", seen)
+        await opened_conn(app, "kim", seen)
+        assert presence("kim") == ["online"]
+        actions = [(e["action"], e.get("conn_id")) for e in app.events if e["user_name"] == "kim"]
+        assert actions[0] == ("online", None) and actions[1] == ("open", first_kim)
+        ids = [h["x-wsgw-event-id"] for e, h in zip(app.events, app.headers) if e["action"] == "online"]
+        assert ids[0].startswith("presence:")
+
+        # On the node about to die: lou alone, kim besides her other two.
+        await node_client(started[2].ws_url, signed_in("lou", 0))
+        await node_client(started[2].ws_url, signed_in("kim", 2))
+        await opened_conn(app, "lou", seen)
+        await opened_conn(app, "kim", seen)
+        assert presence("lou") == ["online"]
+
+        await started[2].terminate(signal.SIGKILL)
+        killed_at = reactor.seconds()
+        await app.wait_for(lambda: presence("lou") == ["online", "offline"], "lou offline", seconds=20)
+        # The TTL, the grace period, a sweep, and slack for a loaded machine.
+        assert reactor.seconds() - killed_at <= PRESENCE_TTL + grace + 1.0 + 2.0
+        assert presence("kim") == ["online"]
+        offline_posted = [await metric(node, "wsgw_presence_events_total|action=offline") for node in started[:2]]
+        assert sorted(offline_posted) == [0.0, 1.0]
+
+        # kim leaves the surviving nodes: one offline, behind both closes.
+        for client in kim:
+            await client.stop()
+        await app.wait_for(lambda: presence("kim") == ["online", "offline"], "kim offline", seconds=20)
+        kim_events = [e["action"] for e in app.events if e["user_name"] == "kim"]
+        assert kim_events[-1] == "offline" and kim_events.count("close") == 2
+    finally:
+        await gatherResults([node.terminate() for node in started], consumeErrors=True)

@@ -318,3 +318,44 @@ def test_batches_take_no_replies():
     fwd.enqueue(event("a", 0))
     app.batches[0][2].callback(b"ignored")
     assert replies.got == []
+
+
+def test_a_held_stream_waits_and_its_first_event_goes_ahead_of_the_rest():
+    """
+    A cluster holds a new connection's stream while Redis decides whether
+    its user just came online: the events queued meanwhile wait, and the
+    decided event goes first.
+    """
+    app = FakeApp()
+    fwd = make(app)
+    assert fwd.hold("a")
+    fwd.enqueue(event("a", 1))
+    fwd.enqueue(event("a", 2))
+    fwd.enqueue(event("b", 0))  # other streams are not held
+    assert [e["conn_id"] for e, _, _ in app.pending] == ["b"]
+    done = fwd.drained()
+    app.answer_all()
+    assert not done.called  # a's events still wait
+    fwd.release("a", event("a", 0))
+    app.answer_all()
+    assert [e["data"] for e, _, _ in app.attempts if e["conn_id"] == "a"] == [0, 1, 2]
+    assert done.called
+
+
+def test_a_released_stream_with_nothing_queued_is_gone():
+    app = FakeApp()
+    fwd = make(app)
+    assert fwd.hold("a")
+    done = fwd.drained()
+    fwd.release("a", None)
+    assert len(fwd) == 0 and done.called and app.attempts == []
+    fwd.release("a", event("a", 5))  # released already: just queued
+    assert [e["data"] for e, _, _ in app.attempts] == [5]
+
+
+def test_only_a_new_stream_is_held():
+    app = FakeApp()
+    fwd = make(app)
+    fwd.enqueue(event("a", 0))
+    assert not fwd.hold("a")
+    assert not AppForwarder(clock=Clock(), sink=None).hold("x")  # nothing is forwarded at all

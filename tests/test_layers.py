@@ -21,7 +21,7 @@ LAYERS = [
     ["wsgw.gateway"],
     ["wsgw.websocket", "wsgw.eventpost", "wsgw.api", "wsgw.health", "wsgw.metrics"],
     ["wsgw.cluster.wire", "wsgw.cluster.redislink"],
-    ["wsgw.cluster.node"],
+    ["wsgw.cluster.node", "wsgw.cluster.online"],
     ["wsgw.cluster"],
     ["wsgw.web"],
     ["wsgw.router"],

@@ -15,9 +15,7 @@ from wsgw.forwarder import AppUnavailable, Backoff
 
 def presence_gateway(grace=5.0):
     clock, app = Clock(), FakeApp()
-    gateway = make_gateway(clock, app, backoff=Backoff(rng=lambda: 0.0))
-    gateway.presence_grace = grace
-    gateway.__attrs_post_init__()  # as make_node builds it: with its presence tracker
+    gateway = make_gateway(clock, app, presence_grace=grace, backoff=Backoff(rng=lambda: 0.0))
     return clock, app, gateway
 
 
@@ -95,9 +93,9 @@ def test_on_shutdown_users_go_offline_without_waiting_for_the_grace_period():
     assert sorted(who for a, who in posted(app) if a == "offline") == ["alice", "bob"]
 
 
-def test_presence_events_are_refused_with_the_redis_engine_for_now():
-    with pytest.raises(ValueError, match="memory engine only"):
-        Config(presence_events=True, engine="redis")
+def test_presence_events_work_with_either_engine():
+    for engine in ("memory", "redis"):
+        assert Config(presence_events=True, engine=engine).presence_events
 
 
 @pytest.mark.integration

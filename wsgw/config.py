@@ -352,12 +352,6 @@ class Config:
             trusted_networks(self.trusted_proxies)
         except ValueError as e:
             raise ConfigError("trusted_proxies", str(e)) from None
-        if self.presence_events and self.engine == "redis":
-            raise ConfigError(
-                "presence_events",
-                "presence_events work with the memory engine only so far: across a cluster, exactly one online "
-                "and one offline per transition needs a coordination the redis engine does not do yet",
-            )
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ConfigError("redis_prefix", "redis_prefix must be 1 to 200 printable ASCII characters without spaces")
 

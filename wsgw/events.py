@@ -29,7 +29,7 @@ class Event:
     #: The connection's event number, from 0: with C{conn_id} it names the
     #: event (C{X-Wsgw-Event-Id}), so the app can drop a repeat.
     seq: int
-    #: C{open}, C{message} or C{close}.
+    #: C{open}, C{message}, C{close}, C{online} or C{offline}.
     action: str
     #: The JSON object the app receives.
     body: bytes = attr.ib(repr=False)
@@ -37,10 +37,13 @@ class Event:
     cookie: str = attr.ib(default="", repr=False)
     #: The client's address, passed on as C{X-Forwarded-For}.
     remote_addr: str = ""
+    #: An id given by whoever decided the event, for one that is not
+    #: numbered in a connection's sequence (a cluster's presence events).
+    given_id: str = ""
 
     @property
     def event_id(self) -> str:
-        return f"{self.conn_id}:{self.seq}"
+        return self.given_id or f"{self.conn_id}:{self.seq}"
 
 
 PONG = b'{"event":"pong"}'

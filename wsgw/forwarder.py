@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .events import Event
-from .interfaces import IEventSink, IReadThrottle, IReplies
+from .interfaces import IEventQueue, IEventSink, IReadThrottle, IReplies
 
 log = Logger()
 
@@ -146,6 +146,8 @@ class EventStream:
     size: int = attr.ib(default=0)
     #: The gateway stopped reading from the client because of this backlog.
     throttled: bool = attr.ib(default=False)
+    #: Its first event is not known yet (L{AppForwarder.hold}): nothing goes.
+    held: bool = attr.ib(default=False)
 
 
 @attr.s(slots=True, eq=False)
@@ -178,6 +180,7 @@ class NoThrottle:
         pass
 
 
+@implementer(IEventQueue)
 @attr.s(eq=False)
 class AppForwarder:
     """
@@ -262,6 +265,34 @@ class AppForwarder:
         if idle:
             self._ready.append(stream)
             self._pump()
+
+    def hold(self, stream: str) -> bool:
+        """
+        Hold the new stream C{stream} until its first event is known (a
+        cluster asks Redis whether a connection's user just came online,
+        and that C{online} must go ahead of the connection's C{open}).
+        """
+        if self.sink is None or stream in self._streams:
+            return False
+        self._streams[stream] = EventStream(stream, held=True)
+        return True
+
+    def release(self, stream: str, first: Optional[Event]) -> None:
+        held = self._streams.get(stream)
+        if held is None or not held.held:
+            if first is not None:
+                self.enqueue(first)
+            return
+        held.held = False
+        if first is not None:
+            held.pending.appendleft(first)
+            held.size += len(first.body)
+        if held.pending:
+            self._ready.append(held)
+            self._pump()
+        else:
+            del self._streams[stream]
+            self._check_drained()
 
     def _pump(self) -> None:
         while self._in_flight < self.max_in_flight:
@@ -374,6 +405,9 @@ class AppForwarder:
             else:
                 del self._streams[stream.conn_id]
         self._pump()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
         if not self._streams:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:

@@ -18,8 +18,7 @@ from zope.interface import implementer
 
 from . import events
 from .forwarder import AppForwarder
-from .interfaces import IChannel, IConnections, IMembership, Listing, Reach
-from .online import OnlineUsers
+from .interfaces import IChannel, IConnections, IMembership, IOnlineUsers, Listing, Reach
 from .registry import Connection, LiveConnections, Registry, Targets
 
 log = Logger()
@@ -115,24 +114,20 @@ class Gateway:
     #: Log every connection's open and close at info level: a line each,
     #: which at thousands of handshakes a second costs more than the rest.
     log_connections: bool = attr.ib(default=False)
-    #: Post C{online}/C{offline} events per user, with this grace period
-    #: in seconds (None: none are posted).
-    presence_grace: Optional[float] = attr.ib(default=None)
+    #: Who is online, told of every non-public connection that opens and
+    #: ends (C{--presence-events}; None: no presence events).
+    online: Optional[IOnlineUsers] = attr.ib(default=None)
     #: Every listener is up (set by the service that owns the listeners).
     accepting: bool = attr.ib(default=False)
     #: Always reachable: this process is the whole of it.
     up = True
 
-    #: Who is online, with presence events on.
-    online: Optional[OnlineUsers] = attr.ib(default=None, init=False)
     _all_closed: List[Deferred[None]] = attr.ib(factory=list, init=False)
     _pong: Any = attr.ib(default=None, init=False)
     _shutting_down: bool = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._pong = self.prepare(events.PONG, False)
-        if self.presence_grace is not None:
-            self.online = OnlineUsers(self.clock, self._forward_presence, self.presence_grace)
 
     # -- what the WebSocket side reports ---------------------------------
 
@@ -338,19 +333,6 @@ class Gateway:
         conn.next_seq = seq + 1
         body = events.encode_event(action.encode("ascii"), data, conn.event_tail, extra)
         self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body, conn.cookie, conn.remote_addr))
-
-    def _forward_presence(self, conn: Connection, action: str) -> None:
-        """
-        C{online} or C{offline} of C{conn}'s user, in C{conn}'s stream (so in
-        order with its events) and numbered in its sequence (so the app can
-        drop a repeat by its event id, as any other).
-        """
-        if not self.forwarder.enabled:
-            return
-        seq = conn.next_seq
-        conn.next_seq = seq + 1
-        body = events.presence_event(action, conn.user_name)
-        self.forwarder.enqueue(events.Event(conn.conn_id, seq, action, body))
 
 
 def channel(conn: Connection) -> IChannel:

@@ -12,6 +12,11 @@ mypy and a test double all see the same contract.
   - L{IReplies}: where the app's inline replies to events go.
   - L{IMembership}: who hears of connections joining and leaving the
     registry (a cluster node mirrors them into Redis).
+  - L{IEventQueue}: where events wait for the app, in order per stream
+    (the forwarder), and how a new stream is held until its first event
+    is known.
+  - L{IOnlineUsers}: who is online, told of each connection that opens
+    and ends (C{--presence-events}; in memory, or across a cluster).
   - L{IConnectHook}: the app's say on whether a handshake may open.
   - L{IConnections}: C{send}, C{close} and C{list} as the API offers them,
     provided by the in-memory gateway and by the Redis cluster alike.
@@ -103,6 +108,51 @@ class IReplies(Interface):
         is still open, C{body} is UTF-8 and not over the message limit; a
         reply to a C{close} event goes nowhere.
         """
+
+
+class IEventQueue(Interface):
+    """
+    Events on their way to the app, in order within each stream (a
+    connection's, by its conn id).
+    """
+
+    def enqueue(event: Event) -> None:
+        """Queue C{event} behind the earlier events of its stream."""
+
+    def hold(stream: str) -> bool:
+        """
+        Start the new stream C{stream} held: what is queued in it waits
+        until L{release}.  False (nothing held) if the stream has events
+        already or nothing is forwarded.
+        """
+
+    def release(stream: str, first: Optional[Event]) -> None:
+        """
+        Let a held stream go, with C{first} (if any) ahead of everything
+        queued in it meanwhile.
+        """
+
+
+class IOnlineUsers(Interface):
+    """
+    Per user name, whether it has a non-public connection: C{online} and
+    C{offline} events for the app, with a grace period before C{offline}.
+    """
+
+    went_online = Attribute("C{online} events posted by this process so far.")
+    went_offline = Attribute("C{offline} events posted by this process so far.")
+
+    def __len__() -> int:
+        """Users this process holds online (those in their grace period included)."""
+
+    def opened(conn: Connection) -> None:
+        """C{conn} opened; called before its C{open} event is queued."""
+
+    def ended(conn: Connection) -> None:
+        """C{conn} ended; called after its C{close} event is queued."""
+
+    def shutting_down() -> None:
+        """The gateway is closing every connection to stop."""
 
 
 class IConnectHook(Interface):

@@ -18,11 +18,38 @@ from typing import Callable, Dict, Optional
 
 import attr
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
 
+from . import events
+from .interfaces import IEventQueue, IOnlineUsers
 from .registry import Connection
 
 #: (the connection whose stream carries it, "online" or "offline")
 Emit = Callable[[Connection, str], None]
+
+
+@attr.s(frozen=True)
+class PresenceEvents:
+    """Builds C{online}/C{offline} events and queues them for the app."""
+
+    queue: IEventQueue = attr.ib()
+
+    def in_stream(self, conn: Connection, action: str) -> None:
+        """
+        C{action} for C{conn}'s user, in C{conn}'s stream (so in order with
+        its events) and numbered in its sequence (so the app can drop a
+        repeat by its event id, as any other).
+        """
+        seq = conn.next_seq
+        conn.next_seq = seq + 1
+        self.queue.enqueue(events.Event(conn.conn_id, seq, action, events.presence_event(action, conn.user_name)))
+
+    def decided(self, action: str, user_name: str, event_id: str, stream: str) -> events.Event:
+        """
+        C{action} for C{user_name} as a cluster decided it, under the id the
+        cluster gave it, for the stream C{stream}.
+        """
+        return events.Event(stream, 0, action, events.presence_event(action, user_name), given_id=event_id)
 
 
 @attr.s(slots=True, eq=False)
@@ -35,6 +62,7 @@ class _User:
     going: Optional[IDelayedCall] = attr.ib(default=None)
 
 
+@implementer(IOnlineUsers)
 @attr.s(eq=False)
 class OnlineUsers:
     """

@@ -27,14 +27,15 @@ from .connect import ConnectHook
 from .eventpost import EventPoster, build_http_client
 from .forwarder import AppForwarder, AppHealth
 from .gateway import Gateway, NoMembership
-from .interfaces import IConnections
+from .interfaces import IConnections, IOnlineUsers
+from .online import OnlineUsers, PresenceEvents
 from .registry import LiveConnections, Registry
 from .router import RouterFactory
 from .web import GatewaySite, make_resource, websocket_factory
 from .websocket import prepare_frame
 
 if TYPE_CHECKING:
-    from .cluster import Cluster, Presence
+    from .cluster import Cluster, ClusterOnline, Presence
 
 log = Logger()
 
@@ -85,10 +86,16 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
     )
     registry = Registry()
     presence: Optional[Presence] = None
+    cluster_online: Optional[ClusterOnline] = None
+    online: Optional[IOnlineUsers] = None
     if config.engine == "redis":
-        from .cluster import make_presence  # needs the optional txredisapi
+        from .cluster import make_online, make_presence  # needs the optional txredisapi
 
         presence = make_presence(config, registry)
+        if config.presence_events:
+            online = cluster_online = make_online(config, presence, forwarder, reactor)
+    elif config.presence_events:
+        online = OnlineUsers(reactor, PresenceEvents(forwarder).in_stream, config.presence_grace)
     gateway = Gateway(
         clock=reactor,
         forwarder=forwarder,
@@ -96,7 +103,7 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         registry=registry,
         ping_timeout=config.ping_timeout,
         log_connections=config.log_connections,
-        presence_grace=config.presence_grace if config.presence_events else None,
+        online=online,
         membership=presence or NoMembership(),
         prepare=prepare_frame,
     )
@@ -110,7 +117,7 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         return Node(config, reactor, gateway, gateway, connect_hook=hook)
     from .cluster import make_cluster
 
-    cluster = make_cluster(config, gateway, presence, reactor)
+    cluster = make_cluster(config, gateway, presence, reactor, online=cluster_online)
     return Node(config, reactor, gateway, cluster, cluster, connect_hook=hook)
 
 

@@ -6,6 +6,8 @@ engine never imports it.
 
   - L{wsgw.cluster.node}: this node's presence and the cluster-wide
     C{send}/C{close}/C{list};
+  - L{wsgw.cluster.online}: presence events (C{online}/C{offline}) decided
+    once for the whole cluster;
   - L{wsgw.cluster.wire}: the keys, channels and messages in Redis;
   - L{wsgw.cluster.redislink}: the connections to Redis.
 """
@@ -13,15 +15,26 @@ engine never imports it.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Optional
 
 from ..config import Config
 from ..gateway import Gateway
+from ..interfaces import IEventQueue
 from ..registry import Registry
 from .node import Cluster, ClusterStats, Presence
+from .online import ClusterOnline
 from .wire import Keys
 
-__all__ = ["Cluster", "ClusterStats", "Presence", "default_node_id", "make_cluster", "make_presence"]
+__all__ = [
+    "Cluster",
+    "ClusterOnline",
+    "ClusterStats",
+    "Presence",
+    "default_node_id",
+    "make_cluster",
+    "make_online",
+    "make_presence",
+]
 
 
 def default_node_id(config: Config) -> str:
@@ -40,6 +53,25 @@ def make_presence(config: Config, registry: Registry) -> Presence:
     )
 
 
-def make_cluster(config: Config, gateway: Gateway, presence: Presence, clock: Any) -> Cluster:
+def make_online(config: Config, presence: Presence, queue: IEventQueue, clock: Any) -> ClusterOnline:
+    """This node's part in the cluster's presence events (C{--presence-events})."""
+    return ClusterOnline(
+        presence.registry,
+        queue,
+        clock,
+        presence.node_id,
+        presence.instance,
+        presence.keys,
+        grace=config.presence_grace,
+        presence_ttl=config.presence_ttl,
+        decide_timeout=config.cluster_timeout,
+    )
+
+
+def make_cluster(
+    config: Config, gateway: Gateway, presence: Presence, clock: Any, online: Optional[ClusterOnline] = None
+) -> Cluster:
     """The cluster-wide API of a node, and the service that links it to Redis."""
-    return Cluster(gateway, presence, config.redis_address(), clock, reply_timeout=config.cluster_timeout)
+    return Cluster(
+        gateway, presence, config.redis_address(), clock, reply_timeout=config.cluster_timeout, online=online
+    )

@@ -260,6 +260,9 @@ class Cluster(Service):
     reply_timeout: float = attr.ib(default=2.0)
     #: The connection to Redis; by default a L{RedisLink} to C{address}.
     link: Any = attr.ib(default=None)
+    #: Presence events across the cluster (a L{wsgw.cluster.online.ClusterOnline}),
+    #: with C{--presence-events}.
+    online: Any = attr.ib(default=None)
 
     _pending: Dict[str, _Pending] = attr.ib(factory=dict, init=False)
     _requests: Iterator[int] = attr.ib(factory=itertools.count, init=False)
@@ -307,6 +310,8 @@ class Cluster(Service):
         self._refresh = LoopingCall(self.presence.refresh)
         self._refresh.clock = self.clock
         self._refresh.start(self.presence.presence_ttl / 3, now=False)
+        if self.online is not None:
+            self.online.start()
 
     def stopService(self) -> Deferred[None]:
         """
@@ -319,15 +324,20 @@ class Cluster(Service):
             self._refresh.stop()
         for request_id in list(self._pending):
             self._finish(request_id, partial=True)
-        d = self.presence.leave()
+        d = self.online.leave() if self.online is not None else succeed(None)
+        d.addCallback(lambda _: self.presence.leave())
         d.addErrback(lambda f: log.warn("could not leave the cluster cleanly: {error}", error=f.getErrorMessage()))
         return d.addBoth(lambda _: self.link.stopService())
 
     def _state(self, up: bool) -> None:
         if up:
             self.presence.connected(self.link)
+            if self.online is not None:
+                self.online.connected(self.link)
         else:
             self.presence.disconnected()
+            if self.online is not None:
+                self.online.disconnected()
 
     # -- IConnections --------------------------------------------------------
 

@@ -33,6 +33,10 @@ class RedisDown(Exception):
     """Redis is not reachable right now."""
 
 
+#: What a command fails with when Redis is, or just went, out of reach.
+LINK_ERRORS = (RedisDown, txredisapi.ConnectionError)
+
+
 def redis_endpoint(address: RedisAddress, reactor, timeout: float):
     if address.path:
         return UNIXClientEndpoint(reactor, address.path, timeout=timeout)
