@@ -33,9 +33,10 @@ def bounded(d, seconds=WAIT, what="event"):
     """C{d}, failing with a clear message if it takes longer than C{seconds}."""
 
     def timed_out(failure, timeout):
-        from twisted.internet.defer import CancelledError
+        from twisted.internet.defer import CancelledError, TimeoutError
 
-        if failure.check(CancelledError):
+        # addTimeout turns its own cancellation into TimeoutError.
+        if failure.check(CancelledError, TimeoutError):
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         return failure
 
