@@ -325,7 +325,10 @@ class Cluster(Service):
         for request_id in list(self._pending):
             self._finish(request_id, partial=True)
         d = self.online.leave() if self.online is not None else succeed(None)
-        d.addBoth(lambda _: self.presence.leave())
+        d.addErrback(
+            lambda f: log.warn("could not hand this node's users to the others: {error}", error=f.getErrorMessage())
+        )
+        d.addCallback(lambda _: self.presence.leave())
         d.addErrback(lambda f: log.warn("could not leave the cluster cleanly: {error}", error=f.getErrorMessage()))
         return d.addBoth(lambda _: self.link.stopService())
 
