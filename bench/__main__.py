@@ -73,6 +73,11 @@ def parse(argv):
         metavar="CMD",
         help="start wsgw (and a baseline) under CMD, e.g. 'valgrind --tool=callgrind --instr-atstart=no'",
     )
+    parser.add_argument(
+        "--wsgw-args",
+        metavar="ARGS",
+        help="more options for every wsgw started (e.g. '--connect-timeout 30' under valgrind)",
+    )
     parser.add_argument("--w4-rate", type=int, metavar="N", help="W4/W4r's offered messages/s instead of the mode's")
     parser.add_argument("--w4-seconds", type=float, metavar="S", help="W4/W4r's duration instead of the mode's")
     return parser.parse_args(argv)
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     if args.server_prefix:
         peers.Wsgw.prefix = tuple(shlex.split(args.server_prefix))
         peers.Wsgw.start_timeout = 300.0  # an interpreter under valgrind starts slowly
+    if args.wsgw_args:
+        peers.Wsgw.extra_args = tuple(shlex.split(args.wsgw_args))
     # Each process (server, load generator) holds one descriptor per connection.
     if limit < max(max(params.w1_sizes), max(params.w5_background) + 100) + 1000:
         log(f"open-file limit is {limit}: the largest runs may fail")
