@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,7 @@ def parse(argv):
         "--servers", help="comma-separated servers to run, e.g. wsgw,nchan (default: wsgw; with --peers all three)"
     )
     parser.add_argument(
-        "--only", default="W1,W2,W3,W3b,W4,W4r,W5,W6", help="comma-separated workloads to run (default: all)"
+        "--only", default="W1,W1c,W2,W3,W3b,W4,W4r,W5,W6", help="comma-separated workloads to run (default: all)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (configs and logs)")
     parser.add_argument(
@@ -61,6 +62,24 @@ def parse(argv):
         metavar="DIR",
         help="sample wsgw with py-spy during each measured stretch; raw stacks go to DIR",
     )
+    parser.add_argument(
+        "--attach",
+        metavar="CMD",
+        help="with --profile: run CMD instead of py-spy over each measured stretch; {pid} is wsgw's, "
+        "{out} the stretch's file in DIR (e.g. 'perf stat -e task-clock,context-switches -p {pid}')",
+    )
+    parser.add_argument(
+        "--server-prefix",
+        metavar="CMD",
+        help="start wsgw (and a baseline) under CMD, e.g. 'valgrind --tool=callgrind --instr-atstart=no'",
+    )
+    parser.add_argument(
+        "--wsgw-args",
+        metavar="ARGS",
+        help="more options for every wsgw started (e.g. '--connect-timeout 30' under valgrind)",
+    )
+    parser.add_argument("--w4-rate", type=int, metavar="N", help="W4/W4r's offered messages/s instead of the mode's")
+    parser.add_argument("--w4-seconds", type=float, metavar="S", help="W4/W4r's duration instead of the mode's")
     return parser.parse_args(argv)
 
 
@@ -113,6 +132,18 @@ def main(argv=None) -> int:
     params = QUICK if args.quick else FULL
     if args.w1_sizes:
         params = dataclasses.replace(params, w1_sizes=tuple(int(n) for n in args.w1_sizes.split(",") if n.strip()))
+    if args.w4_rate:
+        params = dataclasses.replace(params, w4_rate=args.w4_rate)
+    if args.w4_seconds:
+        params = dataclasses.replace(params, w4_seconds=args.w4_seconds)
+    if args.attach and not args.profile:
+        print("--attach needs --profile DIR (where its output goes)", file=sys.stderr)
+        return 2
+    if args.server_prefix:
+        peers.Wsgw.prefix = tuple(shlex.split(args.server_prefix))
+        peers.Wsgw.start_timeout = 300.0  # an interpreter under valgrind starts slowly
+    if args.wsgw_args:
+        peers.Wsgw.extra_args = tuple(shlex.split(args.wsgw_args))
     # Each process (server, load generator) holds one descriptor per connection.
     if limit < max(max(params.w1_sizes), max(params.w5_background) + 100) + 1000:
         log(f"open-file limit is {limit}: the largest runs may fail")
@@ -133,8 +164,9 @@ def main(argv=None) -> int:
     try:
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
-            procs.py_spy()  # fail now, not in the middle of a run
-        Runner(params, servers, workdir, results, log, args.profile).run(only)
+            if not args.attach:
+                procs.py_spy()  # fail now, not in the middle of a run
+        Runner(params, servers, workdir, results, log, args.profile, args.attach).run(only)
     finally:
         if base is not None:
             peers.remove_baseline(base)

@@ -114,6 +114,12 @@ class Wsgw(Server):
     source: Optional[Path] = None
     #: The interpreter to run it with (see L{under}); this runner's by default.
     python: Optional[str] = None
+    #: Words put before the interpreter (C{--server-prefix}, e.g. valgrind),
+    #: and how long the daemon may take to answer once started.
+    prefix: Sequence[str] = ()
+    start_timeout: float = 30.0
+    #: The app's path that admits handshakes (C{--connect-url}, W1c); None: no hook.
+    connect_path: Optional[str] = None
 
     def start(self, app_url: Optional[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
@@ -124,6 +130,7 @@ class Wsgw(Server):
         source = self.source or Path(wsgw.__file__).resolve().parent.parent
         env["PYTHONPATH"] = os.pathsep.join([str(source)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         argv = [
+            *self.prefix,
             self.python or sys.executable,
             "-m",
             "twisted",
@@ -139,11 +146,13 @@ class Wsgw(Server):
         ]
         if app_url:
             argv += ["--app-url", app_url + "/wsgw"]
+            if self.connect_path:
+                argv += ["--connect-url", app_url + self.connect_path]
         argv += list(self.extra_args)
         # From the source's folder: `python -m` puts the working directory
         # first on sys.path, ahead of PYTHONPATH.
         self.proc = procs.spawn(argv, procs.SERVER_CORE, self.workdir / "wsgw.log", env=env, cwd=str(source))
-        procs.wait_http(f"http://127.0.0.1:{self.port}/tapr/ws/conn/list", 30, self.proc)
+        procs.wait_http(f"http://127.0.0.1:{self.port}/tapr/ws/conn/list", self.start_timeout, self.proc)
 
     def app_endpoints(self) -> Dict[str, str]:
         return {"wsgwSend": f"http://127.0.0.1:{self.port}/tapr/ws/conn/send"}

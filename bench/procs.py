@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -104,12 +105,18 @@ def rss_bytes(pids: Iterable[int]) -> int:
 
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User plus system CPU time of C{pids} so far, in seconds."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: Iterable[int]) -> Tuple[float, float]:
+    """User and system (kernel) CPU time of C{pids} so far, in seconds."""
+    user = system = 0
     for pid in pids:
         fields = _stat(pid)
         if fields:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _CLK_TCK
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+    return user / _CLK_TCK, system / _CLK_TCK
 
 
 class CpuMeter:
@@ -121,11 +128,11 @@ class CpuMeter:
 
     def __init__(self, roots: Dict[str, int]):
         self.roots = roots
-        self._start: Dict[str, float] = {}
+        self._start: Dict[str, Tuple[float, float]] = {}
         self._wall = 0.0
 
-    def _read(self) -> Dict[str, float]:
-        return {name: cpu_seconds(tree(pid)) for name, pid in self.roots.items()}
+    def _read(self) -> Dict[str, Tuple[float, float]]:
+        return {name: cpu_split(tree(pid)) for name, pid in self.roots.items()}
 
     def start(self) -> CpuMeter:
         self._start = self._read()
@@ -133,64 +140,83 @@ class CpuMeter:
         return self
 
     def stop(self) -> Dict[str, float]:
-        """Per group: CPU seconds used, and that as % of one core, plus the wall time."""
+        """
+        Per group: CPU seconds used, and that as % of one core, and the
+        seconds of it in the kernel (C{_sys_s}); plus the wall time.
+        """
         end, wall = self._read(), time.monotonic() - self._wall
         result = {"wall": wall}
-        for name, before in self._start.items():
-            used = max(0.0, end[name] - before)
+        for name, (user, system) in self._start.items():
+            used = max(0.0, sum(end[name]) - user - system)
             result[f"{name}_cpu_s"] = used
+            result[f"{name}_sys_s"] = max(0.0, end[name][1] - system)
             result[f"{name}_cpu_pct"] = 100.0 * used / wall if wall > 0 else 0.0
         return result
 
 
 class ProfiledMeter(CpuMeter):
     """
-    A L{CpuMeter} that also samples one process with py-spy over the same
-    stretch, so a profile covers exactly what the figures cover.  The
-    sampler runs on the load core and is left out of the groups measured.
-    Its output is py-spy's "raw" format: one collapsed stack per line with
-    its sample count, for flame graphs or a quick sort.
+    A L{CpuMeter} that also runs a tool attached to one process over the
+    same stretch, so a profile covers exactly what the figures cover: py-spy
+    by default (L{py_spy_argv}), or any command that attaches to a PID and
+    writes its summary when interrupted (C{perf stat -p}, C{perf record -p},
+    C{strace -c -p}).  The tool runs on the load core and is left out of the
+    groups measured (its cost to the target, such as ptrace's, is not).  Its
+    output and messages go to C{out} with the suffix C{.log}.
     """
 
-    def __init__(self, roots: Dict[str, int], target: int, out: Path, py_spy: str):
+    def __init__(self, roots: Dict[str, int], argv: Sequence[str], out: Path):
         super().__init__(roots)
-        self.target = target
+        self.argv = list(argv)
         self.out = out
-        self.py_spy = py_spy
         self._sampler: Optional[subprocess.Popen] = None
 
     def start(self) -> ProfiledMeter:
         with open(self.out.with_suffix(".log"), "ab") as log:  # the child has its own copy
             self._sampler = subprocess.Popen(
-                pinned(
-                    LOAD_CORE,
-                    [
-                        self.py_spy,
-                        "record",
-                        "--pid",
-                        str(self.target),
-                        "--rate",
-                        "250",
-                        "--nonblocking",
-                        "--format",
-                        "raw",
-                        "--output",
-                        str(self.out),
-                    ],
-                ),
+                pinned(LOAD_CORE, self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                # A runner started in the background inherits SIGINT ignored,
+                # and a shell may not trap a signal ignored at its start.
+                preexec_fn=_default_sigint,
             )
         time.sleep(0.3)  # attached before the measured stretch begins
         return super().start()
 
     def stop(self) -> Dict[str, float]:
         result = super().stop()
-        # SIGINT makes py-spy write its output and exit.
-        stop(self._sampler, timeout=30, sig=signal.SIGINT)
+        # SIGINT makes py-spy, perf and strace write their output and exit.
+        stop(self._sampler, timeout=60, sig=signal.SIGINT)
         return result
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def py_spy_argv(pid: int, out: Path) -> List[str]:
+    """py-spy sampling C{pid} at 250 Hz into C{out}, in its raw collapsed-stack format."""
+    return [
+        py_spy(),
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+    ]
+
+
+def attach_argv(template: str, pid: int, out: Path) -> List[str]:
+    """C{template} (a command line) with C{{pid}} and C{{out}} filled in, word by word."""
+    return [word.replace("{pid}", str(pid)).replace("{out}", str(out)) for word in shlex.split(template)]
 
 
 def stop(proc: Optional[subprocess.Popen], timeout: float = 15.0, sig=signal.SIGTERM) -> None:

@@ -5,6 +5,9 @@ next), each step bounded in time.
 
   W1 idle        N connections with a 30 s heartbeat: handshakes/s, resident
                  memory per connection, CPU while idle.
+  W1c admission  W1 with wsgw asking the app about every handshake
+                 (--connect-url), the app admitting at once: what the hook
+                 costs per handshake, beside W1 in the same run.
   W2 fan-out     1,000 connections of one user, 200 publishes of ~100 bytes:
                  deliveries/s and publish-to-receipt latency; nothing lost,
                  duplicated or reordered on any connection.
@@ -99,9 +102,17 @@ class Session:
     started on entry, every process stopped by PID on exit, whatever happened.
     """
 
-    def __init__(self, server_cls, workdir: Path, ports: procs.Ports, profile: Optional[Path] = None):
+    def __init__(
+        self,
+        server_cls,
+        workdir: Path,
+        ports: procs.Ports,
+        profile: Optional[Path] = None,
+        attach: Optional[str] = None,
+    ):
         self.workdir = workdir
         self.profile = profile
+        self.attach = attach
         self._measured = 0
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.server: Server = server_cls(workdir, ports)
@@ -138,7 +149,11 @@ class Session:
         if self.profile is not None and self.server.name == "wsgw":
             self._measured += 1
             out = self.profile / f"{self.workdir.name}-{self._measured}.txt"
-            return procs.ProfiledMeter(roots, self.server.pid, out, procs.py_spy())
+            if self.attach:
+                argv = procs.attach_argv(self.attach, self.server.pid, out)
+            else:
+                argv = procs.py_spy_argv(self.server.pid, out)
+            return procs.ProfiledMeter(roots, argv, out)
         return procs.CpuMeter(roots)
 
     def settle(self, timeout: float = 60.0, window: float = 0.5, threshold: float = 5.0) -> float:
@@ -203,9 +218,11 @@ class Runner:
         results: Results,
         log: Callable[[str], None],
         profile: Optional[Path] = None,
+        attach: Optional[str] = None,
     ):
         self.params = params
         self.profile = profile
+        self.attach = attach
         self.servers = servers
         self.workdir = workdir
         self.results = results
@@ -215,7 +232,8 @@ class Runner:
 
     def session(self, server_cls) -> Session:
         self._sessions += 1
-        return Session(server_cls, self.workdir / f"{self._sessions:02d}-{server_cls.name}", self.ports, self.profile)
+        workdir = self.workdir / f"{self._sessions:02d}-{server_cls.name}"
+        return Session(server_cls, workdir, self.ports, self.profile, self.attach)
 
     def each_server(self, workload: str, label: str, metrics: Sequence[tuple], body: Callable) -> None:
         """
@@ -275,12 +293,13 @@ class Runner:
         ("heartbeats answered", ""),
     ]
 
-    def w1(self) -> None:
-        for n in self.params.w1_sizes:
+    def w1(self, sizes: Optional[Sequence[int]] = None) -> None:
+        for n in self.params.w1_sizes if sizes is None else sizes:
             label = f"W1 idle, N={n:,}"
             self.each_server("W1", label, self.W1_METRICS, lambda cls, n=n, label=label: self._w1(cls, n, label))
 
-    def _w1(self, server_cls, n: int, label: str) -> None:
+    def _w1(self, server_cls, n: int, label: str, connects: bool = False) -> None:
+        """W1 at C{n}; with C{connects}, the app must have been asked about every handshake (W1c)."""
         p, r = self.params, self.results
         with self.session(server_cls) as s:
             time.sleep(0.5)
@@ -288,6 +307,12 @@ class Runner:
             meter = s.meter().start()
             opened = s.open("idle", n, s.server.clients("W1"), p, ping=HEARTBEAT)
             cpu = meter.stop()
+            if connects:
+                # Retried handshakes ask again: at least one POST per connection.
+                asked = s.app.stats()["connect"]
+                r.add(label, "connect POSTs answered by the app", server_cls.name, asked)
+                if asked < n:
+                    r.fail(server_cls.name, f"{label}, {server_cls.name}: the app was asked about {asked} of {n}")
             self.note_saturation(label + " (handshakes)", server_cls.name, cpu)
             # Heartbeats keep a server busy, so "settled" is a lower bar here than elsewhere.
             s.settle(timeout=30, threshold=20)
@@ -323,6 +348,50 @@ class Runner:
                 f"  {opened['rate']:.0f} handshakes/s, {(after - before) / alive / 1024:.1f} KiB/conn "
                 f"(RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB), pongs {beats['pongs']}/{beats['pings']}"
             )
+
+    # -- W1c --------------------------------------------------------------------------------
+
+    #: Where wsgw asks the bench app about a handshake (it answers 200 at once).
+    W1C_PATH = "/wsgw/connect"
+
+    W1C_METRICS = [("connect POSTs answered by the app", ""), *W1_METRICS]
+
+    @staticmethod
+    def w1c_label(n: int) -> str:
+        return f"W1c idle, admitted by the app (--connect-url), N={n:,}"
+
+    def w1c(self, sizes: Optional[Sequence[int]] = None) -> None:
+        """W1 with wsgw's --connect-url on the bench app (wsgw only); beside W1's figures when W1 ran."""
+        for n in self.params.w1_sizes if sizes is None else sizes:
+            label = self.w1c_label(n)
+
+            def run(cls, n=n, label=label) -> None:
+                if not issubclass(cls, Wsgw):
+                    self.results.not_applicable(label, self.W1C_METRICS, cls.name, "n/a (no connect hook)")
+                    return
+                if not cls.supports("--connect-url"):
+                    self.results.not_applicable(label, self.W1C_METRICS, cls.name, "n/a (no --connect-url)")
+                    return
+                cls = type(cls.__name__, (cls,), {"connect_path": self.W1C_PATH})
+                self._w1(cls, n, label, connects=True)
+
+            self.each_server("W1", label, self.W1C_METRICS, run)
+            self._w1c_versus_w1(n)
+
+    def _w1c_versus_w1(self, n: int) -> None:
+        """W1c's figure over W1's, server by server, at the same N and in the same run."""
+        plain, hooked = f"W1 idle, N={n:,}", self.w1c_label(n)
+        for metric, better in (("server CPU µs per handshake", "↓"), ("handshakes/s", "↑")):
+            without, with_hook = self._row_values(plain, metric), self._row_values(hooked, metric)
+            if not without:
+                return  # W1 did not run
+            for server_cls in self.servers:
+                a, b = without.get(server_cls.name), with_hook.get(server_cls.name)
+                if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a:
+                    value: Any = b / a
+                else:
+                    value = b if isinstance(b, str) and b.startswith(NA) else "–"
+                self.results.add(hooked, f"{metric}, W1c ÷ W1", server_cls.name, value, better, digits=2)
 
     # -- W2 ---------------------------------------------------------------------------------
 
@@ -446,6 +515,7 @@ class Runner:
         ("achieved msg/s", ""),
         ("lost/dup/reordered", ""),
         ("server CPU µs per round trip", "↓"),
+        ("of which in the kernel (sys), %", ""),
         ("server CPU, %", "↓"),
         ("load generator + app CPU, %", ""),
     ]
@@ -492,6 +562,8 @@ class Runner:
             r.add(label, "achieved msg/s", name, answer["received"] / p.w4_seconds, digits=0)
             r.add(label, "lost/dup/reordered", name, checks(answer))
             r.add(label, "server CPU µs per round trip", name, per_op(cpu, answer["received"]), "↓", digits=0)
+            kernel = 100 * cpu["server_sys_s"] / cpu["server_cpu_s"] if cpu["server_cpu_s"] else None
+            r.add(label, "of which in the kernel (sys), %", name, kernel, digits=0)
             r.add(label, "server CPU, %", name, cpu["server_cpu_pct"], "↓", digits=0)
             r.add(label, "load generator + app CPU, %", name, cpu["loadgen_cpu_pct"] + cpu["app_cpu_pct"], digits=0)
             self.verify(label, name, answer)
@@ -669,9 +741,17 @@ class Runner:
                 r.fail(name, f"{label}, {name}: only {answer['back']} of {answer['count']} reconnected")
             self.log(f"  {answer['back']}/{answer['count']} back in {seconds} s, errors {answer['errors']}")
 
-    ALL = ("W1", "W2", "W3", "W3B", "W4", "W4R", "W5", "W6")
+    ALL = ("W1", "W1C", "W2", "W3", "W3B", "W4", "W4R", "W5", "W6")
 
     def run(self, only: Sequence[str] = ALL) -> None:
         for name in self.ALL:
-            if name in only:
+            if name == "W1" and "W1C" in only:
+                continue  # run with W1c, size by size
+            if name == "W1C" and "W1" in only:
+                # Size by size, W1 then W1c: the two figures a ratio is made
+                # of are taken minutes apart at most, under the same load.
+                for n in self.params.w1_sizes:
+                    self.w1([n])
+                    self.w1c([n])
+            elif name in only:
                 getattr(self, name.lower())()

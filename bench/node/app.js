@@ -15,7 +15,8 @@
  * own push API, as a real app answering a request would; in "reply" mode
  * (wsgw only) it answers the event POST itself with the message, as an
  * inline reply (X-Wsgw-Reply: 1), sparing the push API call.  wsgw's
- * batches (a JSON array of events) are taken in every mode.
+ * batches (a JSON array of events) are taken in every mode, and so is its
+ * connect POST (--connect-url): admitted at once with 200, and counted.
  *
  * Control: POST /control {"mode": "count"|"echo"|"reply"} resets the counters;
  * GET /stats returns them.  Configuration is one JSON argument:
@@ -36,7 +37,7 @@ let clients;
 function reset(newMode) {
   mode = newMode || mode;
   clients = new Map(); // client index -> {seen: Set of sequence numbers, max}
-  stats = { mode, requests: 0, open: 0, close: 0, messages: 0, pings: 0, unique: 0, dup: 0, reordered: 0,
+  stats = { mode, requests: 0, connect: 0, open: 0, close: 0, messages: 0, pings: 0, unique: 0, dup: 0, reordered: 0,
     firstAt: null, lastAt: null, echoes: 0, echoErrors: 0, unparsed: 0 };
 }
 reset('count');
@@ -126,7 +127,8 @@ function wsgw(body, res) {
   if (!parsed) return;
   if (batch) stats.batches = (stats.batches || 0) + 1;
   for (const one of batch ? parsed : [parsed]) {
-    if (one.action === 'open') stats.open++;
+    if (one.action === 'connect') stats.connect++;
+    else if (one.action === 'open') stats.open++;
     else if (one.action === 'close') stats.close++;
     else if (one.action === 'message') {
       if (mode === 'echo') echo(one.conn_id, config.wsgwSend, JSON.stringify({ payload: one.data, conn_id: one.conn_id }));
