@@ -338,8 +338,18 @@ def _keep_alive_timeout(headers: Headers) -> Optional[float]:
     values = headers.getRawHeaders(b"keep-alive")
     if values is None:
         return None
-    found = _KEEP_ALIVE_TIMEOUT.search(b",".join(values))
-    return None if found is None else float(int(found.group(1)))
+    hint = values[0] if len(values) == 1 else b",".join(values)
+    if hint in _HINTS_SEEN:
+        return _HINTS_SEEN[hint]
+    found = _KEEP_ALIVE_TIMEOUT.search(hint)
+    timeout = None if found is None else float(int(found.group(1)))
+    if len(_HINTS_SEEN) < 64:
+        _HINTS_SEEN[hint] = timeout
+    return timeout
+
+
+#: Keep-Alive values read already: an app sends the same one every time.
+_HINTS_SEEN: Dict[bytes, Optional[float]] = {}
 
 
 @attr.s(eq=False)
