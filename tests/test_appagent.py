@@ -5,6 +5,7 @@ gives one up.  All in memory: fake endpoints and string transports.
 """
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
@@ -597,3 +598,101 @@ def test_an_inline_reply_through_treq_and_the_agent(agent, endpoints) -> None:
     d = poster.post(Event("c1", 0, "message", b"{}"))
     answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nX-Wsgw-Reply: 1\r\nContent-Length: 5\r\n\r\nhello")
     assert d.result == b"hello"
+
+
+def test_the_pool_keeps_one_timer_however_many_connections_idle(agent, endpoints, clock) -> None:
+    """A connection goes back to the pool after every answer: one timer
+    serves them all, running when the earliest must leave."""
+    waiting = [post(agent), post(agent)]
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n")
+    answer(endpoints.transports[1], OK)
+    assert [d.result.code for d in waiting] == [200, 200]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(4.51)
+    assert [t.disconnecting for t in endpoints.transports] == [True, False]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(120)
+    assert [t.disconnecting for t in endpoints.transports] == [True, True]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_shorter_keep_alive_brings_the_timer_forward(agent, endpoints, clock) -> None:
+    d = post(agent)
+    answer(endpoints.transports[0], OK)  # kept 120 s
+    assert d.result.code == 200
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2\r\nContent-Length: 0\r\n\r\n")
+    assert d.result.code == 200
+    clock.advance(1.51)
+    assert endpoints.transports[0].disconnecting
+
+
+def test_a_connection_past_its_time_is_not_taken_when_the_timer_is_late(agent, endpoints, clock) -> None:
+    """A busy reactor may run the pool's timer late: a connection whose
+    time is up is closed when met, never used."""
+    d = post(agent)
+    answer(endpoints.transports[0], b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2\r\nContent-Length: 0\r\n\r\n")
+    assert d.result.code == 200
+    clock.rightNow += 1.6  # time passes, the timer has not run yet
+    post(agent)
+    assert endpoints.transports[0].disconnecting
+    assert len(endpoints.transports) == 2
+
+
+class DirectTransport(tcp.Client):
+    """A TCP client transport without a socket: C{writeSomeData} takes up
+    to C{room} bytes, C{write} buffers (as Twisted's does)."""
+
+    def __init__(self, room):
+        self.room = room
+        self.sent = b""
+        self.buffered = b""
+        self.connected = True
+        self.disconnecting = False
+
+    def writeSomeData(self, data):
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        self.sent += taken
+        return len(taken)
+
+    def write(self, data):
+        self.buffered += data
+
+
+def direct_connection(room):
+    from wsgw.appagent import AppConnection
+
+    connection = AppConnection(AppPool(Clock()), ("app",))
+    transport = DirectTransport(room)
+    connection.transport = transport
+    return connection, transport
+
+
+def test_a_request_goes_out_at_once_over_tcp(monkeypatch) -> None:
+    """Over plain TCP the request is sent in the call, not on the
+    reactor's next turn."""
+    monkeypatch.setattr(tcp, "Client", DirectTransport)
+    connection, transport = direct_connection(room=1000)
+    connection.send(b"request one")
+    assert (transport.sent, transport.buffered) == (b"request one", b"")
+
+
+def test_what_the_socket_does_not_take_is_buffered_and_so_is_all_after(monkeypatch) -> None:
+    """Once anything waits in Twisted's buffer, every later write goes
+    behind it: bytes never overtake each other."""
+    monkeypatch.setattr(tcp, "Client", DirectTransport)
+    connection, transport = direct_connection(room=4)
+    connection.send(b"request one")
+    assert (transport.sent, transport.buffered) == (b"requ", b"est one")
+    transport.room = 1000
+    connection.send(b"two")
+    assert (transport.sent, transport.buffered) == (b"requ", b"est onetwo")
+
+
+def test_a_closing_transport_is_written_as_twisted_writes(monkeypatch) -> None:
+    monkeypatch.setattr(tcp, "Client", DirectTransport)
+    connection, transport = direct_connection(room=1000)
+    transport.disconnecting = True
+    connection.send(b"late")
+    assert (transport.sent, transport.buffered) == (b"", b"late")

@@ -132,11 +132,26 @@ class StalledClient:
 
     def __init__(self):
         self.requests = []
+        self.deferreds = []
 
     def post(self, url, data, headers, **options):
         d = Deferred(lambda d: self.requests.append("cancelled"))
         self.requests.append(url)
+        self.deferreds.append(d)
         return d
+
+
+class Answered:
+    """A 204 as treq hands over one of AppAgent's whole answers."""
+
+    def __init__(self):
+        from twisted.web.http_headers import Headers
+
+        from wsgw.appagent import Answer
+
+        self.original = Answer((b"HTTP", 1, 1), 204, b"No Content", Headers())
+        self.code = 204
+        self.headers = self.original.headers
 
 
 def test_attempt_is_bounded_as_a_whole() -> None:
@@ -150,6 +165,113 @@ def test_attempt_is_bounded_as_a_whole() -> None:
     d.addErrback(lambda f: None)
     assert failure.check(Exception)
     assert stalled.requests[-1] == "cancelled"
+
+
+def test_attempts_share_one_timer_each_bounded_from_its_own_start() -> None:
+    """One timer for all attempts, not one each; every attempt still times
+    out exactly when its own bound has passed, as a TimeoutError, and one
+    answered in time is left alone."""
+    from twisted.internet.error import TimeoutError
+
+    clock = Clock()
+    stalled = StalledClient()
+    poster = EventPoster(stalled, URL, clock, timeout=2)
+    first = poster.post(event(seq=1))
+    clock.advance(0.5)
+    second = poster.post(event(seq=2))
+    answer = stalled.deferreds[-1]
+    third = poster.post(event(seq=3))
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1.49)
+    assert not first.called
+    clock.advance(0.02)  # 2.01 s after the first began
+    assert first.result.check(TimeoutError)
+    first.addErrback(lambda f: None)
+    assert not second.called
+    answer.callback(Answered())  # in time
+    assert second.result is None
+    clock.advance(0.48)
+    assert not third.called
+    clock.advance(0.02)
+    assert third.result.check(TimeoutError)
+    third.addErrback(lambda f: None)
+    assert stalled.requests.count("cancelled") == 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_attempt_cancelled_by_its_caller_is_not_a_timeout() -> None:
+    from twisted.internet.defer import CancelledError
+
+    clock = Clock()
+    d = EventPoster(StalledClient(), URL, clock, timeout=2).post(event())
+    d.cancel()
+    assert d.result.check(CancelledError)
+    d.addErrback(lambda f: None)
+    clock.advance(3)
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_attempt_answered_at_once_takes_no_timer() -> None:
+    """StubTreq answers within the call: nothing is left to bound."""
+    clock = Clock()
+    poster = EventPoster(StubTreq(App(200)), URL, clock)
+    d = poster.post(event())
+    assert d.result is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_request_headers_are_headers_in_every_respect() -> None:
+    """The poster's headers skip Headers' per-value work (names canonical,
+    values checked already) but read, compare and copy as Headers do."""
+    from twisted.web.http_headers import Headers
+
+    from wsgw.eventpost import request_headers
+
+    built = request_headers(event())
+    plain = Headers(dict(built.getAllRawHeaders()))
+    assert built == plain
+    assert list(built.getAllRawHeaders()) == list(plain.getAllRawHeaders())  # names as Headers writes them
+    copy = built.copy()
+    assert type(copy) is type(built) and copy == built
+    copy.addRawHeader(b"X-Wsgw-Event-Id", b"more")
+    copy.addRawHeader(b"Accept-Encoding", b"gzip")
+    assert built.getRawHeaders(b"x-wsgw-event-id") == [b"c1:3"]
+    assert not built.hasHeader(b"accept-encoding")
+
+
+def test_an_answer_not_read_whole_is_drained_before_the_verdict() -> None:
+    """Over an agent that streams bodies, the poster reads the body out
+    before it judges, so that agent's connection can be reused."""
+    from twisted.internet.defer import succeed
+    from twisted.internet.protocol import Protocol
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseDone
+    from twisted.web.http_headers import Headers
+
+    delivered = []
+
+    class Streamed:
+        code = 200
+        phrase = b"OK"
+        version = (b"HTTP", 1, 1)
+        headers = Headers()
+        length = 2
+        request = previousResponse = None
+
+        def deliverBody(self, protocol: Protocol) -> None:
+            delivered.append(protocol)
+
+    class Agent:
+        def request(self, method, uri, headers=None, bodyProducer=None):
+            return succeed(Streamed())
+
+    verdicts = []
+    EventPoster(http_client_for(Agent()), URL, Clock()).post(event()).addBoth(verdicts.append)
+    [protocol] = delivered
+    protocol.dataReceived(b"ok")
+    assert verdicts == []  # still reading
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert verdicts == [None]
 
 
 class CookieSetter(App):

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, cast
 
 import attr
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, IStreamClientEndpoint, ITCPTransport
@@ -153,6 +154,8 @@ class AppConnection(Protocol):
         self._lenient_lines(True)
         self._waiting: Optional[Deferred[Answer]] = None
         self.lost = False
+        #: Nothing was ever left in the transport's buffer (see L{_write}).
+        self._direct = True
         self._reset(head_only=False)
 
     def _reset(self, head_only: bool) -> None:
@@ -176,8 +179,27 @@ class AppConnection(Protocol):
         """
         self._waiting = Deferred(self._cancel)
         self._reset(head_only)
-        self.transport.write(data)
+        self._write(data)
         return self._waiting
+
+    def _write(self, data: bytes) -> None:
+        # Twisted's write() always buffers: it has epoll watch the socket,
+        # sends on the reactor's next turn, then stops the watch; for a
+        # request a few hundred bytes long, those two epoll calls and the
+        # turn cost more than the send.  Over plain TCP with nothing ever
+        # buffered on this connection, the request goes out at once; what
+        # the socket does not take (or an error) goes through write(), and
+        # from then on everything does, so order and error handling stay
+        # Twisted's.
+        transport = self.transport
+        if self._direct and type(transport) is tcp.Client and transport.connected and not transport.disconnecting:
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int):
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        self._direct = False
+        transport.write(data)
 
     def _cancel(self, _d: Deferred[Answer]) -> None:
         # The answer is no longer wanted (the attempt timed out): this
@@ -316,8 +338,18 @@ def _keep_alive_timeout(headers: Headers) -> Optional[float]:
     values = headers.getRawHeaders(b"keep-alive")
     if values is None:
         return None
-    found = _KEEP_ALIVE_TIMEOUT.search(b",".join(values))
-    return None if found is None else float(int(found.group(1)))
+    hint = values[0] if len(values) == 1 else b",".join(values)
+    if hint in _HINTS_SEEN:
+        return _HINTS_SEEN[hint]
+    found = _KEEP_ALIVE_TIMEOUT.search(hint)
+    timeout = None if found is None else float(int(found.group(1)))
+    if len(_HINTS_SEEN) < 64:
+        _HINTS_SEEN[hint] = timeout
+    return timeout
+
+
+#: Keep-Alive values read already: an app sends the same one every time.
+_HINTS_SEEN: Dict[bytes, Optional[float]] = {}
 
 
 @attr.s(eq=False)
@@ -326,23 +358,38 @@ class AppPool:
     Idle connections per app address, the most recently used first; at
     most C{max_idle} kept per address, each for C{idle_timeout} seconds or
     less when the app said so (L{KEEP_ALIVE_MARGIN}).
+
+    One timer serves the whole pool, not one per idle spell (a connection
+    goes back to the pool after every answer, and a C{callLater} with its
+    cancellation cost more than the rest of the pool's work): each idle
+    connection carries its deadline, L{take} passes over one whose deadline
+    has come, and the timer closes those due when the earliest is.
     """
 
     reactor: IReactorTime = attr.ib()
     max_idle: int = attr.ib(default=64)
     idle_timeout: float = attr.ib(default=120.0)
     _idle: Dict[tuple, List[AppConnection]] = attr.ib(factory=dict, init=False)
-    _timers: Dict[AppConnection, IDelayedCall] = attr.ib(factory=dict, init=False)
+    #: Each idle connection's address and when it must leave the pool.
+    _due: Dict[AppConnection, Tuple[tuple, float]] = attr.ib(factory=dict, init=False)
+    _timer: Optional[IDelayedCall] = attr.ib(default=None, init=False)
+    #: When C{_timer} runs.
+    _timer_at: float = attr.ib(default=0.0, init=False)
 
     def take(self, key: tuple) -> Optional[AppConnection]:
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = self.reactor.seconds()
         while idle:
             connection = idle.pop()
-            timer = self._timers.pop(connection, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not connection.lost:
-                return connection
+            _, due = self._due.pop(connection)
+            if connection.lost:
+                continue
+            if due - now <= _SLACK:
+                connection.transport.loseConnection()  # its time is up: the timer is late
+                continue
+            return connection
         return None
 
     def put(self, key: tuple, connection: AppConnection, keep_for: Optional[float] = None) -> None:
@@ -358,20 +405,35 @@ class AppPool:
             connection.transport.loseConnection()
             return
         idle.append(connection)
-        self._timers[connection] = self.reactor.callLater(lifetime, self._expire, key, connection)
+        due = self.reactor.seconds() + lifetime
+        self._due[connection] = (key, due)
+        if self._timer is None:
+            self._start_timer(due)
+        elif due < self._timer_at:
+            self._timer.cancel()
+            self._start_timer(due)
 
     def forget(self, key: tuple, connection: AppConnection) -> None:
-        idle = self._idle.get(key)
-        if idle and connection in idle:
-            idle.remove(connection)
-        timer = self._timers.pop(connection, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._due.pop(connection, None) is not None:
+            self._idle[key].remove(connection)
 
-    def _expire(self, key: tuple, connection: AppConnection) -> None:
-        self._timers.pop(connection, None)
-        self.forget(key, connection)
-        connection.transport.loseConnection()
+    def _start_timer(self, at: float) -> None:
+        self._timer_at = at
+        self._timer = self.reactor.callLater(max(0.0, at - self.reactor.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.reactor.seconds()
+        due_now = [(c, key) for c, (key, due) in self._due.items() if due - now <= _SLACK]
+        for connection, key in due_now:
+            self.forget(key, connection)
+            connection.transport.loseConnection()
+        if self._due:
+            self._start_timer(min(due for _, due in self._due.values()))
+
+
+#: A deadline this close (seconds) counts as come.
+_SLACK = 0.001
 
 
 @attr.s(frozen=True)
@@ -541,14 +603,14 @@ class AppAgent:
         if connection is None:
             return self._connect(target, data, head_only)
 
-        def stale(failure: Failure) -> Any:
-            # The app closed this idle connection as the request went out:
-            # nothing was answered, so the request goes out once more, now.
-            if failure.check(ResponseNeverReceived):
-                return self._connect(target, data, head_only)
-            return failure
+        return connection.send(data, head_only).addErrback(self._stale, target, data, head_only)
 
-        return connection.send(data, head_only).addErrback(stale)
+    def _stale(self, failure: Failure, target: _Target, data: bytes, head_only: bool) -> Any:
+        # The app closed this idle connection as the request went out:
+        # nothing was answered, so the request goes out once more, now.
+        if failure.check(ResponseNeverReceived):
+            return self._connect(target, data, head_only)
+        return failure
 
     def _connect(self, target: _Target, data: bytes, head_only: bool) -> Deferred[IResponse]:
         try:

@@ -42,21 +42,22 @@ from __future__ import annotations
 
 import json
 from http.cookiejar import Cookie, CookieJar
-from typing import Any, Dict, Iterator, Optional, Sequence, cast
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, cast
 
 import attr
 import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .appagent import MAX_KEPT_BODY, AppAgent, AppEndpoints, AppPool, BytesBody
+from .appagent import MAX_KEPT_BODY, Answer, AppAgent, AppEndpoints, AppPool, BytesBody
 from .events import Event
 from .forwarder import AppRejected, AppUnavailable
 from .interfaces import IEventSink
@@ -64,7 +65,7 @@ from .interfaces import IEventSink
 log = Logger()
 
 _RETRY_STATUSES = frozenset({408, 429})
-_JSON = [b"application/json"]
+_JSON_TYPE = b"application/json"
 
 
 class BadEvent(AppRejected):
@@ -184,6 +185,21 @@ def _header_value(text: str) -> bytes:
     return value
 
 
+class _CheckedHeaders(Headers):
+    """
+    C{Headers} built from names already canonical and values already
+    checked (L{_header_value}): C{Headers} would encode, capitalise and
+    sanitise each of them again, once here and once more in every copy the
+    agents under treq make.  Its copies are of its own class, lists not
+    shared; it is otherwise a C{Headers} in every respect.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, rawHeaders: Optional[Dict[bytes, List[bytes]]] = None) -> None:
+        self._rawHeaders = {} if rawHeaders is None else {name: list(values) for name, values in rawHeaders.items()}
+
+
 def request_headers(event: Event) -> Headers:
     """
     The headers of C{event}'s POST (C{Host} is the agent's).
@@ -192,13 +208,13 @@ def request_headers(event: Event) -> Headers:
         quietly turn CR and LF into spaces).
     """
     raw = {
-        b"Content-Type": _JSON,
+        b"Content-Type": [_JSON_TYPE],
         b"X-Wsgw-Event-Id": [_header_value(event.event_id)],
         b"X-Forwarded-For": [_header_value(event.remote_addr)],
     }
     if event.cookie:
         raw[b"Cookie"] = [_header_value(event.cookie)]
-    return Headers(raw)
+    return _CheckedHeaders(raw)
 
 
 def _drain(_chunk: bytes) -> None:
@@ -214,6 +230,11 @@ class EventPoster:
     C{timeout} bounds the whole attempt, the answer's body included: an
     app that sends headers and then stalls must not hold the event forever.
     Redirects are not followed: any 2xx or 3xx answer means delivered.
+
+    The bound is kept by one timer for all attempts, not one per attempt
+    (a C{callLater} and its cancellation cost as much as the verdict): the
+    attempts under way wait in the order they began, all with the same
+    bound, and the timer runs when the oldest is due.
     """
 
     client: HTTPClient = attr.ib()
@@ -222,6 +243,11 @@ class EventPoster:
     timeout: float = attr.ib(default=10.0)
     #: Parsed and made a URI once (see the module's docstring).
     _parsed_url: EncodedURL = attr.ib(init=False)
+    #: Attempts under way and when each is due, oldest first.
+    _due: Dict[Deferred[Any], float] = attr.ib(factory=dict, init=False)
+    #: Attempts cancelled for being late (their CancelledError is a TimeoutError).
+    _late: Set[Deferred[Any]] = attr.ib(factory=set, init=False)
+    _timer: Optional[IDelayedCall] = attr.ib(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._parsed_url = _URI.of(self.url)
@@ -244,7 +270,7 @@ class EventPoster:
         their bodies, each with its C{event_id}, and C{X-Wsgw-Batch: <count>}.
         The answer's body is ignored (no replies to a batch).
         """
-        headers = Headers({b"Content-Type": _JSON, b"X-Wsgw-Batch": [b"%d" % len(events)]})
+        headers = _CheckedHeaders({b"Content-Type": [_JSON_TYPE], b"X-Wsgw-Batch": [b"%d" % len(events)]})
         return cast("Deferred[None]", self.send(batch_body(events), headers, replies=False))  # no reply read
 
     def send(self, body: bytes, headers: Headers, replies: bool = False) -> Deferred[Optional[bytes]]:
@@ -253,12 +279,53 @@ class EventPoster:
         judges it; with C{replies}, an answer's reply is read.
         """
         try:
-            d = self.client.post(self._parsed_url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
+            d = self.client.post(
+                self._parsed_url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                unbuffered=True,
+                # An empty jar of our own: else treq builds one per request.
+                cookies=_NO_COOKIES,
+            )
         except Exception:  # treq converts the URL before any Deferred exists
             return fail()
         judged: Deferred[Optional[bytes]] = d.addCallback(_verdict, replies)  # the same Deferred
-        judged.addTimeout(self.timeout, self.clock)
+        if not judged.called or judged.paused:
+            self._bound(judged)
         return judged
+
+    def _bound(self, d: Deferred[Any]) -> None:
+        self._due[d] = self.clock.seconds() + self.timeout
+        d.addBoth(self._settled, d)
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.timeout, self._expire)
+
+    def _settled(self, result: object, d: Deferred[Any]) -> object:
+        self._due.pop(d, None)
+        if d in self._late:
+            self._late.discard(d)
+            if isinstance(result, Failure) and result.check(CancelledError):
+                return Failure(TimeoutError(self.timeout, "no whole answer from the app"))
+        return result
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._due:
+            d, due = next(iter(self._due.items()))
+            if due - now > _SLACK:
+                self._timer = self.clock.callLater(due - now, self._expire)
+                return
+            del self._due[d]
+            self._late.add(d)
+            d.cancel()
+
+
+#: An empty cookie jar for every request (see L{EventPoster.send}).
+_NO_COOKIES = NoCookieJar()
+#: An attempt due within this many seconds when the timer runs is late.
+_SLACK = 0.001
 
 
 def batch_body(events: Sequence[Event]) -> bytes:
@@ -283,15 +350,30 @@ def _wants_reply(response: IResponse) -> bool:
     return values is not None and values[-1].strip() == b"1"
 
 
-def _verdict(response: IResponse, replies: bool) -> Deferred[Optional[bytes]]:
+def _read_already(response: IResponse) -> bool:
+    """
+    The answer is an L{Answer} as L{AppAgent} hands it over, read whole
+    with its connection back in the pool, and wrapped by treq alone (no
+    decoder between): there is nothing left to drain.
+    """
+    return type(getattr(response, "original", None)) is Answer
+
+
+def _nothing(_: object) -> None:
+    return None
+
+
+def _verdict(response: IResponse, replies: bool) -> Optional[Deferred[Optional[bytes]]]:
     status = response.code
     if 200 <= status < 300 and replies and _wants_reply(response):
         return treq.content(response).addErrback(_unreadable_reply, status)
-    # Drained, not kept: over an agent that streams answers, the
-    # connection goes back to its pool only once the body was read.
-    d = treq.collect(response, _drain)
     if 200 <= status < 400:
-        return d.addCallback(lambda _: None)
+        if _read_already(response):
+            return None
+        # Drained, not kept: over an agent that streams answers, the
+        # connection goes back to its pool only once the body was read.
+        return treq.collect(response, _drain).addCallback(_nothing)
+    d = treq.collect(response, _drain)
     if status >= 500 or status in _RETRY_STATUSES:
         error: Exception = AppUnavailable(f"app answered HTTP {status}")
     else:
