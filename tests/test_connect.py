@@ -303,3 +303,22 @@ async def test_with_the_connect_url_down_handshakes_fail_closed(tmp_path, node_w
     finally:
         await daemon.terminate()
     assert len([line for line in daemon.log_lines() if "does not decide" in line]) == 1
+
+
+def test_the_connect_url_is_converted_to_a_uri_once_not_per_handshake():
+    """treq converts its URL on every request; the hook hands it one that
+    is a URI already (as the event poster does), the same each time."""
+    from wsgw.registry import Connection
+
+    seen = []
+
+    class Client:
+        def post(self, url, **options):
+            seen.append(url)
+            return Deferred()
+
+    hook = ConnectHook(Client(), "http://127.0.0.1:9/wsgw/connect", Clock(), 2.0)
+    for n in range(2):
+        hook.admit(Connection(conn_id=f"c{n}", user_name="alice", token="t", access_public=False))
+    assert seen[0] is seen[1] and seen[0].to_uri() is seen[0]
+    assert seen[0].to_text() == "http://127.0.0.1:9/wsgw/connect"

@@ -355,9 +355,9 @@ def test_the_url_becomes_a_uri_once(url, sent) -> None:
     """treq converts the URL it is given to a URI on every request (66 µs
     for the app's one URL); the poster hands it one that is a URI already,
     converted once by hyperlink itself, and treq sends the same bytes."""
-    from wsgw.eventpost import _URI
+    from wsgw.appagent import PreparedURL
 
-    uri = _URI.of(url)
+    uri = PreparedURL.of(url)
     assert uri.to_uri() is uri
     assert uri.to_text().encode("ascii") == sent
 

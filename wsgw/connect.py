@@ -30,6 +30,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from .admission import Refusal
+from .appagent import PreparedURL
 from .interfaces import IConnectHook
 from .jsonio import decode_json, to_json
 from .registry import Connection
@@ -108,7 +109,7 @@ class ConnectHook:
     _failing: bool = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._parsed_url = EncodedURL.from_text(self.url)
+        self._parsed_url = PreparedURL.of(self.url)
 
     def admit(self, conn: Connection) -> Deferred[Verdict]:
         """

@@ -28,7 +28,7 @@ Three layers, each doing its job once and none undoing another's:
          the app's one URL, the same URI each time, at 66 µs per event in
          hyperlink and idna (as much as the rest of the POST).  The poster
          does that conversion once and hands treq its result, a URL that
-         says it is a URI already (L{_URI}: C{to_uri()} is itself).
+         says it is a URI already (L{wsgw.appagent.PreparedURL}: C{to_uri()} is itself).
 
      The alternatives were worse: a subclass of C{HTTPClient} that skips
      the wrappers is treq in name only, and calling the agent directly
@@ -57,7 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .appagent import MAX_KEPT_BODY, Answer, AppAgent, AppEndpoints, AppPool, BytesBody
+from .appagent import MAX_KEPT_BODY, Answer, AppAgent, AppEndpoints, AppPool, BytesBody, PreparedURL
 from .events import Event
 from .forwarder import AppRejected, AppUnavailable
 from .interfaces import IEventSink
@@ -128,54 +128,6 @@ def build_http_client(reactor: Any, max_connections: int, max_reply: int = 0) ->
     pool = AppPool(reactor, max_idle=max_connections, idle_timeout=120.0)
     kept = max(MAX_KEPT_BODY, max_reply + 1)
     return http_client_for(AppAgent(reactor, AppEndpoints(reactor), pool, max_kept_body=kept))
-
-
-class _URI(EncodedURL):
-    """
-    A URL already in URI form, built from hyperlink's own C{to_uri()}:
-    converting it again gives it back, so it does so at once.
-    """
-
-    _text: Optional[str] = None
-
-    @classmethod
-    def of(cls, text: str) -> EncodedURL:
-        """C{text} as a URI; as hyperlink reads it when it cannot be one
-        (treq then fails each request as it would)."""
-        url = EncodedURL.from_text(text)
-        try:
-            uri = url.to_uri()
-        except (ValueError, UnicodeError):
-            return url
-        return cls(**_fields(uri))
-
-    def to_uri(self) -> EncodedURL:
-        return self
-
-    def to_text(self, with_password: bool = False) -> str:
-        if with_password:
-            return super().to_text(with_password)
-        if self._text is None:
-            self._text = super().to_text()
-        return self._text
-
-    def replace(self, **changes: Any) -> EncodedURL:  # type: ignore[override]
-        # A changed URL may hold text that is not URI-safe: a plain URL.
-        return EncodedURL(**_fields(self)).replace(**changes)
-
-
-def _fields(url: EncodedURL) -> Dict[str, Any]:
-    return {
-        "scheme": url.scheme,
-        "host": url.host,
-        "path": url.path,
-        "query": url.query,
-        "fragment": url.fragment,
-        "port": url.port,
-        "rooted": url.rooted,
-        "userinfo": url.userinfo,
-        "uses_netloc": url.uses_netloc,
-    }
 
 
 def _header_value(text: str) -> bytes:
@@ -250,7 +202,7 @@ class EventPoster:
     _timer: Optional[IDelayedCall] = attr.ib(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._parsed_url = _URI.of(self.url)
+        self._parsed_url = PreparedURL.of(self.url)
 
     def post(self, event: Event) -> Deferred[Optional[bytes]]:
         """
