@@ -24,7 +24,7 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -317,6 +317,7 @@ class ApiChannel(Protocol):
         self._idle_call: Optional[IDelayedCall] = None
         self._abort_call: Optional[IDelayedCall] = None
         self._last_read = 0.0
+        self._network: Optional[IPushProducer] = None
 
     def connectionMade(self) -> None:
         reactor = self.site.reactor
@@ -324,6 +325,9 @@ class ApiChannel(Protocol):
         if self.site.timeOut:
             self._last_read = reactor.seconds()
             self._idle_call = reactor.callLater(self.site.timeOut, self._idle_check)
+        # What stops reading: the TCP transport; under TLS (no such
+        # producer) nothing, as for twisted.web's channel.
+        self._network = IPushProducer(self.transport, None)
         self.transport.registerProducer(self, True)
 
     # -- reading ---------------------------------------------------------------
@@ -379,7 +383,7 @@ class ApiChannel(Protocol):
         if self._pending is request and not self._gone:
             # Answered later (a cluster's send): read no more meanwhile.
             self._waiting = True
-            self.transport.pauseProducing()
+            self._pause_reading()
 
     def answered(self, data: bytes) -> None:
         """The pending request's whole answer: written at once, then what was pipelined behind it."""
@@ -393,10 +397,12 @@ class ApiChannel(Protocol):
         if not self._waiting:
             return  # answered within _serve: its loop goes on
         self._waiting = False
+        if self._idle_call is not None:
+            self._last_read = self.site.reactor.seconds()  # idle from the answer on
         if self._buffer:
             self._serve_buffered()
         if self._pending is None and not self._handed_over and not self._paused_by_transport:
-            self.transport.resumeProducing()
+            self._resume_reading()
 
     # -- handing over ----------------------------------------------------------
 
@@ -409,7 +415,7 @@ class ApiChannel(Protocol):
         transport = self.transport
         transport.unregisterProducer()
         if self._paused_by_transport or self._waiting:
-            transport.resumeProducing()
+            self._resume_reading()
         internals.hand_over(transport, channel)
         channel.makeConnection(transport)
         channel.dataReceived(data)
@@ -418,12 +424,20 @@ class ApiChannel(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused_by_transport = True
-        self.transport.pauseProducing()
+        self._pause_reading()
 
     def resumeProducing(self) -> None:
         self._paused_by_transport = False
         if self._pending is None:
-            self.transport.resumeProducing()
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self._network is not None:
+            self._network.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._network is not None:
+            self._network.resumeProducing()
 
     def stopProducing(self) -> None:
         self.transport.loseConnection()
