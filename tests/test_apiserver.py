@@ -2,26 +2,31 @@
 The lean API channel (L{wsgw.apiserver}) answers exactly as the site's own
 twisted.web channel: the same raw HTTP, fed to both in memory with time on
 a Clock, gets the same bytes back (the C{Date} aside), the same closing of
-the connection and the same log lines.
+the connection and the same log lines.  Last, the daemon serves them so
+over TCP and TLS alike.
 """
 
 import json
 import re
+import socket
+import ssl
 
 import pytest
+import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_security import make_certificate
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
+from harness import start_daemon
 from wsgw.apiserver import ApiChannel, parse_head
 from wsgw.config import Config
 from wsgw.service import make_node
 from wsgw.web import GatewaySite, make_resource
-
-pytestmark = pytest.mark.unit
 
 LOCAL = IPv4Address("TCP", "127.0.0.1", 5555)
 REMOTE = IPv4Address("TCP", "10.1.2.3", 5555)
@@ -324,3 +329,52 @@ def test_answers_are_json_as_before():
     ]
     assert json.loads(body) == {"code": 0, "message": "success", "data": {"matched": 0}}
     served.close()
+
+
+PIPELINE = (
+    request(body=b'{"conn_id":"c1","payload":1}')
+    + request(b"GET", b"/tapr/ws/conn/list")
+    + request(body=b"{nope")
+    + request(b"GET", b"/healthz")  # handed to twisted.web from here on
+    + request(body=b'{"conn_id":"c1","payload":1}', headers=[b"Connection: close"])
+)
+
+
+def _exchange(port: int, context=None) -> bytes:
+    """PIPELINE on one connection, in one write; every byte until the daemon closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        conn = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+        conn.sendall(PIPELINE)
+        out = b""
+        while chunk := conn.recv(65536):
+            out += chunk
+        return _DATE.sub(b"\r\nDate: -\r\n", out)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_the_daemon_serves_pipelined_calls_alike_over_tcp_and_tls(tmp_path):
+    key_path, cert_path = make_certificate(tmp_path)
+    daemon = await start_daemon(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--listen",
+        f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
+        cwd=tmp_path,
+        listeners=2,
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(cert_path))
+        plain = await deferToThread(_exchange, daemon.ports[0])
+        secure = await deferToThread(_exchange, daemon.ports[1], context)
+    finally:
+        await daemon.terminate()
+    assert plain == secure
+    assert plain.count(b"HTTP/1.1 ") == 5
+    assert plain.split(b"HTTP/1.1 ")[1:] and [a.split(b" ")[0] for a in plain.split(b"HTTP/1.1 ")[1:]] == [
+        b"200",
+        b"200",
+        b"400",
+        b"200",
+        b"200",
+    ]
