@@ -378,3 +378,46 @@ async def test_the_daemon_serves_pipelined_calls_alike_over_tcp_and_tls(tmp_path
         b"200",
         b"200",
     ]
+
+
+class FailingConnections:
+    """Connections whose send fails at once (a bug below the API)."""
+
+    def send(self, payload, targets, binary):
+        from twisted.internet.defer import fail
+
+        return fail(RuntimeError("boom"))
+
+
+def test_a_send_that_failed_at_once_is_a_json_500_logged_once():
+    import gc
+
+    from wsgw.api import JsonTree, conn_api
+
+    root = JsonTree()
+    root.putChild(b"tapr", conn_api(FailingConnections(), MAX_BODY))
+    outputs = []
+    for lean in (True, False):
+        failures = []
+
+        def observer(event, failures=failures):
+            if "log_failure" in event:
+                failures.append(event["log_failure"])
+
+        globalLogPublisher.addObserver(observer)
+        try:
+            site = GatewaySite(root, CONFIGS["default"], reactor=Clock())
+            channel = site.api_channel(LOCAL) if lean else site.buildProtocol(LOCAL)
+            transport = StringTransport(peerAddress=LOCAL)
+            channel.makeConnection(transport)
+            channel.dataReceived(request(path=b"/tapr/send", body=BODIES[0]))
+            channel.connectionLost(None)
+            gc.collect()
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        assert [f.value.args for f in failures] == [("boom",)]
+        outputs.append(_DATE.sub(b"", transport.value()))
+    assert outputs[0] == outputs[1]
+    head, _, body = outputs[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ")
+    assert json.loads(body) == {"code": 500, "message": "internal error; see the gateway's log"}

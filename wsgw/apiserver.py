@@ -18,7 +18,6 @@ as it always has: the lean path serves only what it serves identically.
 
 from __future__ import annotations
 
-import re
 import time
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -51,8 +50,9 @@ PREFIX = b"/tapr/"
 #: timed-out close if it has not gone.
 ABORT_TIMEOUT = 15
 
-_HEADER_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r\n)*")
-_TARGET = re.compile(rb"/[\x21-\x7e]*")
+#: A header name's characters (RFC 9110's tchar), and a target's.
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VISIBLE = bytes(range(0x21, 0x7F))
 _LEAN_METHODS = (b"GET", b"POST")
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 #: Headers whose presence sends a request to twisted.web.
@@ -70,36 +70,33 @@ def parse_head(head: bytes, max_body: int) -> Optional[Head]:
     serves it, and answers whatever is wrong with it as it always has.
     Header names are lowered; values keep their order.
     """
-    if len(head) > MAX_HEAD:
+    if len(head) > MAX_HEAD or b"\x00" in head:
         return None
-    line_end = head.find(b"\r\n")
-    request_line = head if line_end < 0 else head[:line_end]
-    parts = request_line.split(b" ")
+    lines = head.split(b"\r\n")
+    breaks = len(lines) - 1
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
+        return None  # a bare CR or LF
+    parts = lines[0].split(b" ")
     if len(parts) != 3:
         return None
     method, target, http_version = parts
     if method not in _LEAN_METHODS or http_version not in _VERSIONS:
         return None
-    if not target.startswith(PREFIX) or _TARGET.fullmatch(target) is None:
+    if not target.startswith(PREFIX) or target.translate(None, _VISIBLE):
+        return None
+    if breaks > MAX_HEADERS:
         return None
     headers: Dict[bytes, List[bytes]] = {}
-    if line_end >= 0:
-        block = head[line_end + 2 :] + b"\r\n"
-        # One pass: every line a token, a colon and a value without NUL,
-        # CR or LF (no folded lines).
-        if _HEADER_BLOCK.fullmatch(block) is None:
-            return None
-        lines = block.split(b"\r\n")
-        if len(lines) > MAX_HEADERS + 1:
-            return None
-        for line in lines[:-1]:
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            value = value.strip(b" \t")
-            if name in headers:
-                headers[name].append(value)
-            else:
-                headers[name] = [value]
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TCHARS):
+            return None  # a folded line, no colon, a name that is not a token
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name in headers:
+            headers[name].append(value)
+        else:
+            headers[name] = [value]
     for name in _NOT_HERE:
         if name in headers:
             return None
@@ -170,7 +167,8 @@ class LeanRequest:
         self._headers = headers
         self.content = BytesIO(body)
         self.prepath: List[bytes] = []
-        self.postpath: List[bytes] = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        segments = self.path[1:].split(b"/")
+        self.postpath: List[bytes] = [unquote_to_bytes(p) for p in segments] if b"%" in self.path else segments
         self.code = 200
         self.code_message = b"OK"
         # Insertion ordered, as twisted.web writes them: canonical name -> value.
@@ -265,8 +263,9 @@ class LeanRequest:
 
     def process(self, site: GatewaySite) -> None:
         """Find the resource as the site would and have it answer."""
-        self.setHeader(b"Server", version)
-        self.setHeader(b"Date", http_date())
+        out = self._out
+        out[b"Server"] = version
+        out[b"Date"] = http_date()
         try:
             resource = site.getResourceFor(self)
             body = resource.render(self)
