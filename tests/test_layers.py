@@ -19,7 +19,7 @@ LAYERS = [
     ["wsgw.connect", "wsgw.online"],
     ["wsgw.forwarder"],
     ["wsgw.gateway"],
-    ["wsgw.websocket", "wsgw.eventpost", "wsgw.api", "wsgw.health", "wsgw.metrics"],
+    ["wsgw.websocket", "wsgw.eventpost", "wsgw.api", "wsgw.apiserver", "wsgw.health", "wsgw.metrics"],
     ["wsgw.cluster.wire", "wsgw.cluster.redislink"],
     ["wsgw.cluster.node", "wsgw.cluster.online"],
     ["wsgw.cluster"],

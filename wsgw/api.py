@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from io import BytesIO
 from typing import IO, Any, Dict, List, Sequence, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
@@ -39,12 +40,16 @@ def read_json_object(request: Request, max_body: int) -> Dict[str, Any]:
     if getattr(request, "too_large", False):
         raise ApiError(413, f"request body is over the limit of {max_body} bytes")
     content = cast(IO[bytes], request.content)  # set for every request that has come in whole
-    content.seek(0, 2)
-    size = content.tell()
+    if isinstance(content, BytesIO):
+        raw = content.getvalue()
+        size = len(raw)
+    else:  # twisted.web spools a large body to a file
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        raw = b"" if size > max_body else content.read()
     if size > max_body:
         raise ApiError(413, f"request body is {size} bytes; the limit is {max_body}")
-    content.seek(0)
-    raw = content.read()
     try:
         body = decode_json(raw.decode("utf-8")) if raw.strip() else {}
     except (ValueError, RecursionError) as e:
@@ -134,14 +139,14 @@ class JsonEndpoint(Resource):
         except Exception:
             log.failure("API {path} failed", path=request.path.decode("utf-8", "replace"))
             return error_response(request, 500, "internal error; see the gateway's log")
-        if answer.called:
+        if answer.called and not answer.paused:
             # Known at once (one process, or targets all on this node).
-            outcome: List[Union[Answer, Failure]] = []
-            answer.addBoth(outcome.append)
-            if isinstance(outcome[0], Failure):
-                log.failure("API {path} failed", outcome[0], path=request.path.decode("utf-8", "replace"))
+            outcome = cast(Union[Answer, Failure], answer.result)
+            if isinstance(outcome, Failure):
+                answer.addErrback(lambda _: None)  # logged here, not again when collected
+                log.failure("API {path} failed", outcome, path=request.path.decode("utf-8", "replace"))
                 return error_response(request, 500, "internal error; see the gateway's log")
-            return json_response(request, 200, outcome[0])
+            return json_response(request, 200, outcome)
         # A cluster asks the other nodes through Redis first.
         answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         return NOT_DONE_YET

@@ -25,6 +25,7 @@ from twisted.web.server import Site
 from . import internals
 from .access import PeerRateLimiter, peer_host
 from .jsonio import to_json
+from .web import GatewaySite
 from .websocket import GatewayFactory
 
 log = Logger()
@@ -105,7 +106,10 @@ class FirstRequestRouter(Protocol):
         self._hand_to(websocket)
 
     def _web(self) -> Optional[Protocol]:
-        protocol: Optional[Protocol] = self.factory.site.buildProtocol(self._addr)
+        site = self.factory.site
+        if isinstance(site, GatewaySite):  # API calls skip twisted.web's channel (wsgw.apiserver)
+            return site.api_channel(self._addr)
+        protocol: Optional[Protocol] = site.buildProtocol(self._addr)
         return protocol
 
     def _hand_to(self, protocol: Optional[Protocol]) -> None:

@@ -19,6 +19,7 @@ from twisted.web.server import Request, Site
 from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
 from .admission import HandshakePolicy
 from .api import JsonTree, conn_api
+from .apiserver import ApiChannel
 from .config import Config, trusted_networks
 from .health import Health, Readiness
 from .jsonio import error_response
@@ -264,6 +265,14 @@ class GatewaySite(Site):
             if host is not None and not self.rate_limiter.allow(host):
                 return Refusal(429, "too many requests from this address; slow down")
         return super().getResourceFor(request)
+
+    def api_channel(self, addr: Any) -> ApiChannel:
+        """
+        The daemon's listeners' channel for a connection that is not a
+        WebSocket upgrade: API calls served without twisted.web's channel,
+        everything else by this site's own (L{wsgw.apiserver}).
+        """
+        return ApiChannel(self, addr)
 
     def log(self, request):
         pass

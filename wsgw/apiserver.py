@@ -1,0 +1,503 @@
+"""
+A lean HTTP/1.1 server for the app's API calls on the daemon's listeners.
+
+twisted.web's channel and C{Request} were most of a C{/send}: a line
+receiver per header, a request object of some sixty attributes, header
+objects both ways, the idle timer reset per read, and the answer buffered
+for the next turn of the reactor.  L{ApiChannel} reads the plain API
+requests (C{GET} and C{POST} under C{/tapr/}, framed by C{Content-Length})
+itself and has the same resource tree answer them, through the site's own
+C{getResourceFor} (its rate limit included), with a small request object
+that offers what the tree uses.
+
+Anything else (other paths and methods, chunked bodies, C{Expect},
+C{Upgrade}, a body over the limit, anything malformed) hands the
+connection, from that request on, to the site's own channel, which answers
+as it always has: the lean path serves only what it serves identically.
+"""
+
+from __future__ import annotations
+
+import time
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES, RESPONSES, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET, version
+
+from . import internals
+
+if TYPE_CHECKING:
+    from .web import GatewaySite
+
+log = Logger()
+
+#: The longest head served here; longer ones go to twisted.web (which
+#: allows 16 KiB of header lines).
+MAX_HEAD = 8 * 1024
+#: More header lines than this go to twisted.web.
+MAX_HEADERS = 100
+#: The paths served here: the API's.
+PREFIX = b"/tapr/"
+#: twisted.web's idle timeout of an HTTP connection (the site's C{timeout})
+#: is applied by this channel too; a connection is dropped this long after a
+#: timed-out close if it has not gone.
+ABORT_TIMEOUT = 15
+
+#: A header name's characters (RFC 9110's tchar), and a target's.
+_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VISIBLE = bytes(range(0x21, 0x7F))
+_LEAN_METHODS = (b"GET", b"POST")
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+#: Headers whose presence sends a request to twisted.web.
+_NOT_HERE = (b"transfer-encoding", b"expect", b"upgrade")
+
+_FAILED_PAGE = b"<html><head><title>Processing Failed</title></head><body><b>Processing Failed</b></body></html>"
+
+Head = Tuple[bytes, bytes, bytes, Dict[bytes, List[bytes]], int]
+
+
+def parse_head(head: bytes, max_body: int) -> Optional[Head]:
+    """
+    C{(method, target, version, headers, length)} of a request head (up to
+    its blank line) this module serves, or L{None}: then twisted.web
+    serves it, and answers whatever is wrong with it as it always has.
+    Header names are lowered; values keep their order.
+    """
+    if len(head) > MAX_HEAD or b"\x00" in head:
+        return None
+    lines = head.split(b"\r\n")
+    breaks = len(lines) - 1
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
+        return None  # a bare CR or LF
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, http_version = parts
+    if method not in _LEAN_METHODS or http_version not in _VERSIONS:
+        return None
+    if not target.startswith(PREFIX) or target.translate(None, _VISIBLE):
+        return None
+    if breaks > MAX_HEADERS:
+        return None
+    headers: Dict[bytes, List[bytes]] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TCHARS):
+            return None  # a folded line, no colon, a name that is not a token
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name in headers:
+            headers[name].append(value)
+        else:
+            headers[name] = [value]
+    for name in _NOT_HERE:
+        if name in headers:
+            return None
+    length = 0
+    given = headers.get(b"content-length")
+    if given is not None:
+        if len(given) != 1 or not given[0].isdigit():
+            return None
+        length = int(given[0])
+        if length > max_body:
+            return None  # twisted.web reads and drops it, then answers 413
+    return method, target, http_version, headers, length
+
+
+_canonical: Dict[bytes, bytes] = {}
+
+
+def canonical_name(name: bytes) -> bytes:
+    """A response header's name as twisted.web writes it (C{WWW-Authenticate})."""
+    found = _canonical.get(name)
+    if found is None:
+        headers = Headers()
+        headers.setRawHeaders(name, [b""])
+        found = next(iter(headers.getAllRawHeaders()))[0]
+        if len(_canonical) < 1000:
+            _canonical[name] = found
+    return found
+
+
+_date: List[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The C{Date} header, made once a second rather than per answer."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, datetimeToString(now)
+    value: bytes = _date[1]
+    return value
+
+
+class LeanRequest:
+    """
+    What the API's resources use of a twisted.web C{Request}: its method,
+    path, headers, body and peer; the answer's status and headers; and
+    C{write}/C{finish} for answers given later (a cluster's).
+    """
+
+    too_large = False
+    site: Any = None
+    sitepath: List[bytes]
+    code_message: bytes
+
+    def __init__(
+        self,
+        channel: ApiChannel,
+        method: bytes,
+        uri: bytes,
+        clientproto: bytes,
+        headers: Dict[bytes, List[bytes]],
+        body: bytes,
+    ):
+        self.channel: Optional[ApiChannel] = channel
+        self.method = method
+        self.uri = uri
+        self.path = uri.split(b"?", 1)[0]
+        self.clientproto = clientproto
+        self._headers = headers
+        self.content = BytesIO(body)
+        self.prepath: List[bytes] = []
+        segments = self.path[1:].split(b"/")
+        self.postpath: List[bytes] = [unquote_to_bytes(p) for p in segments] if b"%" in self.path else segments
+        self.code = 200
+        self.code_message = b"OK"
+        # Insertion ordered, as twisted.web writes them: canonical name -> value.
+        self._out: Dict[bytes, bytes] = {}
+        self._started = False
+        self._chunked = False
+        self._pieces: List[bytes] = []
+        self.finished = False
+
+    # -- what the request asked ------------------------------------------------
+
+    def getHeader(self, key: bytes) -> Optional[bytes]:
+        values = self._headers.get(key.lower())
+        return values[-1] if values else None
+
+    @property
+    def requestHeaders(self) -> Headers:
+        """The request's headers as twisted.web's object, made when asked for."""
+        headers = Headers()
+        for name, values in self._headers.items():
+            headers.setRawHeaders(name, values)
+        return headers
+
+    def getClientAddress(self) -> IAddress:
+        return self._peer
+
+    getPeer = getClientAddress
+
+    @property
+    def _peer(self) -> IAddress:
+        channel = self.channel
+        assert channel is not None
+        return channel.peer
+
+    def isSecure(self) -> bool:
+        channel = self.channel
+        return channel is not None and bool(getattr(channel.transport, "TLS", False))
+
+    # -- the answer ------------------------------------------------------------
+
+    def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
+        self.code = code
+        self.code_message = message or RESPONSES.get(code, b"Unknown Status")
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self._out[canonical_name(name)] = value
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("Request.write called on a request after Request.finish was called.")
+        if not self._started:
+            self._started = True
+            out = self._out
+            if b"Content-Type" not in out:
+                out[b"Content-Type"] = b"text/html"  # twisted.web's default
+            if self.clientproto == b"HTTP/1.1" and b"Content-Length" not in out and self.code not in NO_BODY_CODES:
+                out[b"Transfer-Encoding"] = b"chunked"
+                self._chunked = True
+            head = [b"%s %d %s\r\n" % (self.clientproto, self.code, self.code_message)]
+            head.extend(b"%s: %s\r\n" % item for item in out.items())
+            head.append(b"\r\n")
+            self._pieces.append(b"".join(head))
+            if self.code in NO_BODY_CODES:
+                return
+        if data and self.code not in NO_BODY_CODES:
+            if self._chunked:
+                self._pieces.append(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self._pieces.append(data)
+
+    def finish(self) -> None:
+        if self.finished:
+            raise RuntimeError("Request.finish called on a request after its connection was lost")
+        if not self._started:
+            self.write(b"")
+        if self._chunked:
+            self._pieces.append(b"0\r\n\r\n")
+        self.finished = True
+        channel = self.channel
+        if channel is not None:
+            channel.answered(b"".join(self._pieces))
+        self._pieces = []
+
+    def processingFailed(self, reason: Failure) -> None:
+        """As twisted.web answers a resource that raised: a 500 page."""
+        log.failure("", failure=reason)
+        self.setResponseCode(500)
+        self.setHeader(b"Content-Type", b"text/html")
+        self.setHeader(b"Content-Length", b"%d" % (len(_FAILED_PAGE),))
+        self.write(_FAILED_PAGE)
+        self.finish()
+
+    def process(self, site: GatewaySite) -> None:
+        """Find the resource as the site would and have it answer."""
+        out = self._out
+        out[b"Server"] = version
+        out[b"Date"] = http_date()
+        try:
+            resource = site.getResourceFor(self)
+            body = resource.render(self)
+            if body is NOT_DONE_YET:
+                return
+            if not isinstance(body, bytes):
+                raise TypeError(f"{resource!r} rendered {body!r}, not bytes")
+            self.setHeader(b"Content-Length", b"%d" % (len(body),))
+            self.write(body)
+            self.finish()
+        except BaseException:
+            if not self.finished:
+                self.processingFailed(Failure())
+
+    def connectionLost(self) -> None:
+        self.channel = None
+
+
+class ApiChannel(Protocol):
+    """
+    One connection from an app (or a monitor) that is not a WebSocket
+    upgrade: the API calls it can are served here, in order, each answer
+    written at once; the first one it cannot goes, with the rest of the
+    connection, to the site's C{HTTPChannel}.
+
+    As twisted.web's channel it drops a connection whose first request is
+    not in within the site's C{handshake_timeout} and one idle for the
+    site's C{timeout}; it closes after an answer to HTTP/1.0 or to
+    C{Connection: close}; and it stops reading while the transport's
+    buffer is full.
+    """
+
+    transport: Any
+
+    def __init__(self, site: GatewaySite, addr: IAddress):
+        self.site = site
+        self.peer = addr
+        self._buffer = b""
+        self._head: Optional[Head] = None
+        self._body_at = 0
+        self._pending: Optional[LeanRequest] = None
+        self._persistent = True
+        self._waiting = False
+        self._handed_over = False
+        self._gone = False
+        self._paused_by_transport = False
+        self._first_deadline: Optional[IDelayedCall] = None
+        self._idle_call: Optional[IDelayedCall] = None
+        self._abort_call: Optional[IDelayedCall] = None
+        self._last_read = 0.0
+        self._network: Optional[IPushProducer] = None
+
+    def connectionMade(self) -> None:
+        reactor = self.site.reactor
+        self._first_deadline = reactor.callLater(self.site.handshake_timeout, self._no_request_in_time)
+        if self.site.timeOut:
+            self._last_read = reactor.seconds()
+            self._idle_call = reactor.callLater(self.site.timeOut, self._idle_check)
+        # What stops reading: the TCP transport; under TLS (no such
+        # producer) nothing, as for twisted.web's channel.
+        self._network = IPushProducer(self.transport, None)
+        self.transport.registerProducer(self, True)
+
+    # -- reading ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._handed_over or not self._persistent:
+            return  # after a closing answer twisted.web drops what follows too
+        if self._idle_call is not None:
+            self._last_read = self.site.reactor.seconds()
+        self._buffer += data
+        if self._pending is None:
+            self._serve_buffered()
+
+    def _serve_buffered(self) -> None:
+        buffer = self._buffer
+        while buffer and self._pending is None and self._persistent:
+            head = self._head
+            if head is None:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEAD or not _may_be_lean(buffer):
+                        self._hand_over(buffer)
+                        return
+                    break
+                head = parse_head(buffer[:end], self.site.max_body)
+                if head is None:
+                    self._hand_over(buffer)
+                    return
+                self._head, self._body_at = head, end + 4
+            body_end = self._body_at + head[4]
+            if len(buffer) < body_end:
+                break
+            body = buffer[self._body_at : body_end]
+            buffer = buffer[body_end:]
+            self._head = None
+            self._serve(head, body)
+        self._buffer = buffer if self._persistent else b""
+
+    def _serve(self, head: Head, body: bytes) -> None:
+        method, target, http_version, headers, _length = head
+        if self._first_deadline is not None:
+            self._cancel_first_deadline()
+        request = LeanRequest(self, method, target, http_version, headers, body)
+        if http_version == b"HTTP/1.1":
+            connection = headers.get(b"connection")
+            if connection and b"close" in [t.lower() for t in connection[0].split(b" ")]:
+                request.setHeader(b"Connection", b"close")
+                self._persistent = False
+        else:
+            self._persistent = False  # as twisted.web: HTTP/1.0 connections are not kept
+        self._pending = request
+        request.process(self.site)
+        if self._pending is request and not self._gone:
+            # Answered later (a cluster's send): read no more meanwhile.
+            self._waiting = True
+            self._pause_reading()
+
+    def answered(self, data: bytes) -> None:
+        """The pending request's whole answer: written at once, then what was pipelined behind it."""
+        self._pending = None
+        if self._gone:
+            return
+        internals.write_now(self.transport, data)
+        if not self._persistent:
+            self.transport.loseConnection()
+            return
+        if not self._waiting:
+            return  # answered within _serve: its loop goes on
+        self._waiting = False
+        if self._idle_call is not None:
+            self._last_read = self.site.reactor.seconds()  # idle from the answer on
+        if self._buffer:
+            self._serve_buffered()
+        if self._pending is None and not self._handed_over and not self._paused_by_transport:
+            self._resume_reading()
+
+    # -- handing over ----------------------------------------------------------
+
+    def _hand_over(self, data: bytes) -> None:
+        """twisted.web serves this connection from C{data} on."""
+        self._handed_over = True
+        self._buffer = b""
+        self._stop_timers()
+        channel = self.site.buildProtocol(self.peer)
+        transport = self.transport
+        transport.unregisterProducer()
+        if self._paused_by_transport or self._waiting:
+            self._resume_reading()
+        internals.hand_over(transport, channel)
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+
+    # -- the transport's back-pressure -----------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused_by_transport = True
+        self._pause_reading()
+
+    def resumeProducing(self) -> None:
+        self._paused_by_transport = False
+        if self._pending is None:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self._network is not None:
+            self._network.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._network is not None:
+            self._network.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.loseConnection()
+
+    # -- timers ----------------------------------------------------------------
+
+    def _no_request_in_time(self) -> None:
+        self._first_deadline = None
+        log.info(
+            "no complete request within {timeout}s from {peer}; dropping it",
+            timeout=self.site.handshake_timeout,
+            peer=str(self.peer),
+        )
+        self.transport.abortConnection()
+
+    def _idle_check(self) -> None:
+        """The idle timer, moved on from the last read rather than reset per read."""
+        self._idle_call = None
+        reactor = self.site.reactor
+        if self._pending is not None:
+            # Not idle while answering: count from the answer on.
+            self._last_read = reactor.seconds()
+        left = self._last_read + (self.site.timeOut or 0) - reactor.seconds()
+        if left > 0:
+            self._idle_call = reactor.callLater(left, self._idle_check)
+            return
+        log.info("Timing out client: {peer}", peer=str(self.peer))
+        self._abort_call = reactor.callLater(ABORT_TIMEOUT, self._force_abort)
+        self.transport.loseConnection()
+
+    def _force_abort(self) -> None:
+        self._abort_call = None
+        log.info("Forcibly timing out client: {peer}", peer=str(self.peer))
+        self.transport.abortConnection()
+
+    def _cancel_first_deadline(self) -> None:
+        if self._first_deadline is not None:
+            if self._first_deadline.active():
+                self._first_deadline.cancel()
+            self._first_deadline = None
+
+    def _stop_timers(self) -> None:
+        self._cancel_first_deadline()
+        for call in (self._idle_call, self._abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._abort_call = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._stop_timers()
+        if self._pending is not None:
+            self._pending.connectionLost()
+            self._pending = None
+
+
+def _may_be_lean(start: bytes) -> bool:
+    """What has come of a request line may still be one served here."""
+    for method in _LEAN_METHODS:
+        prefix = method + b" " + PREFIX
+        n = min(len(start), len(prefix))
+        if start[:n] == prefix[:n]:
+            return True
+    return False
