@@ -144,6 +144,18 @@ def test_make_service_listens_on_every_endpoint_and_then_accepts():
     assert sorted(stopped_ports, key=ports.index) == ports
 
 
+def test_api_only_listeners_start_connections_on_the_lean_api_channel():
+    from twisted.internet.address import IPv4Address
+
+    from wsgw.apiserver import ApiChannel
+
+    reactor = MemoryReactorClock()
+    config = Config(listen=["tcp:40010"], admin_listen=["tcp:40020:interface=127.0.0.1"])
+    make_service(config, reactor=reactor).startService()
+    admin = next(factory for port, factory, *_ in reactor.tcpServers if port == 40020)
+    assert isinstance(admin.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)), ApiChannel)
+
+
 # -- SystemdNotifier: sd_notify over a datagram socket --------------------------------
 
 

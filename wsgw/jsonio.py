@@ -15,17 +15,23 @@ from twisted.web.iweb import IRequest
 __all__ = ["decode_json", "error_response", "json_response", "to_json"]
 
 
+#: One encoder of each kind: C{json.dumps} with an option builds a new
+#: encoder per call, twice per API call.
+_encode_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_ascii = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def to_json(value: Any) -> bytes:
     """
     Compact UTF-8 JSON.  Text that cannot be UTF-8 (a lone surrogate such
     as C{"\\ud800"} parsed from an API body) falls back to ASCII escapes,
     which every JSON parser reads back to the same value.
     """
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _encode_text(value)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")
+        return _encode_ascii(value).encode("ascii")
 
 
 def _refuse_constant(name: str) -> NoReturn:

@@ -31,7 +31,7 @@ from .interfaces import IConnections, IOnlineUsers
 from .online import OnlineUsers, PresenceEvents
 from .registry import LiveConnections, Registry
 from .router import RouterFactory
-from .web import GatewaySite, make_resource, websocket_factory
+from .web import ApiListenerFactory, GatewaySite, make_resource, websocket_factory
 from .websocket import prepare_frame
 
 if TYPE_CHECKING:
@@ -318,5 +318,6 @@ def make_service(config: Config, reactor: Any = None, node: Optional[Node] = Non
     listeners = [ListenerService(description, front, reactor) for description in config.listen]
     if separate_api:
         admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)
-        listeners += [ListenerService(description, admin_site, reactor) for description in config.admin_listen]
+        admin = ApiListenerFactory(admin_site)
+        listeners += [ListenerService(description, admin, reactor) for description in config.admin_listen]
     return NodeService(node, listeners)

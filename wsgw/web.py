@@ -9,7 +9,7 @@ from typing import IO, TYPE_CHECKING, Any, Optional, Union, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -276,3 +276,19 @@ class GatewaySite(Site):
 
     def log(self, request):
         pass
+
+
+class ApiListenerFactory(Factory):
+    """
+    The factory of an API-only listener (C{--admin-listen}): every
+    connection starts on the lean API channel of C{site}, as the API calls
+    on the main listeners do.
+    """
+
+    noisy = False
+
+    def __init__(self, site: GatewaySite):
+        self.site = site
+
+    def buildProtocol(self, addr: Any) -> ApiChannel:
+        return self.site.api_channel(addr)
