@@ -239,3 +239,30 @@ def test_the_wsgw_command_runs_on_twists_private_runner():
     with pytest.raises(SystemExit) as ended:
         internals.run_twist(["wsgw", "--no-such-option"], "run 'wsgw --help' for all options")
     assert ended.value.code == 64
+
+
+def test_a_debug_line_of_autobahns_reads_as_before_when_debug_is_on():
+    """With Autobahn's debug lines switched on, a deferred argument is
+    written as the text the helper makes."""
+    from autobahn.twisted import websocket as autobahn_websocket
+    from autobahn.util import hltype, hlval
+    from twisted.logger import formatEvent
+
+    internals.defer_debug_arguments()
+    protocol = WebSocketServerProtocol()
+    log = protocol.log
+    level = log._log_level
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        log._set_log_level("debug")
+        protocol.peer = "tcp:127.0.0.1:5555"
+        protocol._dataReceived = lambda data: None
+        autobahn_websocket.WebSocketAdapterProtocol.dataReceived(protocol, b"abc")
+    finally:
+        log._set_log_level(level)
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [formatEvent(event) for event in seen if "received" in event.get("log_format", "")]
+    assert len(lines) == 1
+    assert hltype(protocol.dataReceived) in lines[0]  # the colours and all
+    assert f"received {hlval(3)} bytes" in lines[0]
