@@ -222,3 +222,16 @@ def test_a_compression_offer_is_declined_through_the_class_setting(setup):
     )
     assert server.state == server.STATE_OPEN
     assert server._perMessageCompress is None
+
+
+def test_what_the_protocol_sends_itself_is_counted_as_autobahn_counts_it(setup):
+    """sendData takes the direct path for the 101 and every later frame; it
+    keeps Autobahn's traffic figures, before and after the opening."""
+    server, client, pump = setup.pair()
+    stats = server.trafficStats
+    assert stats.preopenOutgoingOctetsWireLevel == len(server.http_response_data)
+    before = stats.outgoingOctetsWireLevel
+    server.sendMessage(b"hello")
+    pump.flush()
+    assert client.received[-1:] == [b"hello"]
+    assert stats.outgoingOctetsWireLevel == before + len(b"\x81\x05hello")
