@@ -266,3 +266,26 @@ def test_a_debug_line_of_autobahns_reads_as_before_when_debug_is_on():
     assert len(lines) == 1
     assert hltype(protocol.dataReceived) in lines[0]  # the colours and all
     assert f"received {hlval(3)} bytes" in lines[0]
+
+
+def test_autobahns_server_reads_the_handshake_leftovers_only_during_the_handshake():
+    """drop_handshake_leftovers clears fields Autobahn's server side reads
+    only while it answers the opening handshake."""
+    import re
+
+    from autobahn.websocket.protocol import WebSocketProtocol
+    from autobahn.websocket.protocol import WebSocketServerProtocol as Server
+
+    during = {"processHandshake", "succeedHandshake", "failHandshake", "sendServerStatus", "sendRedirect"}
+    for cls in (WebSocketProtocol, Server, WebSocketServerProtocol):
+        for name, member in vars(cls).items():
+            if name in during or not callable(member):
+                continue
+            source = inspect.getsource(member) if inspect.isfunction(member) else ""
+            for field in internals.HANDSHAKE_LEFTOVERS:
+                assert not re.search(rf"self\.{field}\b", source), (cls.__name__, name, field)
+    protocol = WebSocketServerProtocol()
+    protocol.http_headers = {"host": "x"}
+    internals.drop_handshake_leftovers(protocol)
+    assert protocol.http_headers is None
+    assert "http_response_data" not in vars(protocol)  # what it never had stays unset

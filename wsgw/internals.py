@@ -108,6 +108,30 @@ def defer_debug_arguments() -> None:
                 setattr(module, name, _rendered_later(helper))
 
 
+# -- Autobahn: what a handshake leaves behind -----------------------------------
+
+#: What Autobahn's server keeps of an opening handshake for the life of the
+#: connection (the request's bytes, its parsed headers, the 101's text),
+#: read by nothing once the connection is open: 1.5 KiB or so per
+#: connection, and a dozen objects the garbage collector walks.
+HANDSHAKE_LEFTOVERS: Tuple[str, ...] = (
+    "http_request_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_params",
+    "http_response_data",
+)
+
+
+def drop_handshake_leftovers(protocol: WebSocketServerProtocol) -> None:
+    """Let go of what the opening handshake left on an open connection."""
+    fields = protocol.__dict__
+    for name in HANDSHAKE_LEFTOVERS:
+        if name in fields:
+            fields[name] = None
+
+
 # -- Autobahn: the close frame that allows 1001 ---------------------------------
 
 

@@ -182,6 +182,7 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         assert self.conn is not None
+        internals.drop_handshake_leftovers(self)
         self.factory.gateway.opened(self.conn)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
