@@ -6,6 +6,8 @@ quietly.
 """
 
 import inspect
+from collections import deque
+from types import SimpleNamespace
 
 import pytest
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -21,9 +23,10 @@ from wsgw import internals
 
 
 def test_autobahn_copies_settings_from_a_list_the_protocol_can_empty():
-    """The settings copy skips Autobahn's own (which pretty-prints them):
-    Autobahn must still read the list from CONFIG_ATTRS, and the list must
-    hold the settings the gateway sets."""
+    """The settings live on a protocol subclass instead of being copied to
+    each connection (Autobahn's copy pretty-prints them all): Autobahn must
+    still read the list from CONFIG_ATTRS, and the list must hold the
+    settings the gateway sets."""
     assert "maxMessagePayloadSize" in internals.PROTOCOL_SETTINGS
     assert "openHandshakeTimeout" in internals.PROTOCOL_SETTINGS
 
@@ -35,11 +38,40 @@ def test_autobahn_copies_settings_from_a_list_the_protocol_can_empty():
         CONFIG_ATTRS = ()
 
     factory = WebSocketServerFactory()
-    factory.setProtocolOptions(maxMessagePayloadSize=7)
-    protocol = Empty()
-    internals.copy_settings(protocol, factory)
+    factory.setProtocolOptions(maxMessagePayloadSize=7, perMessageCompressionAccept=lambda offers: "declined")
+    protocol = internals.with_settings(Empty, factory)()
+    assert isinstance(protocol, Empty)
     assert protocol.maxMessagePayloadSize == 7
-    assert all(hasattr(protocol, name) for name in internals.PROTOCOL_SETTINGS)
+    assert all(getattr(protocol, name) == getattr(factory, name) for name in internals.PROTOCOL_SETTINGS)
+    assert not any(name in vars(protocol) for name in internals.PROTOCOL_SETTINGS)  # none per connection
+    # A function setting is called as Autobahn calls it, without the protocol.
+    assert protocol.perMessageCompressionAccept(["offer"]) == "declined"
+
+
+def test_autobahn_builds_its_debug_arguments_with_the_helpers_deferred():
+    """Every call of the deferred helpers in Autobahn's modules is a keyword
+    argument of a log call (so it may return something that renders only
+    when formatted), and deferring them keeps their text."""
+    import re
+
+    from autobahn import util
+
+    internals.defer_debug_arguments()
+    internals.defer_debug_arguments()  # idempotent: wrapped once
+    for module, names in internals.DEBUG_ARGUMENT_HELPERS.items():
+        source = inspect.getsource(module)
+        for name in names:
+            helper = getattr(module, name)
+            assert helper.__wrapped__ is getattr(util, name)
+            calls = re.findall(rf"(.{{0,40}})\b{name}\(", source)
+            assert calls, (module.__name__, name)
+            assert all(re.search(r"\w+=$", before) for before in calls), (module.__name__, name, calls)
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    rendered = autobahn_protocol.hltype(WebSocketServerProtocol.onConnect)
+    assert str(rendered) == util.hltype(WebSocketServerProtocol.onConnect)
+    assert f"{autobahn_protocol.hlval(42)}" == util.hlval(42)
+    assert "{x}".format(x=autobahn_protocol.hlval("peer")) == util.hlval("peer")
 
 
 def test_a_prepared_frame_carries_its_wire_bytes():
@@ -49,13 +81,15 @@ def test_a_prepared_frame_carries_its_wire_bytes():
 
 
 def test_the_direct_path_reads_autobahns_send_queue_and_compression_fields():
-    protocol = WebSocketServerProtocol()
-    assert not internals.writes_directly(protocol)  # not connected: no such fields yet
-    protocol._perMessageCompress = None
-    protocol.send_queue = []
-    assert internals.writes_directly(protocol)
-    protocol.send_queue = [(b"queued", False)]
-    assert not internals.writes_directly(protocol)
+    """send_now leaves to Autobahn a frame that compression or Autobahn's own
+    send queue must handle, and a protocol without those fields."""
+    transport = StringTransport()
+    assert not internals.send_now(WebSocketServerProtocol(), b"x")  # not connected: no such fields yet
+    queued = SimpleNamespace(_perMessageCompress=None, send_queue=deque([(b"queued", False)]), transport=transport)
+    assert not internals.send_now(queued, b"x")
+    compressed = SimpleNamespace(_perMessageCompress=object(), send_queue=deque(), transport=transport)
+    assert not internals.send_now(compressed, b"x")
+    assert transport.value() == b""
 
 
 def test_the_close_frame_call_sends_1001_which_sendClose_refuses():
@@ -115,13 +149,18 @@ def _tcp_pair():
     return transport, theirs, reactor
 
 
+def _send(transport, data):
+    """send_now as the protocol calls it, for a connection with nothing
+    queued in Autobahn and no compression."""
+    protocol = SimpleNamespace(_perMessageCompress=None, send_queue=deque(), transport=transport)
+    assert internals.send_now(protocol, data)
+
+
 def test_frames_go_out_at_once_when_nothing_waits():
     """With nothing buffered, a frame is sent during the call, without the
     reactor watching the socket for writing."""
-    from wsgw.internals import write_now
-
     transport, peer, reactor = _tcp_pair()
-    write_now(transport, b"frame-1")
+    _send(transport, b"frame-1")
     assert peer.recv(100) == b"frame-1"
     assert transport not in reactor.getWriters()
     transport.socket.close()
@@ -131,11 +170,9 @@ def test_frames_go_out_at_once_when_nothing_waits():
 def test_frames_queue_behind_buffered_bytes():
     """Bytes already buffered by the transport go first: a frame written
     after them waits behind them, in order."""
-    from wsgw.internals import write_now
-
     transport, peer, reactor = _tcp_pair()
     transport.write(b"buffered;")
-    write_now(transport, b"frame-2")
+    _send(transport, b"frame-2")
 
     try:
         early = peer.recv(100)
@@ -152,12 +189,10 @@ def test_frames_queue_behind_buffered_bytes():
 def test_what_the_socket_does_not_take_is_buffered_in_order():
     """A frame larger than the socket takes at once: the rest is buffered
     and follows, before anything written later."""
-    from wsgw.internals import write_now
-
     transport, peer, reactor = _tcp_pair()
     big = bytes(range(256)) * 40000  # ~10 MB: more than a socket pair buffers
-    write_now(transport, big)
-    write_now(transport, b"after")
+    _send(transport, big)
+    _send(transport, b"after")
     assert transport in reactor.getWriters()
     received = bytearray()
     while len(received) < len(big) + 5:
@@ -177,8 +212,6 @@ def test_a_transport_without_the_expected_fields_takes_the_ordinary_path():
     """The fast path reads private fields of Twisted's TCP transport; one
     that lacks them (another Twisted release) is not idle, so frames go
     through write() instead of failing."""
-    from types import SimpleNamespace
-
     from wsgw.internals import transport_idle
 
     transport, peer, _reactor = _tcp_pair()
@@ -190,7 +223,7 @@ def test_a_transport_without_the_expected_fields_takes_the_ordinary_path():
 
 def test_transports_that_are_not_twisteds_tcp_always_take_write():
     transport = StringTransport()
-    internals.write_now(transport, b"x")
+    _send(transport, b"x")
     assert transport.value() == b"x"
 
 
@@ -206,3 +239,53 @@ def test_the_wsgw_command_runs_on_twists_private_runner():
     with pytest.raises(SystemExit) as ended:
         internals.run_twist(["wsgw", "--no-such-option"], "run 'wsgw --help' for all options")
     assert ended.value.code == 64
+
+
+def test_a_debug_line_of_autobahns_reads_as_before_when_debug_is_on():
+    """With Autobahn's debug lines switched on, a deferred argument is
+    written as the text the helper makes."""
+    from autobahn.twisted import websocket as autobahn_websocket
+    from autobahn.util import hltype, hlval
+    from twisted.logger import formatEvent
+
+    internals.defer_debug_arguments()
+    protocol = WebSocketServerProtocol()
+    log = protocol.log
+    level = log._log_level
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        log._set_log_level("debug")
+        protocol.peer = "tcp:127.0.0.1:5555"
+        protocol._dataReceived = lambda data: None
+        autobahn_websocket.WebSocketAdapterProtocol.dataReceived(protocol, b"abc")
+    finally:
+        log._set_log_level(level)
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [formatEvent(event) for event in seen if "received" in event.get("log_format", "")]
+    assert len(lines) == 1
+    assert hltype(protocol.dataReceived) in lines[0]  # the colours and all
+    assert f"received {hlval(3)} bytes" in lines[0]
+
+
+def test_autobahns_server_reads_the_handshake_leftovers_only_during_the_handshake():
+    """drop_handshake_leftovers clears fields Autobahn's server side reads
+    only while it answers the opening handshake."""
+    import re
+
+    from autobahn.websocket.protocol import WebSocketProtocol
+    from autobahn.websocket.protocol import WebSocketServerProtocol as Server
+
+    during = {"processHandshake", "succeedHandshake", "failHandshake", "sendServerStatus", "sendRedirect"}
+    for cls in (WebSocketProtocol, Server, WebSocketServerProtocol):
+        for name, member in vars(cls).items():
+            if name in during or not callable(member):
+                continue
+            source = inspect.getsource(member) if inspect.isfunction(member) else ""
+            for field in internals.HANDSHAKE_LEFTOVERS:
+                assert not re.search(rf"self\.{field}\b", source), (cls.__name__, name, field)
+    protocol = WebSocketServerProtocol()
+    protocol.http_headers = {"host": "x"}
+    internals.drop_handshake_leftovers(protocol)
+    assert protocol.http_headers is None
+    assert "http_response_data" not in vars(protocol)  # what it never had stays unset

@@ -189,3 +189,61 @@ def test_a_client_whose_buffer_drains_in_time_is_kept():
     pump.flush()
     assert not server.transport.disconnecting
     assert len(client.received) == 6
+
+
+# -- the settings, held by the factory's protocol class ------------------------
+
+
+def test_a_connection_reads_its_settings_from_its_class_not_its_own_dict(setup):
+    """Autobahn copied 29 settings into every connection; the factory's
+    protocol class holds them once, and later options reach new ones."""
+    from wsgw import internals
+
+    server, _client, _pump = setup.pair()
+    assert server.maxMessagePayloadSize == 1024 * 1024
+    assert not any(name in vars(server) for name in internals.PROTOCOL_SETTINGS)
+    setup.factory.setProtocolOptions(maxMessagePayloadSize=10)
+    later, _client, _pump = setup.pair()
+    assert later.maxMessagePayloadSize == 10
+    assert isinstance(later, type(server).__mro__[1])
+
+
+def test_a_compression_offer_is_declined_through_the_class_setting(setup):
+    """perMessageCompressionAccept is a function setting: held on the class,
+    it is still called with the offers alone, and declines them."""
+    server = setup.factory.buildProtocol(PEER)
+    client = Client()
+    client.factory = WebSocketClientFactory("ws://127.0.0.1:40010/ws", headers={"X-Bfl-User": "alice"})
+    from autobahn.websocket.compress import PerMessageDeflateOffer
+
+    client.factory.setProtocolOptions(perMessageCompressionOffers=[PerMessageDeflateOffer()])
+    connect(
+        server, FakeTransport(server, isServer=True, peerAddress=PEER), client, FakeTransport(client, isServer=False)
+    )
+    assert server.state == server.STATE_OPEN
+    assert server._perMessageCompress is None
+
+
+def test_what_the_protocol_sends_itself_is_counted_as_autobahn_counts_it(setup):
+    """sendData takes the direct path for the 101 and every later frame; it
+    keeps Autobahn's traffic figures, before and after the opening."""
+    server, client, pump = setup.pair()
+    stats = server.trafficStats
+    assert stats.preopenOutgoingOctetsWireLevel >= len(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    before = stats.outgoingOctetsWireLevel
+    server.sendMessage(b"hello")
+    pump.flush()
+    assert client.received[-1:] == [b"hello"]
+    assert stats.outgoingOctetsWireLevel == before + len(b"\x81\x05hello")
+
+
+def test_an_open_connection_keeps_nothing_of_its_handshake_request(setup):
+    """The request's bytes and headers and the 101's text are let go once
+    the connection is open; the connection still talks."""
+    from wsgw import internals
+
+    server, client, pump = setup.pair()
+    assert all(getattr(server, name) is None for name in internals.HANDSHAKE_LEFTOVERS)
+    server.sendMessage(b"still here")
+    pump.flush()
+    assert client.received[-1:] == [b"still here"]

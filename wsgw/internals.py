@@ -10,29 +10,126 @@ the code takes the public path instead of failing.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple, Type
+import types
+from typing import Any, Callable, Dict, Sequence, Tuple, Type, TypeVar
 
+from autobahn.twisted import websocket as autobahn_twisted_websocket
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.internet import ClientService
 from twisted.internet import tcp
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper
 
-# -- Autobahn: the settings copy -----------------------------------------------
+# -- Autobahn: the settings, read from the protocol's class -------------------------
 
 #: The settings Autobahn copies from the factory to each protocol as it
-#: connects.  It also pretty-prints them all for a debug line that is then
-#: filtered out, a fifth of a handshake's CPU; L{copy_settings} does the
-#: copy alone, and a protocol that uses it declares C{CONFIG_ATTRS = ()}.
+#: connects (29 of them, into every connection's own C{__dict__}).  It also
+#: pretty-prints them all for a debug line that is then filtered out, a
+#: fifth of a handshake's CPU.  A protocol class made by L{with_settings}
+#: holds them once for all its connections, and declares C{CONFIG_ATTRS =
+#: ()} so that Autobahn copies nothing.
 PROTOCOL_SETTINGS: Tuple[str, ...] = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
 
 
-def copy_settings(protocol: WebSocketServerProtocol, factory: Any) -> None:
-    """Copy the factory's settings a protocol has not set itself."""
+_P = TypeVar("_P", bound=WebSocketServerProtocol)
+
+
+def with_settings(protocol_class: Type[_P], factory: Any) -> Type[_P]:
+    """
+    A subclass of C{protocol_class} whose class attributes are the
+    factory's settings, as Autobahn would have copied them to each
+    instance.  A function among them (C{perMessageCompressionAccept}) is
+    kept as a plain function, not turned into a method.
+    """
+    settings: Dict[str, Any] = {}
     for name in PROTOCOL_SETTINGS:
-        if not hasattr(protocol, name):
-            setattr(protocol, name, getattr(factory, name))
+        value = getattr(factory, name)
+        settings[name] = staticmethod(value) if isinstance(value, types.FunctionType) else value
+    settings["__module__"] = protocol_class.__module__
+    settings["__qualname__"] = protocol_class.__qualname__
+    subclass: Type[_P] = type(protocol_class.__name__, (protocol_class,), settings)
+    return subclass
+
+
+# -- Autobahn: debug-line arguments built only when a line is written -------------
+
+
+class _Rendered:
+    """
+    A debug line's argument that costs nothing until the line is written:
+    it calls C{render(*args)} when formatted.
+    """
+
+    __slots__ = ("_args", "_render")
+
+    def __init__(self, render: Callable[..., str], args: Tuple[Any, ...]):
+        self._render = render
+        self._args = args
+
+    def __str__(self) -> str:
+        return self._render(*self._args)
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(self._render(*self._args), spec)
+
+
+def _rendered_later(render: Callable[..., str]) -> Callable[..., _Rendered]:
+    def later(*args: Any) -> _Rendered:
+        return _Rendered(render, args)
+
+    later.__wrapped__ = render  # type: ignore[attr-defined]
+    return later
+
+
+#: The helpers Autobahn calls for the arguments of its debug lines, by
+#: module; every call of theirs there is a keyword argument of a log call.
+#: They run whether or not debug is on (colouring one qualified name is a
+#: dozen calls into click), 16 times per handshake: a tenth of its CPU.
+DEBUG_ARGUMENT_HELPERS: Dict[types.ModuleType, Tuple[str, ...]] = {
+    autobahn_protocol: ("hltype", "hlval"),
+    autobahn_twisted_websocket: ("hltype", "hlval"),
+}
+
+
+def defer_debug_arguments() -> None:
+    """
+    Have Autobahn's debug-line helpers return arguments that render when a
+    line is written: the same text when debug is on, next to no work when
+    it is off.  Idempotent.
+    """
+    for module, names in DEBUG_ARGUMENT_HELPERS.items():
+        for name in names:
+            helper = getattr(module, name)
+            if getattr(helper, "__wrapped__", None) is None:
+                setattr(module, name, _rendered_later(helper))
+
+
+# -- Autobahn: what a handshake leaves behind -----------------------------------
+
+#: What Autobahn's server keeps of an opening handshake for the life of the
+#: connection (the request's bytes, its parsed headers, the 101's text),
+#: read by nothing once the connection is open: 1.5 KiB or so per
+#: connection, and a dozen objects the garbage collector walks.
+HANDSHAKE_LEFTOVERS: Tuple[str, ...] = (
+    "http_request_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_params",
+    "http_response_data",
+)
+
+
+def drop_handshake_leftovers(protocol: WebSocketServerProtocol) -> None:
+    """Let go of what the opening handshake left on an open connection."""
+    fields = protocol.__dict__
+    for name in HANDSHAKE_LEFTOVERS:
+        if name in fields:
+            fields[name] = None
 
 
 # -- Autobahn: the close frame that allows 1001 ---------------------------------
@@ -68,45 +165,47 @@ def frame_bytes(frame: PreparedMessage) -> bytes:
     return data
 
 
-def writes_directly(protocol: WebSocketServerProtocol) -> bool:
+def send_now(protocol: WebSocketServerProtocol, data: bytes) -> bool:
     """
-    A prepared frame can go straight to the transport: no compression was
-    negotiated and nothing waits in Autobahn's own send queue ahead of it.
+    Send C{data} to a client as Autobahn's C{sendData} would for a frame
+    with nothing queued before it, minus its debug line (formatted eagerly
+    on every send): C{False} when Autobahn must send it itself (compression
+    was negotiated, or its own send queue holds frames).
+
+    On plain TCP with nothing in the transport's buffer the bytes go to the
+    socket at once.  Twisted's C{write()} always buffers: it has epoll
+    watch the socket for writing, sends on the next turn of the reactor,
+    then stops watching.  For a fan-out to a thousand connections those two
+    epoll calls and the dispatch per connection cost more than the rest of
+    the send.  Whatever the socket does not take at once (or an error) goes
+    through C{write()}, behind nothing, so order, back-pressure and error
+    handling are Twisted's as before.  TLS, and transports that are not
+    Twisted's TCP connections, always use C{write()}.
+
+    These are private fields of Autobahn's and Twisted's: should a release
+    rename one, every send takes the public path rather than failing.
     """
     try:
-        return protocol._perMessageCompress is None and not protocol.send_queue
+        if protocol._perMessageCompress is not None or protocol.send_queue:
+            return False
+        transport: Any = protocol.transport
+        sock = transport.socket if type(transport) is _TCP_SERVER and transport_idle(transport) else None
     except AttributeError:
         return False
-
-
-def count_sent(protocol: WebSocketServerProtocol, size: int) -> None:
-    """Keep Autobahn's traffic statistics as C{sendPreparedMessage} would."""
-    stats = getattr(protocol, "trafficStats", None)
-    if stats is not None:
-        stats.outgoingOctetsWireLevel += size
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Write C{data} to a client, sending it at once when the connection is
-    plain TCP with nothing waiting in its buffer.
-
-    Twisted's C{write()} always buffers: it has epoll watch the socket for
-    writing, sends on the next turn of the reactor, then stops watching.
-    For a fan-out to a thousand connections those two epoll calls and the
-    dispatch per connection cost more than the rest of the send.  Whatever
-    the socket does not take at once (or an error) goes through C{write()},
-    behind nothing, so order, back-pressure and error handling are
-    Twisted's as before.  TLS, and transports that are not Twisted's TCP
-    connections, always use C{write()}.
-    """
-    if type(transport) is tcp.Server and transport_idle(transport):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            if sent == len(data):
-                return
+    if sock is not None:
+        try:
+            sent = sock.send(data)
+        except OSError:  # EAGAIN, or an error write() reports as it does
+            sent = 0
+        if sent == len(data):
+            return True
+        if sent > 0:
             data = data[sent:]
     transport.write(data)
+    return True
+
+
+_TCP_SERVER = tcp.Server
 
 
 def transport_idle(transport: Any) -> bool:

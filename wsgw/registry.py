@@ -174,10 +174,12 @@ class Registry:
             candidates.append(self._union(self._by_token, tokens))
         if not candidates:
             return []
+        narrow = bool(users) and access is not AccessType.ALL
+        if len(candidates) == 1 and not narrow:
+            return candidates[0]  # one criterion: nothing to intersect (a fan-out's common case)
         candidates.sort(key=len)
         smallest, others = candidates[0], candidates[1:]
         other_ids = [{c.conn_id for c in group} for group in others]
-        narrow = bool(users) and access is not AccessType.ALL
         return [
             conn
             for conn in smallest

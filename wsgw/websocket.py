@@ -62,15 +62,18 @@ class GatewayProtocol(WebSocketServerProtocol):
     #: The app's decision on this handshake, while it is awaited.
     _deciding: Optional[Deferred[Verdict]] = None
 
+    #: One of the settings (L{internals.with_settings}).
+    logOctets: bool
+
     #: A TCP (or TLS) transport: a consumer this protocol produces for, and
     #: a producer whose reading it pauses.
     transport: Any
 
-    #: The settings are copied by L{internals.copy_settings} instead.
+    #: The settings are class attributes of the factory's subclass
+    #: (L{internals.with_settings}): nothing is copied per connection.
     CONFIG_ATTRS = ()  # type: ignore[assignment]  # Autobahn only iterates it
 
     def connectionMade(self) -> None:
-        internals.copy_settings(self, self.factory)
         super().connectionMade()
         if self.transport is not None:
             self.transport.registerProducer(self, True)
@@ -163,8 +166,23 @@ class GatewayProtocol(WebSocketServerProtocol):
             head.append(f"{name}: {value}".encode("latin-1", "replace"))
         self.sendData(b"\r\n".join(head) + b"\r\n\r\n" + body)
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """
+        Everything Autobahn sends (the 101, pongs, close frames) goes to the
+        socket at once when nothing waits before it (L{internals.send_now}).
+        """
+        if sync or chopsize or self.logOctets or not internals.send_now(self, data):
+            super().sendData(data, sync, chopsize)
+            return
+        state = self.state
+        if state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == self.STATE_CONNECTING or state == self.STATE_PROXY_CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+
     def onOpen(self) -> None:
         assert self.conn is not None
+        internals.drop_handshake_leftovers(self)
         self.factory.gateway.opened(self.conn)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -223,12 +241,10 @@ class GatewayProtocol(WebSocketServerProtocol):
             if self._backlog_bytes > self.factory.max_outgoing:
                 self._abort_too_slow()
                 return
-        if internals.writes_directly(self):
-            # What sendPreparedMessage does for an uncompressed frame with
-            # nothing queued before it, minus the debug line it formats
-            # (eagerly) on every send.
-            internals.write_now(self.transport, data)
-            internals.count_sent(self, len(data))
+        # What sendPreparedMessage does for an uncompressed frame with nothing
+        # queued before it, minus the debug line it formats on every send.
+        if internals.send_now(self, data):
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
         else:
             self.sendPreparedMessage(frame)
 
@@ -282,6 +298,10 @@ class GatewayFactory(WebSocketServerFactory):
     C{handshake_timeout} is Autobahn's own deadline for the opening
     handshake; 0 turns it off, for a factory whose handshakes arrive whole
     from twisted.web (see L{wsgw.web.make_resource}).
+
+    Its C{protocol} is a subclass holding the protocol settings as class
+    attributes, made again by each C{setProtocolOptions} (setting an
+    option attribute on the factory directly does not reach it).
     """
 
     protocol = GatewayProtocol  # type: ignore[assignment]  # its factory is a GatewayFactory
@@ -300,6 +320,7 @@ class GatewayFactory(WebSocketServerFactory):
         max_outgoing: int = 1024 * 1024,
         handshake_timeout: float = 10.0,
     ):
+        internals.defer_debug_arguments()
         super().__init__(reactor=reactor)
         self.gateway = gateway
         #: What a handshake must pass: by default, anything.
@@ -321,3 +342,7 @@ class GatewayFactory(WebSocketServerFactory):
             failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    def setProtocolOptions(self, **options: Any) -> None:  # type: ignore[override]  # the same keywords
+        super().setProtocolOptions(**options)
+        self.protocol = internals.with_settings(type(self).protocol, self)
