@@ -289,3 +289,13 @@ def test_autobahns_server_reads_the_handshake_leftovers_only_during_the_handshak
     internals.drop_handshake_leftovers(protocol)
     assert protocol.http_headers is None
     assert "http_response_data" not in vars(protocol)  # what it never had stays unset
+
+
+def test_write_now_takes_the_ordinary_path_on_anything_but_plain_tcp():
+    """The API channel's answers: a transport that is not Twisted's TCP
+    connection (TLS, a test's) gets them through write(), whole."""
+    from twisted.internet.testing import StringTransport
+
+    transport = StringTransport()
+    internals.write_now(transport, b"HTTP/1.1 200 OK\r\n\r\n")
+    assert transport.value() == b"HTTP/1.1 200 OK\r\n\r\n"

@@ -169,40 +169,48 @@ def send_now(protocol: WebSocketServerProtocol, data: bytes) -> bool:
     """
     Send C{data} to a client as Autobahn's C{sendData} would for a frame
     with nothing queued before it, minus its debug line (formatted eagerly
-    on every send): C{False} when Autobahn must send it itself (compression
-    was negotiated, or its own send queue holds frames).
-
-    On plain TCP with nothing in the transport's buffer the bytes go to the
-    socket at once.  Twisted's C{write()} always buffers: it has epoll
-    watch the socket for writing, sends on the next turn of the reactor,
-    then stops watching.  For a fan-out to a thousand connections those two
-    epoll calls and the dispatch per connection cost more than the rest of
-    the send.  Whatever the socket does not take at once (or an error) goes
-    through C{write()}, behind nothing, so order, back-pressure and error
-    handling are Twisted's as before.  TLS, and transports that are not
-    Twisted's TCP connections, always use C{write()}.
-
-    These are private fields of Autobahn's and Twisted's: should a release
+    on every send), through L{write_now}: C{False} when Autobahn must send
+    it itself (compression was negotiated, or its own send queue holds
+    frames).  These are private fields of Autobahn's: should a release
     rename one, every send takes the public path rather than failing.
     """
     try:
         if protocol._perMessageCompress is not None or protocol.send_queue:
             return False
-        transport: Any = protocol.transport
-        sock = transport.socket if type(transport) is _TCP_SERVER and transport_idle(transport) else None
     except AttributeError:
         return False
+    write_now(protocol.transport, data)
+    return True
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to a peer, at once when the connection is plain TCP with
+    nothing in the transport's buffer.
+
+    Twisted's C{write()} always buffers: it has epoll watch the socket for
+    writing, sends on the next turn of the reactor, then stops watching.
+    For a fan-out to a thousand connections (or an API answer) those two
+    epoll calls and the dispatch cost more than the rest of the send.
+    Whatever the socket does not take at once (or an error) goes through
+    C{write()}, behind nothing, so order, back-pressure and error handling
+    are Twisted's as before.  TLS, and transports that are not Twisted's
+    TCP connections, always use C{write()}.
+    """
+    try:
+        sock = transport.socket if type(transport) is _TCP_SERVER and transport_idle(transport) else None
+    except AttributeError:
+        sock = None
     if sock is not None:
         try:
             sent = sock.send(data)
         except OSError:  # EAGAIN, or an error write() reports as it does
             sent = 0
         if sent == len(data):
-            return True
+            return
         if sent > 0:
             data = data[sent:]
     transport.write(data)
-    return True
 
 
 _TCP_SERVER = tcp.Server
