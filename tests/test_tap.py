@@ -437,3 +437,26 @@ def test_every_url_option_is_checked_at_start_up() -> None:
         UsageError, match=r"^WSGW_TRUSTED_PROXY='10\.0\.0\.0/33': trusted proxy '10\.0\.0\.0/33' is not"
     ):
         parse([], {"WSGW_TRUSTED_PROXY": "10.0.0.0/8 10.0.0.0/33"})
+
+
+def test_the_daemon_settles_the_garbage_collector_once_it_listens():
+    """Start-up's objects frozen, the young generation collected less
+    often: the daemon's choice, made when its listeners are up."""
+    import gc
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from wsgw.tap import makeService
+
+    before = gc.get_threshold()
+    try:
+        options = Options({})
+        options.parseOptions(["--listen", "tcp:40999"])
+        daemon = makeService(options, reactor=MemoryReactorClock())
+        assert gc.get_threshold() == before  # building it changes nothing
+        daemon.startService()
+        assert gc.get_threshold() == (10_000, 10, 10) and gc.get_freeze_count() > 0
+        daemon.stopService()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
