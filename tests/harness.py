@@ -675,6 +675,17 @@ class RedisServer:
         return bounded(self.proto.ended, 30, "redis-server to exit")
 
 
+async def redis_command(redis, *command):
+    """One command to C{redis} on a connection of its own (the state a test inspects)."""
+    import txredisapi
+
+    connection = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+    try:
+        return await connection.execute_command(*command)
+    finally:
+        await connection.disconnect()
+
+
 async def start_redis():
     server = RedisServer(free_port())
     await server.start()

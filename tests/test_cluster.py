@@ -11,7 +11,18 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from harness import api, bounded, ctl, eventually, node_client, py_client, scrape, start_daemon, start_redis
+from harness import (
+    api,
+    bounded,
+    ctl,
+    eventually,
+    node_client,
+    py_client,
+    redis_command,
+    scrape,
+    start_daemon,
+    start_redis,
+)
 
 PRESENCE_TTL = 2.0
 
@@ -277,16 +288,6 @@ async def test_a_killed_node_leaves_the_list_and_a_restart_leaves_no_ghosts(node
     fresh.transport.loseConnection()
     survivor.transport.loseConnection()
     await restarted.terminate()
-
-
-async def redis_command(redis, *command):
-    import txredisapi
-
-    connection = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
-    try:
-        return await connection.execute_command(*command)
-    finally:
-        await connection.disconnect()
 
 
 @pytest_twisted.ensureDeferred

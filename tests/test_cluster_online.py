@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 
 from fakes import open_conn
-from harness import eventually, start_redis
+from harness import eventually, redis_command, start_redis
 from wsgw.config import Config
 from wsgw.service import make_node
 
@@ -86,16 +86,6 @@ def position(app, action, conn_id=None, user=None):
         if e["action"] == action and matches:
             return index
     raise AssertionError(f"no {action} of {conn_id or user} among {app.events}")
-
-
-async def redis_command(redis, *command):
-    import txredisapi
-
-    connection = await txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
-    try:
-        return await connection.execute_command(*command)
-    finally:
-        await connection.disconnect()
 
 
 async def settled(redis, user):
