@@ -183,7 +183,8 @@ def main(argv=None) -> int:
         f"Server pinned to core {procs.SERVER_CORE}; load generator and app to core {procs.LOAD_CORE}.",
         "↑ higher is better, ↓ lower is better; wsgw/peer is wsgw's figure over the peer's. "
         "CPU % is of one core. RSS per connection: the RSS of all the server's processes after the handshakes "
-        "minus before, over the connections then open. Each workload runs on a fresh instance of each server.",
+        "minus before, over the connections then open. Each workload runs on a fresh instance of each server; "
+        "the servers take turns at going first, one workload to the next (the first measured reads high).",
     ]
     document = report.document(results, "wsgw benchmark", preamble)
     print(document)
