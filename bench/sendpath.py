@@ -225,6 +225,10 @@ def main(argv: List[str]) -> None:
     )
     for others in (int(x) for x in args.others.split(",")):
         setups = {label: Setup(package, others) for label, package in packages.items()}
+        # The collector as the daemon settles it once it listens (wsgw.tap).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
         checks = {label: {t: s.check(t) for t in args.targets.split(",")} for label, s in setups.items()}
         if len({json.dumps({t: v.decode("latin-1") for t, v in c.items()}) for c in checks.values()}) != 1:
             for label, c in checks.items():
@@ -236,7 +240,6 @@ def main(argv: List[str]) -> None:
                 for label, setup in setups.items():
                     setup.calls(target, 200)()  # warm up
                     run = setup.calls(target, n)
-                    gc.collect()
                     if callgrind:
                         results[label].append(callgrind.measure(run) / n)
                     else:
@@ -252,6 +255,7 @@ def main(argv: List[str]) -> None:
                 line.append(f"ratio {second / first:.3f}")
             print("  ".join(line), flush=True)
         del setups
+        gc.unfreeze()
 
 
 if __name__ == "__main__":

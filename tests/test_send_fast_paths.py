@@ -376,3 +376,42 @@ def test_an_answer_written_in_one_piece_is_what_write_and_finish_wrote(kind, ver
         outputs.append(channel.written)
     assert outputs[0] == outputs[1] and len(outputs[0]) == 1
     served.close()
+
+
+# -- the tree walk -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/tapr/ws/conn/send",
+        b"/tapr/ws/conn/send/more",
+        b"/tapr/ws/conn/%73end",
+        b"/tapr/ws/conn/",
+        b"/tapr/ws/conn",
+        b"/tapr/",
+        b"/metrics",
+        b"/healthz",
+        b"/nope/deeper",
+        b"/",
+    ],
+)
+@pytest.mark.parametrize("config", [Config(), Config(admin_token="s3cret")])
+def test_the_site_walks_the_tree_as_twisted_web_does(path, config):
+    """GatewaySite.getResourceFor, inlined, finds what Site.getResourceFor finds and leaves the request alike."""
+    from twisted.web.server import Site
+    from twisted.web.test.requesthelper import DummyRequest
+
+    served = Served(config, True, LOCAL)
+    found = []
+    for walk in (served.site.getResourceFor, lambda request: Site.getResourceFor(served.site, request)):
+        request = DummyRequest([])
+        request.postpath = path[1:].split(b"/")
+        request.prepath = []
+        resource = walk(request)
+        found.append(
+            (type(resource), vars(resource).get("status"), request.prepath, request.postpath, request.sitepath)
+        )
+        assert request.site is served.site
+    assert found[0] == found[1]
+    served.close()
