@@ -415,3 +415,46 @@ def test_the_site_walks_the_tree_as_twisted_web_does(path, config):
         assert request.site is served.site
     assert found[0] == found[1]
     served.close()
+
+
+# -- reading the targets -------------------------------------------------------------
+
+_TARGET_VALUES = st.one_of(
+    st.none(),
+    st.sampled_from(["", "c1", "u", 0, True, [], ["u"], ["", "u"], [1], {}]),
+)
+
+
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["conn_id", "conns", "users", "tokens", "users_access_type", "payload"]), _TARGET_VALUES
+    ),
+    conn_field=st.sampled_from(["conn_id", "conns"]),
+)
+def test_the_targets_of_one_conn_id_are_what_the_rules_read(fields, conn_field):
+    """read_targets' shortcut for a body naming one conn id alone, against its rules in full."""
+    from wsgw import api
+
+    def general(body, conn_field, what):
+        conn_ids = (
+            api.string_list(body, conn_field, drop_empty=True)
+            if conn_field == "conns"
+            else api.optional_string(body, conn_field)
+        )
+        targets = Targets(
+            conn_ids=conn_ids,
+            users=api.string_list(body, "users"),
+            tokens=api.string_list(body, "tokens"),
+            access=api.access_type(body),
+        )
+        if not targets:
+            raise api.ApiError(400, f"{what} target is nil: give {conn_field}, users or tokens")
+        return targets
+
+    outcomes = []
+    for read in (api.read_targets, general):
+        try:
+            outcomes.append(read(fields, conn_field, "send message"))
+        except api.ApiError as e:
+            outcomes.append((e.status, e.message))
+    assert outcomes[0] == outcomes[1]

@@ -146,6 +146,10 @@ def read_targets(body: Dict[str, Any], conn_field: str, what: str) -> Targets:
     The L{Targets} of a C{send} (one C{conn_id}) or C{close} (a C{conns}
     list); at least one criterion is required.
     """
+    if conn_field == "conn_id" and "users" not in body and "tokens" not in body and "users_access_type" not in body:
+        conn_id = body.get("conn_id")
+        if type(conn_id) is str and conn_id:
+            return Targets(conn_ids=(conn_id,))  # one connection: what the rules below make of it
     conn_ids = (
         string_list(body, conn_field, drop_empty=True) if conn_field == "conns" else optional_string(body, conn_field)
     )
