@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 from io import BytesIO
-from typing import IO, Any, Dict, List, Sequence, Tuple, Union, cast
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -18,8 +19,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from .gateway import Gateway
 from .interfaces import IConnections, Listing, Reach
-from .jsonio import decode_json, error_response, json_response, to_json
+from .jsonio import decode_json, error_response, to_json
 from .registry import AccessType, Targets
 
 log = Logger()
@@ -34,6 +36,55 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+#: The scanner behind L{decode_json} (the C one where there is one).
+_scan_once: Optional[Callable[[str, int], Tuple[Any, int]]] = getattr(
+    getattr(decode_json, "__self__", None), "scan_once", None
+)
+
+
+def decode_body(text: str) -> Any:
+    """
+    L{decode_json} of a body.  One that is a JSON object with nothing around
+    it (an app's every call) is read by its scanner alone: that is what
+    C{decode_json} returns for it, without its two whitespace matches and
+    its calls around the scanner.  Anything else, an error included, is
+    C{decode_json}'s to read and to word.
+    """
+    if _scan_once is not None and text[:1] == "{" and text[-1:] == "}":
+        try:
+            value, end = _scan_once(text, 0)
+        except Exception:  # StopIteration, a JSONDecodeError...: decode_json says what
+            pass
+        else:
+            if end == len(text):
+                return value
+    return decode_json(text)
+
+
+def _no_default(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: C{to_json}'s encoder (compact, not ASCII-only) made once, not per call,
+#: and without its check for circular references: a payload read from JSON
+#: has none.
+_encode_chunks: Optional[Callable[[Any, int], Sequence[str]]] = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(None, _no_default, encode_basestring, None, ":", ",", False, False, True)
+)
+
+
+def payload_json(value: Any) -> bytes:
+    """L{to_json} of a value read from JSON (a C{send}'s payload), the same bytes for less."""
+    if _encode_chunks is None:
+        return to_json(value)
+    try:
+        return "".join(_encode_chunks(value, 0)).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: to_json's ASCII escapes
+        return to_json(value)
 
 
 def read_json_object(request: Request, max_body: int) -> Dict[str, Any]:
@@ -51,7 +102,7 @@ def read_json_object(request: Request, max_body: int) -> Dict[str, Any]:
     if size > max_body:
         raise ApiError(413, f"request body is {size} bytes; the limit is {max_body}")
     try:
-        body = decode_json(raw.decode("utf-8")) if raw.strip() else {}
+        body = decode_body(raw.decode("utf-8")) if raw.strip() else {}
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
@@ -95,6 +146,10 @@ def read_targets(body: Dict[str, Any], conn_field: str, what: str) -> Targets:
     The L{Targets} of a C{send} (one C{conn_id}) or C{close} (a C{conns}
     list); at least one criterion is required.
     """
+    if conn_field == "conn_id" and "users" not in body and "tokens" not in body and "users_access_type" not in body:
+        conn_id = body.get("conn_id")
+        if type(conn_id) is str and conn_id:
+            return Targets(conn_ids=(conn_id,))  # one connection: what the rules below make of it
     conn_ids = (
         string_list(body, conn_field, drop_empty=True) if conn_field == "conns" else optional_string(body, conn_field)
     )
@@ -139,22 +194,35 @@ class JsonEndpoint(Resource):
         except Exception:
             log.failure("API {path} failed", path=request.path.decode("utf-8", "replace"))
             return error_response(request, 500, "internal error; see the gateway's log")
+        if not isinstance(answer, Deferred):
+            return self._success(request, answer)  # this process's own gateway: known at once
         if answer.called and not answer.paused:
-            # Known at once (one process, or targets all on this node).
-            outcome = cast(Union[Answer, Failure], answer.result)
+            # Known at once (targets all on this node).
+            outcome = answer.result
             if isinstance(outcome, Failure):
                 answer.addErrback(lambda _: None)  # logged here, not again when collected
                 log.failure("API {path} failed", outcome, path=request.path.decode("utf-8", "replace"))
                 return error_response(request, 500, "internal error; see the gateway's log")
-            return json_response(request, 200, outcome)
+            return self._success(request, outcome)
         # A cluster asks the other nodes through Redis first.
         answer.addCallbacks(self._answered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
         return NOT_DONE_YET
 
-    def _answered(self, answer: Answer, request: Request) -> None:
+    def _success(self, request: Request, outcome: Any) -> bytes:
+        """The 200 answer to C{outcome}; a failure to shape it is a logged 500, as a failed answer is."""
+        try:
+            body = self.shape(outcome)
+        except Exception:
+            log.failure("API {path} failed", path=request.path.decode("utf-8", "replace"))
+            return error_response(request, 500, "internal error; see the gateway's log")
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/json")
+        return body
+
+    def _answered(self, outcome: Any, request: Request) -> None:
         if not request.channel:  # the caller hung up meanwhile
             return
-        request.write(json_response(request, 200, answer))
+        request.write(self._success(request, outcome))
         request.finish()
 
     def _failed(self, failure: Failure, request: Request) -> None:
@@ -163,8 +231,12 @@ class JsonEndpoint(Resource):
             request.write(error_response(request, 500, "internal error; see the gateway's log"))
             request.finish()
 
-    def answer(self, request: Request) -> Deferred[Answer]:
-        """The answer's body."""
+    def answer(self, request: Request) -> Union[Deferred[Any], Any]:
+        """What the call did (for L{shape}): now, or a L{Deferred} of it."""
+        raise NotImplementedError
+
+    def shape(self, outcome: Any) -> bytes:
+        """The body of the 200 answer to C{outcome}, ending in a newline."""
         raise NotImplementedError
 
 
@@ -174,6 +246,19 @@ def reach_answer(reach: Reach) -> Answer:
         # Some node was not reached (Redis down, a node not answering).
         data["partial"] = True
     return {"code": 0, "message": "success", "data": data}
+
+
+#: C{to_json(reach_answer(reach)) + b"\n"} by C{reach.partial}: every
+#: C{send} and C{close} is answered with one of the two.
+_REACH_BODIES = (
+    b'{"code":0,"message":"success","data":{"matched":%d}}\n',
+    b'{"code":0,"message":"success","data":{"matched":%d,"partial":true}}\n',
+)
+
+
+def reach_body(reach: Reach) -> bytes:
+    """The answer's body to a C{send} or C{close}: L{reach_answer}'s JSON, not built and encoded per call."""
+    return _REACH_BODIES[1 if reach.partial else 0] % (reach.matched,)
 
 
 def list_answer(listing: Listing) -> Answer:
@@ -192,6 +277,8 @@ def read_frame(body: Dict[str, Any]) -> Tuple[bytes, bool]:
     value, encoded once; absent, C{null} as in the original), C{text} (a
     string sent as it is) or C{binary} (base64).  One of them at most.
     """
+    if "text" not in body and "binary" not in body:
+        return payload_json(body.get("payload")), False  # the common call, without the checks below
     given = [field for field in _FRAME_FIELDS if field in body]
     if len(given) > 1:
         raise ApiError(400, f"give one of payload, text or binary, not {' and '.join(given)}")
@@ -211,32 +298,58 @@ def read_frame(body: Dict[str, Any]) -> Tuple[bytes, bool]:
             return base64.b64decode(data, validate=True), True
         except (binascii.Error, ValueError):
             raise ApiError(400, "binary must be standard base64 (A-Z, a-z, 0-9, +, /, = padding)") from None
-    return to_json(body.get("payload")), False
+    return payload_json(body.get("payload")), False
+
+
+def local_gateway(connections: IConnections) -> Optional[Gateway]:
+    """
+    C{connections} when it is this process's L{Gateway} as it is, whose
+    C{send} is C{succeed(Reach(send_here(...)))}: the API calls
+    C{send_here} itself and skips the L{Deferred} known at once.
+    """
+    if isinstance(connections, Gateway) and type(connections).send is Gateway.send:
+        return connections
+    return None
 
 
 class SendEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
-    def answer(self, request: Request) -> Deferred[Answer]:
+    def __init__(self, connections: IConnections, max_body: int):
+        super().__init__(connections, max_body)
+        self._local = local_gateway(connections)
+
+    def answer(self, request: Request) -> Union[Deferred[Reach], Reach]:
         body = read_json_object(request, self.max_body)
         targets = read_targets(body, "conn_id", "send message")
         payload, binary = read_frame(body)
-        return self.connections.send(payload, targets, binary).addCallback(reach_answer)
+        if self._local is not None:
+            return Reach(self._local.send_here(payload, targets, binary))
+        return self.connections.send(payload, targets, binary)
+
+    def shape(self, outcome: Any) -> bytes:
+        return reach_body(outcome)
 
 
 class CloseEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
-    def answer(self, request: Request) -> Deferred[Answer]:
+    def answer(self, request: Request) -> Deferred[Reach]:
         targets = read_targets(read_json_object(request, self.max_body), "conns", "close")
-        return self.connections.close(targets).addCallback(reach_answer)
+        return self.connections.close(targets)
+
+    def shape(self, outcome: Any) -> bytes:
+        return reach_body(outcome)
 
 
 class ListEndpoint(JsonEndpoint):
     methods = (b"GET",)
 
-    def answer(self, request: Request) -> Deferred[Answer]:
-        return self.connections.listing().addCallback(list_answer)
+    def answer(self, request: Request) -> Deferred[Listing]:
+        return self.connections.listing()
+
+    def shape(self, outcome: Any) -> bytes:
+        return to_json(list_answer(outcome)) + b"\n"
 
 
 class JsonNotFound(Resource):

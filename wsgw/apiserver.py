@@ -18,6 +18,7 @@ as it always has: the lean path serves only what it serves identically.
 
 from __future__ import annotations
 
+import re
 import time
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -50,13 +51,20 @@ PREFIX = b"/tapr/"
 #: timed-out close if it has not gone.
 ABORT_TIMEOUT = 15
 
-#: A header name's characters (RFC 9110's tchar), and a target's.
-_TCHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_VISIBLE = bytes(range(0x21, 0x7F))
 _LEAN_METHODS = (b"GET", b"POST")
-_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 #: Headers whose presence sends a request to twisted.web.
 _NOT_HERE = (b"transfer-encoding", b"expect", b"upgrade")
+
+#: A header name (RFC 9110's token).
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+#: A head served here: the request line (a target of visible characters
+#: under the prefix), then header lines of a name, a colon and a value
+#: without NUL, CR or LF.
+_HEAD_SHAPE = re.compile(
+    rb"(GET|POST) (" + re.escape(PREFIX) + rb"[\x21-\x7e]*) (HTTP/1\.[01])((?:\r\n" + _TOKEN + rb":[^\x00\r\n]*)*)\Z"
+)
+#: One header line of a head that matched L{_HEAD_SHAPE}.
+_HEADER_LINE = re.compile(rb"\r\n(" + _TOKEN + rb"):([^\r]*)")
 
 _FAILED_PAGE = b"<html><head><title>Processing Failed</title></head><body><b>Processing Failed</b></body></html>"
 
@@ -70,27 +78,19 @@ def parse_head(head: bytes, max_body: int) -> Optional[Head]:
     serves it, and answers whatever is wrong with it as it always has.
     Header names are lowered; values keep their order.
     """
-    if len(head) > MAX_HEAD or b"\x00" in head:
+    if len(head) > MAX_HEAD:
         return None
-    lines = head.split(b"\r\n")
-    breaks = len(lines) - 1
-    if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
-        return None  # a bare CR or LF
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
+    # One match checks the request line and that every header line is a
+    # token, a colon and a value without NUL, CR or LF (no folded line, no
+    # bare CR or LF anywhere).
+    shape = _HEAD_SHAPE.match(head)
+    if shape is None:
         return None
-    method, target, http_version = parts
-    if method not in _LEAN_METHODS or http_version not in _VERSIONS:
-        return None
-    if not target.startswith(PREFIX) or target.translate(None, _VISIBLE):
-        return None
-    if breaks > MAX_HEADERS:
+    method, target, http_version, lines = shape.groups()
+    if lines.count(b"\r\n") > MAX_HEADERS:
         return None
     headers: Dict[bytes, List[bytes]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, _TCHARS):
-            return None  # a folded line, no colon, a name that is not a token
+    for name, value in _HEADER_LINE.findall(lines):
         name = name.lower()
         value = value.strip(b" \t")
         if name in headers:
@@ -273,9 +273,25 @@ class LeanRequest:
                 return
             if not isinstance(body, bytes):
                 raise TypeError(f"{resource!r} rendered {body!r}, not bytes")
-            self.setHeader(b"Content-Length", b"%d" % (len(body),))
-            self.write(body)
-            self.finish()
+            out[b"Content-Length"] = b"%d" % (len(body),)
+            if self._started or self.finished:
+                self.write(body)  # as twisted.web: raises once finished
+                self.finish()
+                return
+            # What write(body) and finish() do for a first write with the
+            # length known (not chunked), in one piece.
+            if b"Content-Type" not in out:
+                out[b"Content-Type"] = b"text/html"  # twisted.web's default
+            self._started = self.finished = True
+            head = b"%s %d %s\r\n%s\r\n" % (
+                self.clientproto,
+                self.code,
+                self.code_message,
+                b"".join([b"%s: %s\r\n" % item for item in out.items()]),
+            )
+            channel = self.channel
+            if channel is not None:
+                channel.answered(head if self.code in NO_BODY_CODES else head + body)
         except BaseException:
             if not self.finished:
                 self.processingFailed(Failure())
@@ -372,7 +388,7 @@ class ApiChannel(Protocol):
         request = LeanRequest(self, method, target, http_version, headers, body)
         if http_version == b"HTTP/1.1":
             connection = headers.get(b"connection")
-            if connection and b"close" in [t.lower() for t in connection[0].split(b" ")]:
+            if connection and b"close" in connection[0].lower().split(b" "):
                 request.setHeader(b"Connection", b"close")
                 self._persistent = False
         else:

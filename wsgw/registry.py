@@ -37,6 +37,11 @@ def _strings(values: Iterable[str]) -> Tuple[str, ...]:
     return tuple(values)
 
 
+def _access(value: Any) -> AccessType:
+    # Calling the enum on one of its members is a tenth of a send's Targets.
+    return value if type(value) is AccessType else AccessType(value)
+
+
 @attr.s(frozen=True, slots=True, kw_only=True)
 class Targets:
     """
@@ -50,7 +55,7 @@ class Targets:
     tokens: Tuple[str, ...] = attr.ib(default=(), converter=_strings)
     #: Narrows C{users} to private or public connections
     #: (C{users_access_type}).
-    access: AccessType = attr.ib(default=AccessType.ALL, converter=AccessType)
+    access: AccessType = attr.ib(default=AccessType.ALL, converter=_access)
 
     def __bool__(self) -> bool:
         return bool(self.conn_ids or self.users or self.tokens)
@@ -165,6 +170,22 @@ class Registry:
         The connections C{targets} names, in the order they opened.
         """
         conn_ids, users, tokens, access = targets.conn_ids, targets.users, targets.tokens, targets.access
+        # The common calls, as the general rule below answers them: one
+        # conn id, or all of one user's connections.
+        if not tokens:
+            if not users:
+                if len(conn_ids) == 1:
+                    found = self._by_id.get(conn_ids[0])
+                    return [] if found is None else [found]
+            elif not conn_ids and len(users) == 1 and access is AccessType.ALL:
+                bucket = self._by_user.get(users[0])
+                return list(bucket.values()) if bucket else []
+        return self._select(conn_ids, users, tokens, access)
+
+    def _select(
+        self, conn_ids: Tuple[str, ...], users: Tuple[str, ...], tokens: Tuple[str, ...], access: AccessType
+    ) -> List[Connection]:
+        """The original gateway's rule: the connections every criterion given names."""
         candidates: List[List[Connection]] = []
         if conn_ids:
             candidates.append([c for c in map(self._by_id.get, dict.fromkeys(conn_ids)) if c is not None])

@@ -264,7 +264,17 @@ class GatewaySite(Site):
             host = peer_host(request.getClientAddress())
             if host is not None and not self.rate_limiter.allow(host):
                 return Refusal(429, "too many requests from this address; slow down")
-        return super().getResourceFor(request)
+        # What Site.getResourceFor and twisted.web.resource.getChildForRequest
+        # do, in one frame: two calls and a copy.copy fewer per request.
+        request.site = self
+        prepath, postpath = request.prepath, request.postpath
+        request.sitepath = prepath[:]
+        resource = self.resource
+        while postpath and not resource.isLeaf:
+            element = postpath.pop(0)
+            prepath.append(element)
+            resource = resource.getChildWithDefault(element, request)
+        return resource
 
     def api_channel(self, addr: Any) -> ApiChannel:
         """
