@@ -19,8 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .gateway import Gateway
-from .interfaces import IConnections, Listing, Reach
+from .interfaces import IConnections, IConnectionsHere, Listing, Reach
 from .jsonio import decode_json, error_response, to_json
 from .registry import AccessType, Targets
 
@@ -301,30 +300,20 @@ def read_frame(body: Dict[str, Any]) -> Tuple[bytes, bool]:
     return payload_json(body.get("payload")), False
 
 
-def local_gateway(connections: IConnections) -> Optional[Gateway]:
-    """
-    C{connections} when it is this process's L{Gateway} as it is, whose
-    C{send} is C{succeed(Reach(send_here(...)))}: the API calls
-    C{send_here} itself and skips the L{Deferred} known at once.
-    """
-    if isinstance(connections, Gateway) and type(connections).send is Gateway.send:
-        return connections
-    return None
-
-
 class SendEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
     def __init__(self, connections: IConnections, max_body: int):
         super().__init__(connections, max_body)
-        self._local = local_gateway(connections)
+        #: This process's own connections, when they are all there are.
+        self._here = IConnectionsHere(connections, None)
 
     def answer(self, request: Request) -> Union[Deferred[Reach], Reach]:
         body = read_json_object(request, self.max_body)
         targets = read_targets(body, "conn_id", "send message")
         payload, binary = read_frame(body)
-        if self._local is not None:
-            return Reach(self._local.send_here(payload, targets, binary))
+        if self._here is not None:
+            return Reach(self._here.send_here(payload, targets, binary))
         return self.connections.send(payload, targets, binary)
 
     def shape(self, outcome: Any) -> bytes:

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from . import events
 from .forwarder import AppForwarder
-from .interfaces import IChannel, IConnections, IMembership, IOnlineUsers, Listing, Reach
+from .interfaces import IChannel, IConnectionsHere, IMembership, IOnlineUsers, Listing, Reach
 from .registry import Connection, LiveConnections, Registry, Targets
 
 log = Logger()
@@ -90,7 +90,7 @@ class NoMembership:
         pass
 
 
-@implementer(IConnections)
+@implementer(IConnectionsHere)
 @attr.s(eq=False)
 class Gateway:
     """

@@ -208,6 +208,17 @@ class IConnections(Interface):
         """Every open connection, grouped by user as C{/list} shows them."""
 
 
+class IConnectionsHere(IConnections):
+    """
+    Connections all held by this process, so that what C{send} would
+    answer is known when it is asked: the push API calls C{send_here} and
+    answers at once, without a L{Deferred} per call.
+    """
+
+    def send_here(payload: bytes, targets: Targets, binary: bool = False) -> int:
+        """What C{send} does, returning how many connections it matched (C{send}'s C{Reach}, never partial)."""
+
+
 # The answers of IConnections, shared by both providers.
 
 
