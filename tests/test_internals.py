@@ -299,3 +299,15 @@ def test_write_now_takes_the_ordinary_path_on_anything_but_plain_tcp():
     transport = StringTransport()
     internals.write_now(transport, b"HTTP/1.1 200 OK\r\n\r\n")
     assert transport.value() == b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+def test_the_one_pass_handshake_finds_autobahns_and_txaios_private_helpers():
+    """read_handshake calls Autobahn's origin helpers and recognises txaio's
+    no-op debug method; without them it would leave every handshake to
+    Autobahn (correct, but no longer cheaper)."""
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    assert internals._url_to_origin is autobahn_protocol._url_to_origin
+    assert internals._is_same_origin is autobahn_protocol._is_same_origin
+    assert callable(internals._no_op)
+    assert internals.debug_is_off(WebSocketServerProtocol())  # the default level is info
