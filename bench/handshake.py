@@ -127,7 +127,9 @@ async def run(reactor: Any, args: argparse.Namespace, workdir: Path) -> None:
                 raise RuntimeError(f"only {answer['opened']} of {args.n} opened: {answer['errors']}")
             stats = await threads.deferToThread(app.stats)
             seen = stats["open"]
-            print(f"  the app: {stats['open']} open events, {stats['connections']} connections accepted", flush=True)
+            print(
+                f"  the app: {stats['open']} open events, {stats.get('connections')} connections accepted", flush=True
+            )
             if seen < opens:
                 raise RuntimeError(f"the app has {seen} of {opens} open events")
             await threads.deferToThread(load.call, timeout=60, cmd="close", group=group)

@@ -311,3 +311,96 @@ def test_browser_like_handshakes_are_answered_alike(extra):
     fast = _shake(request, fast=True)
     assert fast[0].startswith(b"HTTP/1.1 101 ")
     assert fast == _shake(request, fast=False)
+
+
+class _Boom(Exception):
+    pass
+
+
+def _shake_logged(request: bytes, fast: bool, patch):
+    """Like L{_shake}, with C{patch(protocol)} applied first; also the log lines' formats."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        _node, factory = _factory()
+        protocol = factory.buildProtocol(PEER)
+        if not fast:
+            protocol.processHandshake = lambda p=protocol: WebSocketServerProtocol.processHandshake(p)
+        patch(protocol)
+        transport = StringTransport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request)
+        del protocol
+        gc.collect()  # an unhandled failure in a Deferred is logged when collected
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    return transport.value(), transport.disconnecting, [e.get("log_format") for e in seen]
+
+
+def test_an_onconnect_that_fails_is_answered_alike():
+    """An unexpected exception in onConnect: the same 500 and warnings as Autobahn's."""
+
+    def patch(protocol):
+        def on_connect(request):
+            raise _Boom("no")
+
+        protocol.onConnect = on_connect
+
+    request = _request("GET /ws HTTP/1.1", GOOD)
+    fast = _shake_logged(request, True, patch)
+    assert fast[0].startswith(b"HTTP/1.1 500 ")
+    assert fast == _shake_logged(request, False, patch)
+
+
+def test_a_handshake_answer_that_fails_is_an_unhandled_error_alike():
+    """succeedHandshake failing is an unhandled error in a Deferred, on both paths."""
+
+    def patch(protocol):
+        def succeed(result):
+            raise _Boom("no")
+
+        protocol.succeedHandshake = succeed
+
+    request = _request("GET /ws HTTP/1.1", GOOD)
+    fast = _shake_logged(request, True, patch)
+    assert "Unhandled error in Deferred:" in fast[2]
+    assert fast == _shake_logged(request, False, patch)
+
+
+def test_an_onconnect_that_answers_later_is_answered_alike():
+    """A Deferred from onConnect (the connect hook's way) is waited for on both paths."""
+    from twisted.internet.defer import Deferred
+
+    pending = []
+
+    def patch(protocol):
+        real = protocol.onConnect
+
+        def on_connect(request):
+            d = Deferred()
+            pending.append((d, real(request)))
+            return d
+
+        protocol.onConnect = on_connect
+
+    request = _request("GET /ws HTTP/1.1", GOOD)
+    answers = []
+    for fast in (True, False):
+        node, factory = _factory()
+        protocol = factory.buildProtocol(PEER)
+        if not fast:
+            protocol.processHandshake = lambda p=protocol: WebSocketServerProtocol.processHandshake(p)
+        patch(protocol)
+        transport = StringTransport(peerAddress=PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(request)
+        assert transport.value() == b""  # nothing until the answer
+        d, result = pending.pop()
+        d.callback(result)
+        answers.append(transport.value())
+        assert [c.user_name for c in node.gateway.registry] == ["alice"]
+    assert answers[0].startswith(b"HTTP/1.1 101 ") and answers[0] == answers[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import types
+from inspect import iscoroutine
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, TypeVar
 from urllib.parse import parse_qs
 
@@ -24,8 +25,10 @@ from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.internet import ClientService
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 
 # -- Autobahn: the settings, read from the protocol's class -------------------------
 
@@ -252,8 +255,35 @@ def read_handshake(protocol: WebSocketServerProtocol) -> bool:
     p.data = data[end + 4 :]
     p._wskey = key
     request = ConnectionRequest(p.peer, headers, host, path, params, version, origin, protocols, extensions)
-    _txaio.add_callbacks(_txaio.as_future(p.onConnect, request), p.succeedHandshake, _denied_by(p))
+    _answer(p, request)
     return True
+
+
+def _answer(p: Any, request: ConnectionRequest) -> None:
+    """
+    What Autobahn does with C{onConnect}'s answer, C{add_callbacks(
+    as_future(onConnect, request), succeedHandshake, forward_error)},
+    without the Deferred when C{onConnect} answers at once: C{succeedHandshake}
+    with its answer, or the error path with its exception.  A failure of
+    either (which Autobahn's Deferred would hold unhandled, and Twisted log
+    when collected) is left in a Deferred likewise.
+    """
+    try:
+        answer = p.onConnect(request)
+    except BaseException:
+        _then(_denied_by(p), Failure())
+        return
+    if isinstance(answer, Deferred) or iscoroutine(answer):
+        _txaio.add_callbacks(_txaio.as_future(lambda: answer), p.succeedHandshake, _denied_by(p))
+        return
+    _then(p.succeedHandshake, answer)
+
+
+def _then(callback: Callable[[Any], Any], value: Any) -> None:
+    try:
+        callback(value)
+    except BaseException:
+        fail()  # an unhandled error in a Deferred, as Autobahn's would be
 
 
 def _has_token(value: Optional[str], token: str) -> bool:
