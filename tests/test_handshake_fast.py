@@ -404,3 +404,17 @@ def test_an_onconnect_that_answers_later_is_answered_alike():
         answers.append(transport.value())
         assert [c.user_name for c in node.gateway.registry] == ["alice"]
     assert answers[0].startswith(b"HTTP/1.1 101 ") and answers[0] == answers[1]
+
+
+def test_an_onconnect_that_returns_a_failure_is_refused_alike():
+    """maybeDeferred takes a returned Failure as an error: so does the one-pass reading."""
+    from autobahn.websocket.types import ConnectionDeny
+    from twisted.python.failure import Failure
+
+    def patch(protocol):
+        protocol.onConnect = lambda request: Failure(ConnectionDeny(403, "not you"))
+
+    request = _request("GET /ws HTTP/1.1", GOOD)
+    fast = _shake_logged(request, True, patch)
+    assert fast[0].startswith(b"HTTP/1.1 403 ")
+    assert fast == _shake_logged(request, False, patch)

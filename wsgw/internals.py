@@ -125,7 +125,7 @@ def _empty_list_at_once(pformat: Callable[..., str]) -> Callable[..., str]:
     C{PrettyPrinter}.  Autobahn pretty-prints the settings it copied into
     each new connection for a debug line, even with debug off; with
     L{with_settings} it copies none, and printing the empty list was still
-    6 % of a handshake.  (Autobahn's other uses of C{pformat} return its
+    4 % of the in-memory handshake.  (Autobahn's other uses of C{pformat} return its
     text, so it cannot be deferred as the helpers above are.)
     """
 
@@ -175,7 +175,8 @@ def read_handshake(protocol: WebSocketServerProtocol) -> bool:
 
     Autobahn reads the head line by line with two regular expressions a
     line, runs C{urlparse} on the target and builds a dozen debug-line
-    arguments that are thrown away: a sixth of a handshake's CPU.  The
+    arguments that are thrown away: an eighth of the in-memory handshake
+    (router to 101, callgrind: 494,034 -> 432,243 instructions).  The
     state it leaves (the request's fields, the key, the remaining bytes)
     and the calls it makes (C{onConnect} through txaio, then
     C{succeedHandshake} or C{failHandshake}) are the same here;
@@ -295,7 +296,7 @@ def _answer(p: Any, request: ConnectionRequest) -> None:
     except BaseException:
         _then(_denied_by(p), Failure())
         return
-    if isinstance(answer, Deferred) or iscoroutine(answer):
+    if isinstance(answer, (Deferred, Failure)) or iscoroutine(answer):  # as maybeDeferred tells them
         _txaio.add_callbacks(_txaio.as_future(lambda: answer), p.succeedHandshake, _denied_by(p))
         return
     _then(p.succeedHandshake, answer)
