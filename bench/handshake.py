@@ -14,9 +14,14 @@ rounds run with earlier rounds' connections gone but their garbage
 collected or not, as a long-running daemon would.
 
     python -m bench.handshake -n 2000 --rounds 3
+    python -m bench.handshake --in-memory -n 5000 --rounds 5
     python -m bench.handshake -n 1000 --cprofile /tmp/hs.pstats
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.%p \\
         python -m bench.handshake -n 200 --rounds 2 --callgrind
+
+C{--in-memory} measures the handshake alone: the listener's router, the
+WebSocket protocol and the gateway's C{opened} over C{StringTransport}s,
+no sockets, no app (nothing is posted), on a C{Clock}.
 
 With C{--callgrind} (run under valgrind as above) instruction counting is
 switched on over each measured stretch only (C{callgrind_control}), and
@@ -53,6 +58,7 @@ def parse(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--cprofile", type=Path, metavar="FILE", help="cProfile the measured stretches into FILE")
     parser.add_argument("--callgrind", action="store_true", help="toggle callgrind over the measured stretches")
     parser.add_argument("--wsgw-args", default="", help="more wsgw options")
+    parser.add_argument("--in-memory", action="store_true", help="the handshake alone, over StringTransports, no app")
     return parser.parse_args(argv)
 
 
@@ -164,8 +170,62 @@ async def _until(reactor: Any, predicate: Any, timeout: float = 120.0) -> None:
         await d
 
 
+def in_memory(args: argparse.Namespace) -> None:
+    """Handshakes through the router over StringTransports; CPU (or instructions) per handshake."""
+    import gc
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from wsgw.config import Config
+    from wsgw.router import RouterFactory
+    from wsgw.service import make_node
+    from wsgw.web import GatewaySite, make_resource, websocket_factory
+
+    clock = Clock()
+    config = Config(max_connections=0, max_connections_per_user=0)
+    node = make_node(config, reactor=clock)
+    websocket = websocket_factory(node)
+    site = GatewaySite(make_resource(node, factory=websocket), config, reactor=clock)
+    router = RouterFactory(site, websocket, clock, config.handshake_timeout, site.rate_limiter)
+    peer = IPv4Address("TCP", "127.0.0.1", 5555)
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:40010\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Bfl-User: w1-1\r\n\r\n"
+    )  # what the load generator's ws client sends
+
+    def one() -> Any:
+        protocol = router.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        transport.protocol.dataReceived(request)
+        return transport
+
+    kept = [one() for _ in range(200)]  # warm
+    if not kept[0].value().startswith(b"HTTP/1.1 101 "):
+        raise RuntimeError(kept[0].value())
+    gc.freeze()  # as the daemon settles its collector once it listens
+    gc.set_threshold(10_000, 10, 10)
+    for round_no in range(args.rounds):
+        started = time.process_time()
+        if args.callgrind:
+            _callgrind("-z")
+            _callgrind("-i", "on")
+        kept.extend(one() for _ in range(args.n))
+        if args.callgrind:
+            _callgrind("-d")
+            _callgrind("-i", "off")
+        cpu = time.process_time() - started
+        print(f"round {round_no}: {1e6 * cpu / args.n:.1f} µs CPU per handshake (in memory, no app)", flush=True)
+
+
 def main(argv: List[str]) -> None:
     args = parse(argv)
+    if args.in_memory:
+        in_memory(args)
+        return
     ensure_node_modules()
     procs.raise_nofile()
     from twisted.internet import reactor
