@@ -299,3 +299,36 @@ def test_write_now_takes_the_ordinary_path_on_anything_but_plain_tcp():
     transport = StringTransport()
     internals.write_now(transport, b"HTTP/1.1 200 OK\r\n\r\n")
     assert transport.value() == b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+def test_the_one_pass_handshake_finds_autobahns_and_txaios_private_helpers():
+    """read_handshake calls Autobahn's origin helpers and recognises txaio's
+    no-op debug method; without them it would leave every handshake to
+    Autobahn (correct, but no longer cheaper)."""
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    assert internals._url_to_origin is autobahn_protocol._url_to_origin
+    assert internals._is_same_origin is autobahn_protocol._is_same_origin
+    assert callable(internals._no_op)
+    assert internals.debug_is_off(WebSocketServerProtocol())  # the default level is info
+
+
+def test_autobahn_prints_the_settings_it_copied_with_a_pformat_that_knows_the_empty_list():
+    """Autobahn's pformat, once debug arguments are deferred, prints
+    everything as pprint does and the empty list of settings (which wsgw's
+    protocols copy) at once."""
+    import pprint
+    import re
+
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    internals.defer_debug_arguments()
+    internals.defer_debug_arguments()  # idempotent: wrapped once
+    printed = autobahn_protocol.pformat
+    assert printed.__wrapped__ is pprint.pformat
+    for value in ([], [("a", 1, "B")], {}, {"k": [1, 2]}, (), "x", [[]]):
+        assert printed(value) == pprint.pformat(value)
+    assert printed([], width=1) == pprint.pformat([], width=1)
+    # what it is used for: that settings line, and the text of Timings
+    source = inspect.getsource(autobahn_protocol)
+    assert re.findall(r"pformat\((\w+)", source) == ["self", "configAttrLog", "self"]

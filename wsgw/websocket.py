@@ -138,6 +138,15 @@ class GatewayProtocol(WebSocketServerProtocol):
             _log.info("handshake refused: {message}", message=refusal.message)
         raise ConnectionDeny(refusal.status, refusal.message)
 
+    def processHandshake(self) -> None:
+        """
+        An opening handshake that passes every check of Autobahn's is read
+        in one pass (L{internals.read_handshake}); anything else, Autobahn
+        reads and answers itself.
+        """
+        if not internals.read_handshake(self):
+            super().processHandshake()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._deciding is not None:
             self._deciding.cancel()  # nobody is there for the app's answer

@@ -37,7 +37,7 @@ let clients;
 function reset(newMode) {
   mode = newMode || mode;
   clients = new Map(); // client index -> {seen: Set of sequence numbers, max}
-  stats = { mode, requests: 0, connect: 0, open: 0, close: 0, messages: 0, pings: 0, unique: 0, dup: 0, reordered: 0,
+  stats = { mode, requests: 0, connections: 0, connect: 0, open: 0, close: 0, messages: 0, pings: 0, unique: 0, dup: 0, reordered: 0,
     firstAt: null, lastAt: null, echoes: 0, echoErrors: 0, unparsed: 0 };
 }
 reset('count');
@@ -245,6 +245,11 @@ const server = http.createServer((req, res) => {
       res.end();
     }
   });
+});
+// How many connections the server under test opened to the app (a pool that
+// keeps too few makes the app accept, and pay for, a new one per request).
+server.on('connection', () => {
+  stats.connections++;
 });
 server.keepAliveTimeout = 120000;
 server.headersTimeout = 125000;
