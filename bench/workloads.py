@@ -763,10 +763,11 @@ class Runner:
     ALL = ("W1", "W1C", "W2", "W3", "W3B", "W4", "W4R", "W5", "W6")
 
     def run(self, only: Sequence[str] = ALL) -> None:
+        both = "W1" in only and "W1C" in only
         for name in self.ALL:
-            if name == "W1" and "W1C" in only:
+            if both and name == "W1":
                 continue  # run with W1c, size by size
-            if name == "W1C" and "W1" in only:
+            if both and name == "W1C":
                 # Size by size, W1 then W1c: the two figures a ratio is made
                 # of are taken minutes apart at most, under the same load.
                 for n in self.params.w1_sizes:

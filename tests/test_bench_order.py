@@ -39,3 +39,16 @@ def test_each_server_runs_the_workload_in_the_turns_order(tmp_path):
     for label in ("W1 a", "W1 b"):
         runner.each_server("W1", label, [("m", "")], lambda cls: measured.append(cls.name))
     assert measured == ["wsgw", "pushpin", "pushpin", "wsgw"]
+
+
+def test_each_workload_asked_for_runs_once(tmp_path, monkeypatch):
+    runner = _runner(tmp_path, ["wsgw"])
+    ran = []
+    monkeypatch.setattr(runner, "w1", lambda sizes=None: ran.append(("W1", sizes)))
+    monkeypatch.setattr(runner, "w1c", lambda sizes=None: ran.append(("W1c", sizes)))
+    monkeypatch.setattr(runner, "w2", lambda: ran.append(("W2", None)))
+    runner.run(["W1", "W2"])
+    assert ran == [("W1", None), ("W2", None)]
+    ran.clear()
+    runner.run(["W1", "W1C"])  # size by size, W1 then W1c
+    assert ran == [step for n in QUICK.w1_sizes for step in (("W1", [n]), ("W1c", [n]))]
