@@ -5,7 +5,7 @@ Identity comes from the upgrade request as the platform sets it.
 import uuid
 
 from wsgw.config import trusted_networks
-from wsgw.identity import client_address, cookie_value, identify
+from wsgw.identity import client_address, cookie_value, identify, new_conn_id
 
 
 def test_cookie_value():
@@ -90,3 +90,17 @@ def test_a_bad_trusted_proxy_is_refused_by_name():
 
     with pytest.raises(ValueError, match=re.escape("'10.0.0.300/8' is not an IP address or CIDR block")):
         trusted_networks(["10.0.0.300/8"])
+
+
+def test_conn_ids_are_random_version_4_uuids_as_uuid4_writes_them():
+    ids = [new_conn_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for conn_id in ids:
+        parsed = uuid.UUID(conn_id)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == conn_id
+    # Every bit that is not the version's or the variant's varies.
+    fixed = ~0
+    for a, b in zip(ids, ids[1:]):
+        fixed &= ~(uuid.UUID(a).int ^ uuid.UUID(b).int)
+    assert fixed & ((1 << 128) - 1) == (0xF << 76) | (0x3 << 62)

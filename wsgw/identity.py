@@ -5,7 +5,7 @@ Who a new connection belongs to, read from its upgrade request.
 from __future__ import annotations
 
 import ipaddress
-import uuid
+import os
 from typing import Mapping, Optional, Union
 
 from .config import Networks
@@ -44,7 +44,17 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 
 
 def new_conn_id() -> str:
-    return str(uuid.uuid4())
+    """
+    A random (version 4) UUID as text, the form of C{str(uuid.uuid4())}
+    from the same 16 random bytes, without the C{UUID} object between:
+    every handshake makes two (its conn id, and a public one's token), and
+    that object was a third of their cost.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _ip(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
@@ -109,7 +119,7 @@ def identify(
     return Connection(
         conn_id=new_conn_id(),
         user_name=_header(headers, user_header.lower()).strip(),
-        token=token or str(uuid.uuid4()),
+        token=token or new_conn_id(),
         access_public=public,
         user_agent=_header(headers, "user-agent"),
         remote_addr=client_address(headers, peer, trusted),
