@@ -396,3 +396,44 @@ def test_no_listener_no_signal() -> None:
     pump.flush()
     assert fired == []
     assert server._listeners is None
+
+
+# -- line ends, answer after answer ----------------------------------------------------
+
+
+def _answers(raws: List[bytes]) -> List[Any]:
+    pool = AppPool(Clock())
+    connection = AppConnection(pool, ("app",))
+    connection.makeConnection(StringTransport())
+    got: List[Any] = []
+    for raw in raws:
+        if connection.lost or connection.transport.disconnecting:
+            break
+        connection.send(b"request").addBoth(got.append)
+        connection.dataReceived(raw)
+    return got
+
+
+BARE_LF_HEAD = b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+CHUNKED_BARE_LF_HEAD = b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2\r\nok\r\n0\r\n\r\n"
+CHUNK_BARE_LF = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raws, verdicts",
+    [
+        ([CHUNKED, BARE_LF_HEAD, BARE_LF_HEAD], ["ok", "ok", "ok"]),
+        ([BARE_LF_HEAD, CHUNKED_BARE_LF_HEAD, BARE_LF_HEAD], ["ok", "ok", "ok"]),
+        ([BARE_LF_HEAD, CHUNK_BARE_LF], ["ok", "failed"]),
+        ([CHUNKED, CHUNK_BARE_LF], ["ok", "failed"]),
+    ],
+)
+def test_a_bare_lf_ends_head_lines_of_every_answer_never_a_chunk_line(raws, verdicts) -> None:
+    """The parser is lenient about line ends in heads and strict in chunked
+    bodies, whatever the connection's earlier answers were framed by."""
+    got = _answers(raws)
+    assert ["ok" if isinstance(r, Answer) and r.body == b"ok" else "failed" for r in got] == verdicts
+    for r in got:
+        if isinstance(r, Failure):
+            r.trap(Exception)

@@ -153,6 +153,8 @@ class AppConnection(Protocol):
         self._max_kept_body = max_kept_body
         self._parser = HttpResponseParser(self)
         self._lenient_lines(True)
+        #: The parser is strict about line ends (reading chunks, see L{_lenient_lines}).
+        self._strict = False
         self._waiting: Optional[Deferred[Answer]] = None
         #: How to send the request in flight again should this (reused)
         #: connection turn out stale (see L{AppAgent.request}).
@@ -231,8 +233,11 @@ class AppConnection(Protocol):
         # RFC 9112 2.2 lets a client read a bare LF as the end of the
         # status line and of a field line (Twisted's client does); chunks
         # and trailers end in CRLF (Twisted checks).  llhttp has one
-        # leniency for both, so it is on for heads only.
+        # leniency for both, so it is off while a chunked body is read, on
+        # otherwise (a body framed by length or by the connection's end
+        # has no lines to end).
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=lenient)
+        self._strict = not lenient
 
     # llhttp's callbacks, called from within feed_data.
 
@@ -264,7 +269,6 @@ class AppConnection(Protocol):
         if 100 <= code < 200:
             return  # an interim answer; llhttp reads it as a message of its own
         self._head_done = True
-        self._lenient_lines(False)
         version = self._parser.get_http_version()
         if not version.startswith("1."):
             raise BadResponse(f"not HTTP/1.x: HTTP/{version}")
@@ -273,6 +277,8 @@ class AppConnection(Protocol):
         raw = self._raw
         self._headers = CheckedHeaders.adopt(raw)
         codings = raw.get(b"Transfer-Encoding")
+        if codings is not None:
+            self._lenient_lines(False)  # chunks and trailers end in CRLF
         no_body = self._head_only or code in (204, 304)
         if not no_body and codings is not None and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             # Only chunked can be undone here; Twisted's client agrees.
@@ -294,7 +300,8 @@ class AppConnection(Protocol):
             self._phrase = b""
             self._raw = {}
             return
-        self._lenient_lines(True)
+        if self._strict:
+            self._lenient_lines(True)
         self._answer = self._make_answer()
         self._keep_alive = self._parser.should_keep_alive()
         self._keep_for = _keep_alive_timeout(self._raw)

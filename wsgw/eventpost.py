@@ -352,6 +352,19 @@ def _verdict(response: IResponse, replies: bool) -> Union[bytes, Deferred[Option
     back (delivered, with a reply), or a L{Deferred} of either once the
     body has been read; failing with L{AppUnavailable} or L{AppRejected}.
     """
+    original = getattr(response, "original", None)
+    if type(original) is Answer:
+        # The common case, judged on the Answer itself (what treq's wrapper
+        # would hand on): a 2xx or 3xx read whole already.
+        status = original.code
+        if 200 <= status < 300:
+            if replies:
+                values = original.headers.getRawHeaders(b"x-wsgw-reply")
+                if values is not None and values[-1].strip() == b"1":
+                    return original.body
+            return None
+        if 300 <= status < 400:
+            return None
     status = response.code
     if 200 <= status < 400:
         read = _read_already(response)
