@@ -219,8 +219,8 @@ class RecordingClient:
         self.options: List[Dict[str, Any]] = []
         self.pending: List[Deferred[Any]] = []
 
-    def post(self, url: Any, **options: Any) -> Deferred[Any]:
-        self.options.append(options)
+    def request(self, method: str, url: Any, **options: Any) -> Deferred[Any]:
+        self.options.append(dict(options, method=method))
         d: Deferred[Any] = Deferred()
         self.pending.append(d)
         return d
@@ -233,6 +233,7 @@ def test_treq_is_given_the_posters_clock_not_the_global_reactor() -> None:
     client = RecordingClient()
     EventPoster(client, URL, clock).post(Event("c1", 0, "message", b"{}"))  # type: ignore[arg-type]
     assert client.options[0]["reactor"] is clock
+    assert client.options[0]["method"] == "POST"
     assert "timeout" not in client.options[0]
 
 
