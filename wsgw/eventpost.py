@@ -244,9 +244,8 @@ class EventPoster:
                 unbuffered=True,
                 # An empty jar of our own: else treq builds one per request.
                 cookies=_NO_COOKIES,
-                # Else treq imports the global reactor on every request,
-                # through twisted.internet's deprecation proxy.  treq only
-                # uses it for its own timeout, which is not asked for.
+                # Else treq imports the global reactor on every request;
+                # it only uses it for its own timeout, which is not asked for.
                 reactor=cast(Any, self.clock),
             )
         except Exception:  # treq converts the URL before any Deferred exists
