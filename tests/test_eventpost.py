@@ -134,7 +134,8 @@ class StalledClient:
         self.requests = []
         self.deferreds = []
 
-    def post(self, url, data, headers, **options):
+    def request(self, method, url, data, headers, **options):
+        assert method == "POST"
         d = Deferred(lambda d: self.requests.append("cancelled"))
         self.requests.append(url)
         self.deferreds.append(d)

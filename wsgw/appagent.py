@@ -153,7 +153,14 @@ class AppConnection(Protocol):
         self._max_kept_body = max_kept_body
         self._parser = HttpResponseParser(self)
         self._lenient_lines(True)
+        #: The parser is strict about line ends (reading chunks, see L{_lenient_lines}).
+        self._strict = False
         self._waiting: Optional[Deferred[Answer]] = None
+        #: How to send the request in flight again should this (reused)
+        #: connection turn out stale (see L{AppAgent.request}).
+        self._again: Optional[Tuple[AppAgent, _Target, bytes]] = None
+        #: That second attempt, while it is under way.
+        self._retrying: Optional[Deferred[IResponse]] = None
         self.lost = False
         #: Nothing was ever left in the transport's buffer (see L{_write}).
         self._direct = True
@@ -163,7 +170,11 @@ class AppConnection(Protocol):
         self._head_only = head_only
         self._received = 0
         self._phrase = b""
-        self._headers = Headers()
+        #: The answer's header lines, by canonical name (see L{on_header}).
+        self._raw: Dict[bytes, List[bytes]] = {}
+        self._headers = _EMPTY_HEADERS
+        self._code = 0
+        self._version = _HTTP_1_1
         self._head_done = False
         #: The body runs to the end of the connection.
         self._until_close = False
@@ -173,12 +184,18 @@ class AppConnection(Protocol):
         self._keep_alive = False
         self._keep_for: Optional[float] = None
 
-    def send(self, data: bytes, head_only: bool = False) -> Deferred[Answer]:
+    def send(
+        self, data: bytes, head_only: bool = False, again: Optional[Tuple[AppAgent, _Target, bytes]] = None
+    ) -> Deferred[Answer]:
         """
         Write one whole request; the L{Deferred} fires with the L{Answer}.
         C{head_only}: the request was a C{HEAD}, whose answer has no body.
+        C{again}: the agent, target and request to send once more on a new
+        connection should this one be lost before a byte of the answer came
+        (a connection from the pool the app closed as the request went out).
         """
         self._waiting = Deferred(self._cancel)
+        self._again = again
         self._reset(head_only)
         self._write(data)
         return self._waiting
@@ -203,6 +220,10 @@ class AppConnection(Protocol):
         transport.write(data)
 
     def _cancel(self, _d: Deferred[Answer]) -> None:
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()  # the second attempt's failure fires the first's Deferred
+            return
         # The answer is no longer wanted (the attempt timed out): this
         # connection is mid-answer, so it cannot serve another request.
         self._waiting = None
@@ -212,8 +233,11 @@ class AppConnection(Protocol):
         # RFC 9112 2.2 lets a client read a bare LF as the end of the
         # status line and of a field line (Twisted's client does); chunks
         # and trailers end in CRLF (Twisted checks).  llhttp has one
-        # leniency for both, so it is on for heads only.
+        # leniency for both, so it is off while a chunked body is read, on
+        # otherwise (a body framed by length or by the connection's end
+        # has no lines to end).
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=lenient)
+        self._strict = not lenient
 
     # llhttp's callbacks, called from within feed_data.
 
@@ -225,24 +249,41 @@ class AppConnection(Protocol):
         self._phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # What Headers.addRawHeader does, minus its per-value work: the name
+        # is made canonical as Headers makes it (and refused as it refuses
+        # it), once per name; llhttp has refused a value with CR, LF or
+        # NUL already, which is all Headers would have changed.
         if not self._head_done:  # trailers are read and dropped
-            self._headers.addRawHeader(name, value)
+            canonical = _CANONICAL_NAMES.get(name)
+            if canonical is None:
+                canonical = _canonical_name(name)
+            raw = self._raw
+            values = raw.get(canonical)
+            if values is None:
+                raw[canonical] = [value]
+            else:
+                values.append(value)
 
     def on_headers_complete(self) -> None:
         code = self._parser.get_status_code()
         if 100 <= code < 200:
             return  # an interim answer; llhttp reads it as a message of its own
         self._head_done = True
-        self._lenient_lines(False)
-        if not self._parser.get_http_version().startswith("1."):
-            raise BadResponse(f"not HTTP/1.x: HTTP/{self._parser.get_http_version()}")
-        headers = self._headers
-        codings = headers.getRawHeaders(b"transfer-encoding")
+        version = self._parser.get_http_version()
+        if not version.startswith("1."):
+            raise BadResponse(f"not HTTP/1.x: HTTP/{version}")
+        self._code = code
+        self._version = _HTTP_1_0 if version == "1.0" else _HTTP_1_1
+        raw = self._raw
+        self._headers = CheckedHeaders.adopt(raw)
+        codings = raw.get(b"Transfer-Encoding")
+        if codings is not None:
+            self._lenient_lines(False)  # chunks and trailers end in CRLF
         no_body = self._head_only or code in (204, 304)
         if not no_body and codings is not None and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             # Only chunked can be undone here; Twisted's client agrees.
             raise BadResponse(f"unsupported Transfer-Encoding: {b','.join(codings)[:40]!r}")
-        self._until_close = not no_body and codings is None and not headers.hasHeader(b"content-length")
+        self._until_close = not no_body and codings is None and b"Content-Length" not in raw
         if self._head_only:
             # llhttp cannot be told that no body follows: stop it here.
             raise _HeadAnswered()
@@ -257,21 +298,23 @@ class AppConnection(Protocol):
         if not self._head_done:
             # The end of an interim answer: the real one follows.
             self._phrase = b""
-            self._headers = Headers()
+            self._raw = {}
             return
-        self._lenient_lines(True)
+        if self._strict:
+            self._lenient_lines(True)
         self._answer = self._make_answer()
         self._keep_alive = self._parser.should_keep_alive()
-        self._keep_for = _keep_alive_timeout(self._headers)
+        self._keep_for = _keep_alive_timeout(self._raw)
 
     def _make_answer(self) -> Answer:
-        minor = 0 if self._parser.get_http_version() == "1.0" else 1
+        # Called once the head is read (on_headers_complete set these).
+        body = self._body
         return Answer(
-            (b"HTTP", 1, minor),
-            self._parser.get_status_code(),
+            self._version,
+            self._code,
             self._phrase,
             self._headers,
-            b"".join(self._body),
+            body[0] if len(body) == 1 else b"".join(body),
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -323,20 +366,37 @@ class AppConnection(Protocol):
         self.lost = True
         self._pool.forget(self._key, self)
         waiting, self._waiting = self._waiting, None
+        again, self._again = self._again, None
         if waiting is None:
             return
         if self._head_done and self._until_close:
             waiting.callback(self._make_answer())
+        elif self._received == 0 and again is not None:
+            # Nothing of an answer on a reused connection: the app closed
+            # it as the request went out.  It goes out once more, now, on a
+            # new connection; this request's Deferred fires with that one's
+            # outcome, and cancelling it cancels that one.
+            self._waiting = waiting
+            agent, target, data = again
+            retrying = self._retrying = agent._connect(target, data, self._head_only)
+            retrying.addBoth(self._retried)
         elif self._received == 0:
-            # Nothing of an answer: the app may have closed an idle
-            # connection as the request went out (see AppAgent.request).
             waiting.errback(Failure(ResponseNeverReceived([reason])))
         else:
             waiting.errback(Failure(ResponseFailed([reason])))
 
+    def _retried(self, result: Any) -> None:
+        waiting, self._waiting = self._waiting, None
+        self._retrying = None
+        if waiting is not None:
+            if isinstance(result, Failure):
+                waiting.errback(result)
+            else:
+                waiting.callback(result)
 
-def _keep_alive_timeout(headers: Headers) -> Optional[float]:
-    values = headers.getRawHeaders(b"keep-alive")
+
+def _keep_alive_timeout(raw: Dict[bytes, List[bytes]]) -> Optional[float]:
+    values = raw.get(b"Keep-Alive")
     if values is None:
         return None
     hint = values[0] if len(values) == 1 else b",".join(values)
@@ -351,6 +411,49 @@ def _keep_alive_timeout(headers: Headers) -> Optional[float]:
 
 #: Keep-Alive values read already: an app sends the same one every time.
 _HINTS_SEEN: Dict[bytes, Optional[float]] = {}
+
+_HTTP_1_0 = (b"HTTP", 1, 0)
+_HTTP_1_1 = (b"HTTP", 1, 1)
+
+
+class CheckedHeaders(Headers):
+    """
+    C{Headers} built from names already canonical and values already
+    checked: C{Headers} would encode, capitalise and sanitise each of them
+    again, once as it is built and once more in every copy the agents
+    under treq make.  Its copies are of its own class, lists not shared;
+    it is otherwise a C{Headers} in every respect.  (Twisted's C{Headers}
+    keeps its lines in C{_rawHeaders}, by canonical name.)
+    """
+
+    __slots__ = ()
+
+    def __init__(self, rawHeaders: Optional[Dict[bytes, List[bytes]]] = None) -> None:
+        self._rawHeaders = {} if rawHeaders is None else {name: list(values) for name, values in rawHeaders.items()}
+
+    @classmethod
+    def adopt(cls, raw: Dict[bytes, List[bytes]]) -> CheckedHeaders:
+        """Headers over C{raw} itself, which nothing else may change any more."""
+        headers = cls.__new__(cls)
+        headers._rawHeaders = raw
+        return headers
+
+
+_EMPTY_HEADERS = CheckedHeaders()
+
+#: Header names as Headers writes them (C{content-length} →
+#: C{Content-Length}), for the names an app sends (a handful).
+_CANONICAL_NAMES: Dict[bytes, bytes] = {}
+
+
+def _canonical_name(name: bytes) -> bytes:
+    """C{name} as C{Headers} keeps it; refused (C{InvalidHeaderName}) as it refuses it."""
+    probe = Headers()
+    probe.addRawHeader(name, b"")
+    [(canonical, _)] = probe.getAllRawHeaders()
+    if len(_CANONICAL_NAMES) < 256:
+        _CANONICAL_NAMES[name] = canonical
+    return canonical
 
 
 @attr.s(eq=False)
@@ -516,23 +619,44 @@ def _check_token(token: bytes, what: str) -> None:
             _TOKENS_SEEN.add(token)
 
 
+#: What each header name is to L{serialize}: one the agent writes itself
+#: (L{_FRAMING}), C{Host}, or any other; for the names seen (a handful).
+_NAME_KINDS: Dict[bytes, int] = {}
+_PLAIN, _FRAMING_NAME, _HOST = 0, 1, 2
+
+
+def _name_kind(name: bytes) -> int:
+    lower = name.lower()
+    if lower in _FRAMING:
+        kind = _FRAMING_NAME  # never written as given, so never checked
+    else:
+        _check_token(name, "header name")
+        kind = _HOST if lower == b"host" else _PLAIN
+    if len(_NAME_KINDS) < 256:
+        _NAME_KINDS[name] = kind
+    return kind
+
+
 def serialize(method: bytes, target: _Target, headers: Optional[Headers], body: bytes) -> bytes:
     """
     The request as it goes on the wire.  A method that is not a token, a
     header name that is not a token or a value with CR, LF or NUL is
     refused here, where the request is built (L{ValueError}).
     """
-    _check_token(method, "method")
+    if method not in _TOKENS_SEEN:
+        _check_token(method, "method")
     lines = [method, b" ", target.path, b" HTTP/1.1\r\n"]
     count = 2  # the request line and the blank line that ends the head
     has_host = False
     if headers is not None:
+        kinds = _NAME_KINDS
         for name, values in headers.getAllRawHeaders():
-            lower = name.lower()
-            if lower in _FRAMING:
-                continue
-            _check_token(name, "header name")
-            if lower == b"host":
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _name_kind(name)
+            if kind:
+                if kind == _FRAMING_NAME:
+                    continue
                 has_host = True
             for value in values:
                 lines += (name, b": ", value, b"\r\n")
@@ -603,15 +727,10 @@ class AppAgent:
         connection = self.pool.take(target.key)
         if connection is None:
             return self._connect(target, data, head_only)
-
-        return connection.send(data, head_only).addErrback(self._stale, target, data, head_only)
-
-    def _stale(self, failure: Failure, target: _Target, data: bytes, head_only: bool) -> Any:
-        # The app closed this idle connection as the request went out:
-        # nothing was answered, so the request goes out once more, now.
-        if failure.check(ResponseNeverReceived):
-            return self._connect(target, data, head_only)
-        return failure
+        # Should the app have closed this idle connection as the request
+        # went out (nothing answered), the connection sends it once more,
+        # now, on a new one (L{AppConnection.connectionLost}).
+        return cast("Deferred[IResponse]", connection.send(data, head_only, (self, target, data)))
 
     def _connect(self, target: _Target, data: bytes, head_only: bool) -> Deferred[IResponse]:
         try:

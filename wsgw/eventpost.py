@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 from http.cookiejar import Cookie, CookieJar
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, cast
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Union, cast
 
 import attr
 import treq
@@ -57,7 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .appagent import MAX_KEPT_BODY, Answer, AppAgent, AppEndpoints, AppPool, BytesBody, PreparedURL
+from .appagent import MAX_KEPT_BODY, Answer, AppAgent, AppEndpoints, AppPool, BytesBody, CheckedHeaders, PreparedURL
 from .events import Event
 from .forwarder import AppRejected, AppUnavailable
 from .interfaces import IEventSink
@@ -137,19 +137,23 @@ def _header_value(text: str) -> bytes:
     return value
 
 
-class _CheckedHeaders(Headers):
-    """
-    C{Headers} built from names already canonical and values already
-    checked (L{_header_value}): C{Headers} would encode, capitalise and
-    sanitise each of them again, once here and once more in every copy the
-    agents under treq make.  Its copies are of its own class, lists not
-    shared; it is otherwise a C{Headers} in every respect.
-    """
+#: Values checked already (L{_connection_value}), emptied when full.
+_CHECKED: Dict[str, bytes] = {}
+_MAX_CHECKED = 4096
 
-    __slots__ = ()
 
-    def __init__(self, rawHeaders: Optional[Dict[bytes, List[bytes]]] = None) -> None:
-        self._rawHeaders = {} if rawHeaders is None else {name: list(values) for name, values in rawHeaders.items()}
+def _connection_value(text: str) -> bytes:
+    """
+    L{_header_value} of a value every event of a connection repeats (its
+    address, its cookie): checked once, not once per event.
+    """
+    value = _CHECKED.get(text)
+    if value is None:
+        value = _header_value(text)  # a refused one is refused every time
+        if len(_CHECKED) >= _MAX_CHECKED:
+            _CHECKED.clear()
+        _CHECKED[text] = value
+    return value
 
 
 def request_headers(event: Event) -> Headers:
@@ -162,11 +166,11 @@ def request_headers(event: Event) -> Headers:
     raw = {
         b"Content-Type": [_JSON_TYPE],
         b"X-Wsgw-Event-Id": [_header_value(event.event_id)],
-        b"X-Forwarded-For": [_header_value(event.remote_addr)],
+        b"X-Forwarded-For": [_connection_value(event.remote_addr)],
     }
     if event.cookie:
-        raw[b"Cookie"] = [_header_value(event.cookie)]
-    return _CheckedHeaders(raw)
+        raw[b"Cookie"] = [_connection_value(event.cookie)]
+    return CheckedHeaders.adopt(raw)
 
 
 def _drain(_chunk: bytes) -> None:
@@ -222,7 +226,7 @@ class EventPoster:
         their bodies, each with its C{event_id}, and C{X-Wsgw-Batch: <count>}.
         The answer's body is ignored (no replies to a batch).
         """
-        headers = _CheckedHeaders({b"Content-Type": [_JSON_TYPE], b"X-Wsgw-Batch": [b"%d" % len(events)]})
+        headers = CheckedHeaders({b"Content-Type": [_JSON_TYPE], b"X-Wsgw-Batch": [b"%d" % len(events)]})
         return cast("Deferred[None]", self.send(batch_body(events), headers, replies=False))  # no reply read
 
     def send(self, body: bytes, headers: Headers, replies: bool = False) -> Deferred[Optional[bytes]]:
@@ -231,7 +235,8 @@ class EventPoster:
         judges it; with C{replies}, an answer's reply is read.
         """
         try:
-            d = self.client.post(
+            d = self.client.request(  # what post() calls, one call and one keyword dict sooner
+                "POST",
                 self._parsed_url,
                 data=body,
                 headers=headers,
@@ -239,13 +244,39 @@ class EventPoster:
                 unbuffered=True,
                 # An empty jar of our own: else treq builds one per request.
                 cookies=_NO_COOKIES,
+                # Else treq imports the global reactor on every request;
+                # it only uses it for its own timeout, which is not asked for.
+                reactor=cast(Any, self.clock),
             )
         except Exception:  # treq converts the URL before any Deferred exists
             return fail()
-        judged: Deferred[Optional[bytes]] = d.addCallback(_verdict, replies)  # the same Deferred
-        if not judged.called or judged.paused:
+        judged = cast("Deferred[Any]", d)  # the same Deferred, once judged
+        if not d.called or d.paused:
+            # The answer is to come (always, over a real agent): bounded,
+            # then judged and settled in one callback.
+            self._due[d] = self.clock.seconds() + self.timeout
+            if self._timer is None:
+                self._timer = self.clock.callLater(self.timeout, self._expire)
+            return judged.addBoth(self._judged, d, replies)
+        judged.addCallback(_verdict, replies)
+        if judged.paused:
             self._bound(judged)
         return judged
+
+    def _judged(self, result: object, d: Deferred[Any], replies: bool) -> object:
+        """
+        L{_verdict}, then L{_settled}, as one callback: an answer judged at
+        once settles its attempt here; one whose body is still to be read
+        stays bounded until it has been.
+        """
+        if isinstance(result, Failure):
+            return self._settled(result, d)
+        verdict = _verdict(cast(IResponse, result), replies)
+        if not isinstance(verdict, Deferred):
+            return self._settled(verdict, d)
+        # Settled once the body is read: on the Deferred this callback
+        # hands back, so before any callback the caller added.
+        return verdict.addBoth(self._settled, d)
 
     def _bound(self, d: Deferred[Any]) -> None:
         self._due[d] = self.clock.seconds() + self.timeout
@@ -315,12 +346,35 @@ def _nothing(_: object) -> None:
     return None
 
 
-def _verdict(response: IResponse, replies: bool) -> Optional[Deferred[Optional[bytes]]]:
+def _verdict(response: IResponse, replies: bool) -> Union[bytes, Deferred[Optional[bytes]], None]:
+    """
+    What the app's answer means: L{None} (delivered), the reply to send
+    back (delivered, with a reply), or a L{Deferred} of either once the
+    body has been read; failing with L{AppUnavailable} or L{AppRejected}.
+    """
+    original = getattr(response, "original", None)
+    if type(original) is Answer:
+        # The common case, judged on the Answer itself (what treq's wrapper
+        # would hand on): a 2xx or 3xx read whole already.
+        status = original.code
+        if 200 <= status < 300:
+            if replies:
+                values = original.headers.getRawHeaders(b"x-wsgw-reply")
+                if values is not None and values[-1].strip() == b"1":
+                    return original.body
+            return None
+        if 300 <= status < 400:
+            return None
     status = response.code
-    if 200 <= status < 300 and replies and _wants_reply(response):
-        return treq.content(response).addErrback(_unreadable_reply, status)
     if 200 <= status < 400:
-        if _read_already(response):
+        read = _read_already(response)
+        if status < 300 and replies and _wants_reply(response):
+            if read:
+                # What treq.content() reads from an Answer, without a
+                # Deferred and a collector per reply.
+                return cast(Answer, cast(Any, response).original).body
+            return treq.content(response).addErrback(_unreadable_reply, status)
+        if read:
             return None
         # Drained, not kept: over an agent that streams answers, the
         # connection goes back to its pool only once the body was read.

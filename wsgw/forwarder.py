@@ -310,6 +310,9 @@ class AppForwarder:
         The next request: the head event of the first ready stream, or in
         batches as many waiting events as fit, stream by stream in order.
         """
+        if self.batch == 1:
+            stream = self._ready.popleft()
+            return _Request([(stream, 1)], [stream.pending[0]])
         request = _Request()
         room = self.batch
         while room and self._ready:

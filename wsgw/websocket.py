@@ -194,6 +194,37 @@ class GatewayProtocol(WebSocketServerProtocol):
         internals.drop_handshake_leftovers(self)
         self.factory.gateway.opened(self.conn)
 
+    def onMessageFrameEnd(self) -> None:
+        """
+        Autobahn's, without its two hops (C{_onMessageFrame},
+        C{onMessageFrame}) per frame: this protocol adds nothing there.
+        """
+        if not self.failedByMe:
+            self.message_data.extend(self.frame_data)
+        self.frame_data = None  # type: ignore[assignment]  # as Autobahn resets it
+
+    def onMessageEnd(self) -> None:
+        """
+        Autobahn's, calling L{onMessage} directly, and firing its C{message}
+        signal only when someone listens: with no listener (wsgw adds none)
+        firing builds a fired Deferred and a callback per message for
+        nothing.  C{_listeners} is Autobahn's (C{ObservableMixin}); should a
+        release drop it, the signal is fired as before.
+        """
+        if not self.failedByMe:
+            payload = b"".join(self.message_data)
+            if self.trackedTimings:
+                self.trackedTimings.track("onMessage")
+            self.onMessage(payload, self.message_is_binary)
+            if getattr(self, "_listeners", True) is not None:
+                fired = self.fire("message", payload, is_binary=self.message_is_binary)
+                fired.addErrback(self._message_signal_failed)
+        self.message_data = None  # type: ignore[assignment]  # as Autobahn resets it
+
+    def _message_signal_failed(self, failure: Failure) -> None:
+        # As Autobahn logs it: a listener's error is the listener's.
+        self.log.error("Firing signal 'message' failed: {fail}", fail=failure)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         assert self.conn is not None
         self.factory.gateway.received(self.conn, payload, isBinary)
