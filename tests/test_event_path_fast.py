@@ -180,7 +180,7 @@ def test_a_reply_is_read_as_treq_reads_it(status, reply, body) -> None:
 # -- the header values -------------------------------------------------------------
 
 
-def test_a_connection_value_refused_once_is_refused_every_time() -> None:
+def test_an_event_with_a_header_value_it_cannot_send_is_refused_every_time() -> None:
     poster = EventPoster(http_client_for(None), URL, Clock())  # type: ignore[arg-type]
     bad = Event("c1", 0, "message", b"{}", cookie="a=b\r\nX-Evil: 1", remote_addr="127.0.0.1")
     for _ in range(2):
@@ -190,12 +190,11 @@ def test_a_connection_value_refused_once_is_refused_every_time() -> None:
         assert failure.check(BadEvent)
 
 
-def test_the_checked_values_are_bounded(monkeypatch) -> None:
-    monkeypatch.setattr(eventpost, "_MAX_CHECKED", 3)
-    monkeypatch.setattr(eventpost, "_CHECKED", {})
-    for n in range(10):
-        assert eventpost._connection_value(f"10.0.0.{n}") == f"10.0.0.{n}".encode()
-        assert len(eventpost._CHECKED) <= 3
+@pytest.mark.parametrize("bad", ["a=b\r\nX-Evil: 1", "a=b\nc", "a=\x00"])
+def test_a_header_value_with_cr_lf_or_nul_is_refused(bad) -> None:
+    with pytest.raises(BadEvent):
+        eventpost._header_value(bad)
+    assert eventpost._header_value("a=b; c=d\t") == b"a=b; c=d\t"
 
 
 def test_request_headers_are_built_once_not_copied() -> None:
