@@ -80,7 +80,17 @@ def parse(argv):
     )
     parser.add_argument("--w4-rate", type=int, metavar="N", help="W4/W4r's offered messages/s instead of the mode's")
     parser.add_argument("--w4-seconds", type=float, metavar="S", help="W4/W4r's duration instead of the mode's")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the workloads N times, the servers' turns going on, and report each figure's median",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: give 1 or more")
+    return args
 
 
 def log(message: str) -> None:
@@ -166,7 +176,11 @@ def main(argv=None) -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
             if not args.attach:
                 procs.py_spy()  # fail now, not in the middle of a run
-        Runner(params, servers, workdir, results, log, args.profile, args.attach).run(only)
+        runner = Runner(params, servers, workdir, results, log, args.profile, args.attach)
+        for turn in range(args.repeat):
+            if args.repeat > 1:
+                log(f"run {turn + 1} of {args.repeat}")
+            runner.run(only)
     finally:
         if base is not None:
             peers.remove_baseline(base)
@@ -184,7 +198,8 @@ def main(argv=None) -> int:
         "↑ higher is better, ↓ lower is better; wsgw/peer is wsgw's figure over the peer's. "
         "CPU % is of one core. RSS per connection: the RSS of all the server's processes after the handshakes "
         "minus before, over the connections then open. Each workload runs on a fresh instance of each server; "
-        "the servers take turns at going first, one workload to the next (the first measured reads high).",
+        "the servers take turns at going first, one workload to the next (the first measured reads high)."
+        + (f" Each figure is the median of {args.repeat} runs." if args.repeat > 1 else ""),
     ]
     document = report.document(results, "wsgw benchmark", preamble)
     print(document)

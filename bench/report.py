@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import platform
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +39,38 @@ class Results:
         self.servers = list(servers)
         self.rows: List[Row] = []
         self._index: Dict[tuple, Row] = {}
+        #: Every value reported per row and server, for runs repeated (--repeat).
+        self._samples: Dict[tuple, Dict[str, List[Value]]] = {}
         self.notes: List[str] = []
         self.failures: List[str] = []
         self.failed_servers: set = set()
 
-    def add(self, workload: str, metric: str, server: str, value: Value, better: str = "", digits: int = 1) -> None:
+    def add(
+        self,
+        workload: str,
+        metric: str,
+        server: str,
+        value: Value,
+        better: str = "",
+        digits: int = 1,
+        derived: bool = False,
+    ) -> None:
+        """
+        File C{value}.  Reported again (the workloads run more than once),
+        the row shows the median of the figures, or every distinct check
+        ("0/0/0; 3/0/0"); a C{derived} figure, made from other rows' shown
+        values, replaces the one before.
+        """
         key = (workload, metric)
         row = self._index.get(key)
         if row is None:
             row = self._index[key] = Row(workload, metric, better, {}, digits)
             self.rows.append(row)
-        row.values[server] = value
+        samples = self._samples.setdefault(key, {}).setdefault(server, [])
+        if derived:
+            samples.clear()
+        samples.append(value)
+        row.values[server] = summary(samples)
 
     def not_applicable(self, workload: str, metrics: Sequence[tuple], server: str, why: str = NA) -> None:
         for metric, better in metrics:
@@ -58,6 +80,14 @@ class Results:
         """A check that did not hold (or a run that broke) for C{server}."""
         self.failures.append(what)
         self.failed_servers.add(server)
+
+
+def summary(samples: Sequence[Value]) -> Value:
+    """The median of figures; of anything else, its distinct values in the order first seen."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in samples):
+        return statistics.median(samples)  # type: ignore[type-var]
+    distinct = list(dict.fromkeys(samples))
+    return distinct[0] if len(distinct) == 1 else "; ".join(str(v) for v in distinct)
 
 
 def fmt(value: Value, digits: int = 1) -> str:

@@ -410,7 +410,7 @@ class Runner:
                     value: Any = b / a
                 else:
                     value = b if isinstance(b, str) and b.startswith(NA) else "–"
-                self.results.add(hooked, f"{metric}, W1c ÷ W1", server_cls.name, value, better, digits=2)
+                self.results.add(hooked, f"{metric}, W1c ÷ W1", server_cls.name, value, better, digits=2, derived=True)
 
     # -- W2 ---------------------------------------------------------------------------------
 
@@ -703,7 +703,13 @@ class Runner:
                     else:
                         value = NA if a in (None, NA) else "–"
                     self.results.add(
-                        label, f"{what} at {high:,} ÷ at {low:,} others", server_cls.name, value, "↓", digits=2
+                        label,
+                        f"{what} at {high:,} ÷ at {low:,} others",
+                        server_cls.name,
+                        value,
+                        "↓",
+                        digits=2,
+                        derived=True,
                     )
 
     # -- W6 ---------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ def test_each_server_runs_the_workload_in_the_turns_order(tmp_path):
     runner = _runner(tmp_path, ["wsgw", "pushpin"])
     measured = []
     for label in ("W1 a", "W1 b"):
-        runner.each_server("W1", label, [("m", "")], lambda cls: measured.append(cls.name))
-    assert measured == ["wsgw", "pushpin", "pushpin", "wsgw"]
+        runner.each_server("W1", label, [("m", "")], measured.append)  # called with the class
+    assert [cls.name for cls in measured] == ["wsgw", "pushpin", "pushpin", "wsgw"]
 
 
 def test_each_workload_asked_for_runs_once(tmp_path, monkeypatch):
@@ -52,3 +52,25 @@ def test_each_workload_asked_for_runs_once(tmp_path, monkeypatch):
     ran.clear()
     runner.run(["W1", "W1C"])  # size by size, W1 then W1c
     assert ran == [step for n in QUICK.w1_sizes for step in (("W1", [n]), ("W1c", [n]))]
+
+
+def test_a_figure_reported_again_is_the_median_and_a_check_shows_every_outcome():
+    results = Results(["wsgw", "nchan"])
+    for value in (300, 200, 250):
+        results.add("W3", "server CPU µs per event", "wsgw", value, "↓")
+    for value in ("0/0/0", "0/0/0", "3/0/0"):
+        results.add("W3", "lost/dup/reordered", "wsgw", value)
+    results.add("W3", "ratio", "wsgw", 0.5, derived=True)
+    results.add("W3", "ratio", "wsgw", 0.7, derived=True)
+    shown = {row.metric: row.values["wsgw"] for row in results.rows}
+    assert shown == {"server CPU µs per event": 250, "lost/dup/reordered": "0/0/0; 3/0/0", "ratio": 0.7}
+
+
+def test_repeated_runs_go_on_taking_turns(tmp_path):
+    runner = _runner(tmp_path, ["wsgw", "nchan", "pushpin"])
+    firsts = []
+    for _ in range(3):  # what --repeat 3 does with one workload
+        measured = []
+        runner.each_server("W1", "W1 a", [("m", "")], measured.append)  # called with the class
+        firsts.append(measured[0].name)
+    assert firsts == ["wsgw", "nchan", "pushpin"]

@@ -137,6 +137,20 @@ def test_an_incomplete_head_is_left_as_it_is():
     assert not hasattr(protocol, "http_headers")
 
 
+@pytest.mark.parametrize("edge", ["\xa0", "\x85"])
+def test_a_value_with_other_whitespace_at_an_edge_is_left_to_autobahn(edge):
+    """Autobahn releases disagree on stripping NBSP and NEL: whichever is
+    installed reads such a head itself."""
+    _node, factory = _factory()
+    protocol = factory.buildProtocol(PEER)
+    protocol.makeConnection(StringTransport(peerAddress=PEER))
+    protocol.data = _request("GET /ws HTTP/1.1", [*GOOD, f"X-Trailing: a{edge}"])
+    assert internals.read_handshake(protocol) is False
+    assert not hasattr(protocol, "http_headers")
+    request = _request("GET /ws HTTP/1.1", [f"Host: a{edge}", *GOOD[1:]])
+    assert _shake(request, fast=True) == _shake(request, fast=False)
+
+
 def test_autobahns_handshake_is_the_one_the_fast_reading_was_checked_against():
     """
     read_handshake repeats every check of this processHandshake (and of

@@ -204,6 +204,10 @@ def read_handshake(protocol: WebSocketServerProtocol) -> bool:
         name, _, value = line.partition(":")
         key = name.lower()
         value = value.strip(" \t")
+        if value != value.strip():
+            # Other whitespace at an edge (NBSP, NEL): Autobahn releases
+            # before 26.11 strip it, later ones keep it.  Theirs to read.
+            return False
         if key in headers:
             headers[key] += f", {value}"
             repeated.add(key)
