@@ -66,6 +66,17 @@ _HEAD_SHAPE = re.compile(
 #: One header line of a head that matched L{_HEAD_SHAPE}.
 _HEADER_LINE = re.compile(rb"\r\n(" + _TOKEN + rb"):([^\r]*)")
 
+
+def drop_slow_peer(logger: Logger, transport: Any, timeout: float, peer: object) -> None:
+    """
+    A peer that sent no complete request within C{timeout} (the first
+    reader's, or this channel's): said once under C{logger}, and dropped
+    without an answer it would not read.
+    """
+    logger.info("no complete request within {timeout}s from {peer}; dropping it", timeout=timeout, peer=str(peer))
+    transport.abortConnection()
+
+
 _FAILED_PAGE = b"<html><head><title>Processing Failed</title></head><body><b>Processing Failed</b></body></html>"
 
 Head = Tuple[bytes, bytes, bytes, Dict[bytes, List[bytes]], int]
@@ -461,12 +472,7 @@ class ApiChannel(Protocol):
 
     def _no_request_in_time(self) -> None:
         self._first_deadline = None
-        log.info(
-            "no complete request within {timeout}s from {peer}; dropping it",
-            timeout=self.site.handshake_timeout,
-            peer=str(self.peer),
-        )
-        self.transport.abortConnection()
+        drop_slow_peer(log, self.transport, self.site.handshake_timeout, self.peer)
 
     def _idle_check(self) -> None:
         """The idle timer, moved on from the last read rather than reset per read."""

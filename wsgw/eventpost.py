@@ -311,18 +311,9 @@ def _json_text(text: str) -> bytes:
     return json.dumps(text, ensure_ascii=True).encode("ascii")
 
 
-def _wants_reply(response: IResponse) -> bool:
-    values = response.headers.getRawHeaders(b"x-wsgw-reply")
+def _wants_reply(headers: Headers) -> bool:
+    values = headers.getRawHeaders(b"x-wsgw-reply")
     return values is not None and values[-1].strip() == b"1"
-
-
-def _read_already(response: IResponse) -> bool:
-    """
-    The answer is an L{Answer} as L{AppAgent} hands it over, read whole
-    with its connection back in the pool, and wrapped by treq alone (no
-    decoder between): there is nothing left to drain.
-    """
-    return type(getattr(response, "original", None)) is Answer
 
 
 def _nothing(_: object) -> None:
@@ -336,29 +327,18 @@ def _verdict(response: IResponse, replies: bool) -> Union[bytes, Deferred[Option
     body has been read; failing with L{AppUnavailable} or L{AppRejected}.
     """
     original = getattr(response, "original", None)
-    if type(original) is Answer:
-        # The common case, judged on the Answer itself (what treq's wrapper
-        # would hand on): a 2xx or 3xx read whole already.
-        status = original.code
-        if 200 <= status < 300:
-            if replies:
-                values = original.headers.getRawHeaders(b"x-wsgw-reply")
-                if values is not None and values[-1].strip() == b"1":
-                    return original.body
-            return None
-        if 300 <= status < 400:
-            return None
-    status = response.code
+    # An L{Answer} as L{AppAgent} hands it over, wrapped by treq alone (no
+    # decoder between), was read whole with its connection back in the
+    # pool: judged on itself, nothing to drain, no Deferred.
+    read = type(original) is Answer
+    answer = cast(Answer, original) if read else response
+    status = answer.code
     if 200 <= status < 400:
-        read = _read_already(response)
-        if status < 300 and replies and _wants_reply(response):
-            if read:
-                # What treq.content() reads from an Answer, without a
-                # Deferred and a collector per reply.
-                return cast(Answer, cast(Any, response).original).body
-            return treq.content(response).addErrback(_unreadable_reply, status)
+        wants = status < 300 and replies and _wants_reply(answer.headers)
         if read:
-            return None
+            return cast(Answer, answer).body if wants else None
+        if wants:
+            return treq.content(response).addErrback(_unreadable_reply, status)
         # Drained, not kept: over an agent that streams answers, the
         # connection goes back to its pool only once the body was read.
         return treq.collect(response, _drain).addCallback(_nothing)

@@ -24,6 +24,7 @@ from twisted.web.server import Site
 
 from . import internals
 from .access import PeerRateLimiter, peer_host
+from .apiserver import drop_slow_peer
 from .jsonio import to_json
 from .web import GatewaySite
 from .websocket import GatewayFactory
@@ -138,12 +139,7 @@ class FirstRequestRouter(Protocol):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        log.info(
-            "no complete request within {timeout}s from {peer}; dropping it",
-            timeout=self.factory.handshake_timeout,
-            peer=str(self._addr),
-        )
-        self.transport.abortConnection()
+        drop_slow_peer(log, self.transport, self.factory.handshake_timeout, self._addr)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
