@@ -33,6 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, version
 
 from . import internals
+from .appagent import canonical_name
 
 if TYPE_CHECKING:
     from .web import GatewaySite
@@ -120,21 +121,6 @@ def parse_head(head: bytes, max_body: int) -> Optional[Head]:
         if length > max_body:
             return None  # twisted.web reads and drops it, then answers 413
     return method, target, http_version, headers, length
-
-
-_canonical: Dict[bytes, bytes] = {}
-
-
-def canonical_name(name: bytes) -> bytes:
-    """A response header's name as twisted.web writes it (C{WWW-Authenticate})."""
-    found = _canonical.get(name)
-    if found is None:
-        headers = Headers()
-        headers.setRawHeaders(name, [b""])
-        found = next(iter(headers.getAllRawHeaders()))[0]
-        if len(_canonical) < 1000:
-            _canonical[name] = found
-    return found
 
 
 _date: List[Any] = [0, b""]

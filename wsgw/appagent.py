@@ -254,9 +254,7 @@ class AppConnection(Protocol):
         # it), once per name; llhttp has refused a value with CR, LF or
         # NUL already, which is all Headers would have changed.
         if not self._head_done:  # trailers are read and dropped
-            canonical = _CANONICAL_NAMES.get(name)
-            if canonical is None:
-                canonical = _canonical_name(name)
+            canonical = canonical_name(name)
             raw = self._raw
             values = raw.get(canonical)
             if values is None:
@@ -442,8 +440,15 @@ class CheckedHeaders(Headers):
 _EMPTY_HEADERS = CheckedHeaders()
 
 #: Header names as Headers writes them (C{content-length} →
-#: C{Content-Length}), for the names an app sends (a handful).
+#: C{Content-Length}), for the names seen (a handful: an app's answers, the
+#: API's own).
 _CANONICAL_NAMES: Dict[bytes, bytes] = {}
+
+
+def canonical_name(name: bytes) -> bytes:
+    """A header's name as C{Headers} writes it, worked out once per name."""
+    found = _CANONICAL_NAMES.get(name)
+    return _canonical_name(name) if found is None else found
 
 
 def _canonical_name(name: bytes) -> bytes:
