@@ -332,6 +332,103 @@ def _denied_by(protocol: Any) -> Callable[[Any], None]:
     return forward_error
 
 
+# -- Autobahn: whole data frames read in one pass --------------------------------
+
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
+_STATE_CLOSING = WebSocketServerProtocol.STATE_CLOSING
+#: FIN, no RSV bit, and opcode 1 (text) or 2 (binary): a message in one frame.
+_WHOLE_TEXT = 0x81
+_WHOLE_BINARY = 0x82
+
+
+def read_frames(protocol: WebSocketServerProtocol, data: bytes, on_message: Callable[[bytes, bool], None]) -> bool:
+    """
+    Do what Autobahn's C{dataReceived} does with C{data} on an open
+    connection, reading in one pass each whole message that comes in one
+    masked, uncompressed text or binary frame within the size limits (and,
+    for text, valid UTF-8), and calling C{on_message(payload, is_binary)}
+    for it; return C{True}.  At the first frame it does not take (a
+    control frame, a fragment, a frame cut by the end of C{data}, a
+    protocol error, an oversized or invalid message), or once the
+    connection is no longer open, it hands the rest to Autobahn's
+    C{consumeData}, which goes on as it would have.  Return C{False},
+    having changed nothing, when Autobahn must read all of C{data} itself:
+    the connection is not open, a frame is under way or bytes wait before
+    C{data}, or debug or frame logging is on.
+
+    Autobahn's reading costs a masker object, a frame header object and
+    eight calls per frame: about a tenth of a forwarded event.
+    """
+    p: Any = protocol
+    try:
+        if (
+            p.state != _STATE_OPEN
+            or p.data
+            or p.current_frame is not None
+            or p.inside_message
+            or p.logOctets
+            or p.logFrames
+            or p.trackedTimings
+            or not p.applyMask
+            or not debug_is_off(p)
+        ):
+            return False
+        stats = p.trafficStats
+        validate = p.utf8validateIncoming
+        max_frame = p.maxFramePayloadSize
+        max_message = p.maxMessagePayloadSize
+    except AttributeError:  # a release without these fields: Autobahn reads everything
+        return False
+    stats.incomingOctetsWireLevel += len(data)
+    at, end = 0, len(data)
+    while end - at >= 6:  # two bytes of header and a mask: an empty frame
+        first, second = data[at], data[at + 1]
+        if (first != _WHOLE_TEXT and first != _WHOLE_BINARY) or second < 0x80:  # not whole, or not masked
+            break
+        length = second & 0x7F
+        if length < 126:
+            start = at + 6
+        elif length == 126 and end - at >= 8:
+            length = (data[at + 2] << 8) | data[at + 3]
+            if length < 126:  # not the shortest encoding: Autobahn's protocol error
+                break
+            start = at + 8
+        else:
+            break
+        stop = start + length
+        if stop > end or 0 < max_frame < length or 0 < max_message < length:
+            break
+        payload = _unmasked(data[start:stop], data[start - 4 : start]) if length else b""
+        binary = first == _WHOLE_BINARY
+        if validate and not binary:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+        stats.incomingOctetsWebSocketLevel += length
+        stats.incomingOctetsAppLevel += length
+        stats.incomingWebSocketFrames += 1
+        stats.incomingWebSocketMessages += 1
+        if p.autoPingTimeoutCall and p.autoPingRestartOnAnyTraffic:
+            p._cancelAutoPingTimeoutCall()
+        at = stop
+        on_message(payload, binary)
+        if p.state != _STATE_OPEN:
+            break
+    if at < end:
+        p.data = data[at:] if at else data
+        if p.state == _STATE_OPEN or p.state == _STATE_CLOSING:
+            p.consumeData()
+    return True
+
+
+def _unmasked(payload: bytes, mask: bytes) -> bytes:
+    """C{payload} XORed with C{mask} repeated, as one integer operation."""
+    length = len(payload)
+    key = (mask * (length // 4 + 1))[:length]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
+
+
 # -- Autobahn: what a handshake leaves behind -----------------------------------
 
 #: What Autobahn's server keeps of an opening handshake for the life of the

@@ -194,6 +194,15 @@ class GatewayProtocol(WebSocketServerProtocol):
         internals.drop_handshake_leftovers(self)
         self.factory.gateway.opened(self.conn)
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Whole messages in one small frame each, on an open connection, are
+        read in one pass (L{internals.read_frames}); anything else, Autobahn
+        reads itself.
+        """
+        if not internals.read_frames(self, data, self._message_end):
+            super().dataReceived(data)
+
     def onMessageFrameEnd(self) -> None:
         """
         Autobahn's, without its two hops (C{_onMessageFrame},
@@ -215,11 +224,14 @@ class GatewayProtocol(WebSocketServerProtocol):
             payload = b"".join(self.message_data)
             if self.trackedTimings:
                 self.trackedTimings.track("onMessage")
-            self.onMessage(payload, self.message_is_binary)
-            if getattr(self, "_listeners", True) is not None:
-                fired = self.fire("message", payload, is_binary=self.message_is_binary)
-                fired.addErrback(self._message_signal_failed)
+            self._message_end(payload, self.message_is_binary)
         self.message_data = None  # type: ignore[assignment]  # as Autobahn resets it
+
+    def _message_end(self, payload: bytes, is_binary: bool) -> None:
+        self.onMessage(payload, is_binary)
+        if getattr(self, "_listeners", True) is not None:
+            fired = self.fire("message", payload, is_binary=is_binary)
+            fired.addErrback(self._message_signal_failed)
 
     def _message_signal_failed(self, failure: Failure) -> None:
         # As Autobahn logs it: a listener's error is the listener's.
