@@ -6,6 +6,7 @@ app's inline reply sent back to the client as a frame (W4r's path).
     python -m bench.eventpath                      # CPU µs per event, 3 rounds
     python -m bench.eventpath --callgrind          # instructions per event
     python -m bench.eventpath --callgrind --reply --chunk 1
+    python -m bench.eventpath --callgrind --batch 50      # W3b's path
     python -m bench.eventpath --cprofile 30        # the 30 dearest functions
 
 The gateway is the daemon's own (``make_node`` and ``websocket_factory``
@@ -72,7 +73,7 @@ class _App(asyncio.Protocol):
             body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
             event = json.loads(body)
-            if self.reply and event.get("action") == "message":
+            if self.reply and isinstance(event, dict) and event.get("action") == "message":
                 answer = json.dumps(event["data"], separators=(",", ":")).encode()
                 out.append(_HEAD % (len(answer), b"X-Wsgw-Reply: 1\r\n", date) + answer)
             else:
@@ -120,7 +121,7 @@ class Driver:
 
         self.args = args
         self.reactor: Any = reactor
-        config = Config(app_url=f"http://127.0.0.1:{app_port}/wsgw/event")
+        config = Config(app_url=f"http://127.0.0.1:{app_port}/wsgw/event", app_batch=args.batch)
         self.node = make_node(config, reactor)
         factory = websocket_factory(self.node, behind_web=False)
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -300,6 +301,7 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--chunk", type=int, default=100, help="frames per client write")
     parser.add_argument("--size", type=int, default=100, help="bytes per message")
     parser.add_argument("--reply", action="store_true", help="the app answers with inline replies (W4r)")
+    parser.add_argument("--batch", type=int, default=1, help="events per POST at most (--app-batch; W3b: 50)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N dearest functions")
     parser.add_argument("--callgrind", action="store_true", help="count instructions under callgrind")

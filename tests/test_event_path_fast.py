@@ -437,3 +437,16 @@ def test_a_bare_lf_ends_head_lines_of_every_answer_never_a_chunk_line(raws, verd
     for r in got:
         if isinstance(r, Failure):
             r.trap(Exception)
+
+
+# -- a batch's event ids ----------------------------------------------------------------
+
+
+@given(given_id=st.text())
+def test_a_batch_names_each_event_as_json_dumps_writes_its_id(given_id):
+    import json
+
+    event = Event("c1", 7, "message", b' { "data":1}', given_id=given_id)
+    body = eventpost.batch_body([event, Event("c2", 0, "message", b"{}")])
+    assert body == b'[{"event_id":' + json.dumps(event.event_id).encode("ascii") + b',"data":1},{"event_id":"c2:0"}]'
+    assert json.loads(body) == [{"event_id": event.event_id, "data": 1}, {"event_id": "c2:0"}]

@@ -52,14 +52,22 @@ def _factory(**settings):
     return node, websocket_factory(node)
 
 
+def _connected(factory, fast: bool, patch=None):
+    """A protocol of C{factory} on a transport, reading handshakes in one pass (C{fast}) or by Autobahn alone."""
+    protocol = factory.buildProtocol(PEER)
+    if not fast:
+        protocol.processHandshake = lambda p=protocol: WebSocketServerProtocol.processHandshake(p)
+    if patch is not None:
+        patch(protocol)
+    transport = StringTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
 def _shake(request: bytes, fast: bool, **settings):
     """Answer C{request} with the one-pass reading (C{fast}) or Autobahn's alone."""
     node, factory = _factory(**settings)
-    protocol = factory.buildProtocol(PEER)
-    if not fast:
-        protocol.processHandshake = lambda: WebSocketServerProtocol.processHandshake(protocol)
-    transport = StringTransport(peerAddress=PEER)
-    protocol.makeConnection(transport)
+    protocol, transport = _connected(factory, fast)
     protocol.dataReceived(request)
     missing = "<unset>"
     # onOpen lets go of the request's fields (drop_handshake_leftovers); both paths alike.
@@ -347,12 +355,7 @@ def _shake_logged(request: bytes, fast: bool, patch):
     globalLogPublisher.addObserver(seen.append)
     try:
         _node, factory = _factory()
-        protocol = factory.buildProtocol(PEER)
-        if not fast:
-            protocol.processHandshake = lambda p=protocol: WebSocketServerProtocol.processHandshake(p)
-        patch(protocol)
-        transport = StringTransport(peerAddress=PEER)
-        protocol.makeConnection(transport)
+        protocol, transport = _connected(factory, fast, patch)
         protocol.dataReceived(request)
         del protocol
         gc.collect()  # an unhandled failure in a Deferred is logged when collected
@@ -411,12 +414,7 @@ def test_an_onconnect_that_answers_later_is_answered_alike():
     answers = []
     for fast in (True, False):
         node, factory = _factory()
-        protocol = factory.buildProtocol(PEER)
-        if not fast:
-            protocol.processHandshake = lambda p=protocol: WebSocketServerProtocol.processHandshake(p)
-        patch(protocol)
-        transport = StringTransport(peerAddress=PEER)
-        protocol.makeConnection(transport)
+        protocol, transport = _connected(factory, fast, patch)
         protocol.dataReceived(request)
         assert transport.value() == b""  # nothing until the answer
         d, result = pending.pop()

@@ -40,8 +40,8 @@ Three layers, each doing its job once and none undoing another's:
 
 from __future__ import annotations
 
-import json
 from http.cookiejar import Cookie, CookieJar
+from json.encoder import encode_basestring_ascii
 from typing import Any, Dict, Iterator, Optional, Sequence, Set, Union, cast
 
 import attr
@@ -308,7 +308,8 @@ def batch_body(events: Sequence[Event]) -> bytes:
 
 
 def _json_text(text: str) -> bytes:
-    return json.dumps(text, ensure_ascii=True).encode("ascii")
+    # What json.dumps(text) writes, without its call and encoder dispatch.
+    return encode_basestring_ascii(text).encode("ascii")
 
 
 def _wants_reply(headers: Headers) -> bool:
