@@ -478,3 +478,14 @@ def test_a_frame_prepared_here_is_the_one_autobahn_prepares(payload, binary):
     ours = prepare_frame(payload, binary)
     assert type(ours) is PreparedMessage
     assert vars(ours) == vars(PreparedMessage(payload, binary, False, False))
+
+
+def test_the_reaches_made_once_are_the_ones_made_per_call():
+    """A send here answers with a shared Reach for a usual count: equal to a new one, and unchangeable."""
+    import attr
+
+    from wsgw.api import _REACHES
+
+    assert all(reach == Reach(matched) for matched, reach in enumerate(_REACHES))
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        _REACHES[1].matched = 2  # type: ignore[misc]
