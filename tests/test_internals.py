@@ -332,3 +332,45 @@ def test_autobahn_prints_the_settings_it_copied_with_a_pformat_that_knows_the_em
     # what it is used for: that settings line, and the text of Timings
     source = inspect.getsource(autobahn_protocol)
     assert re.findall(r"pformat\((\w+)", source) == ["self", "configAttrLog", "self"]
+
+
+def test_autobahns_prepared_frame_has_the_fields_prepare_frame_sets():
+    """prepare_frame sets PreparedMessage's fields itself only while the
+    constructor sets exactly these; otherwise it calls the constructor."""
+    assert internals._FRAME_FIELDS_KNOWN
+    frame = PreparedMessage(b"abc", False, False, False)
+    assert sorted(vars(frame)) == sorted(internals.PREPARED_FRAME_FIELDS)
+
+
+def test_a_frame_to_a_transport_that_is_not_tcp_is_written_whole_through_write():
+    """send_now hands a frame for any other transport (TLS, a test's) to write() at once."""
+    written = []
+    transport = SimpleNamespace(write=written.append)
+    protocol = SimpleNamespace(_perMessageCompress=None, send_queue=deque(), transport=transport)
+    assert internals.send_now(protocol, b"frame")
+    assert written == [b"frame"]
+
+
+@pytest.mark.parametrize("state", ["idle", "buffered", "disconnecting", "write_disconnected", "no_fields"])
+def test_write_now_sends_at_once_exactly_when_the_transport_is_idle(state):
+    """write_now's in-line check is transport_idle's: straight to the socket
+    when idle, otherwise through write()."""
+    transport, peer, _reactor = _tcp_pair()
+    if state == "buffered":
+        transport.write(b"before;")
+    elif state == "disconnecting":
+        transport.disconnecting = True
+    elif state == "write_disconnected":
+        transport._writeDisconnected = True
+    elif state == "no_fields":
+        del transport._tempDataBuffer
+    idle = internals.transport_idle(transport)
+    assert idle is (state == "idle")
+    writes = []
+    transport.write = writes.append
+    internals.write_now(transport, b"frame")
+    assert writes == ([] if idle else [b"frame"])
+    if idle:
+        assert peer.recv(100) == b"frame"
+    transport.socket.close()
+    peer.close()

@@ -404,7 +404,7 @@ def test_the_site_walks_the_tree_as_twisted_web_does(path, config):
 
 _TARGET_VALUES = st.one_of(
     st.none(),
-    st.sampled_from(["", "c1", "u", 0, True, [], ["u"], ["", "u"], [1], {}]),
+    st.sampled_from(["", "c1", "u", 0, True, [], ["u"], ["", "u"], ["u", "v", "u"], ["u", 1], [1], {}]),
 )
 
 
@@ -441,3 +441,51 @@ def test_the_targets_of_one_conn_id_are_what_the_rules_read(fields, conn_field):
         except api.ApiError as e:
             outcomes.append((e.status, e.message))
     assert outcomes[0] == outcomes[1]
+
+
+@given(
+    conn_ids=st.lists(st.text(max_size=3), max_size=3).map(tuple),
+    users=st.lists(st.text(max_size=3), max_size=3).map(tuple),
+)
+def test_plain_targets_are_the_record_its_constructor_makes(conn_ids, users):
+    """plain_targets sets the fields Targets' converters would have, and no others."""
+    import attr
+
+    from wsgw.registry import plain_targets
+
+    made = plain_targets(conn_ids=conn_ids, users=users)
+    assert made == Targets(conn_ids=conn_ids, users=users)
+    assert [f.name for f in attr.fields(Targets)] == ["conn_ids", "users", "tokens", "access"]
+    assert type(made.access) is AccessType and type(made.tokens) is tuple
+
+
+# -- framing -------------------------------------------------------------------------
+
+
+@given(
+    payload=st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from([0, 125, 126, 127, 0xFFFF, 0x10000]).map(lambda n: b"x" * n),
+    ),
+    binary=st.booleans(),
+)
+def test_a_frame_prepared_here_is_the_one_autobahn_prepares(payload, binary):
+    """prepare_frame's frame has the fields, the same values, that PreparedMessage's constructor sets."""
+    from autobahn.websocket.protocol import PreparedMessage
+
+    from wsgw.internals import prepare_frame
+
+    ours = prepare_frame(payload, binary)
+    assert type(ours) is PreparedMessage
+    assert vars(ours) == vars(PreparedMessage(payload, binary, False, False))
+
+
+def test_the_reaches_made_once_are_the_ones_made_per_call():
+    """A send here answers with a shared Reach for a usual count: equal to a new one, and unchangeable."""
+    import attr
+
+    from wsgw.api import _REACHES
+
+    assert all(reach == Reach(matched) for matched, reach in enumerate(_REACHES))
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        _REACHES[1].matched = 2  # type: ignore[misc]

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .interfaces import IConnections, IConnectionsHere, Listing, Reach
 from .jsonio import decode_json, error_response, to_json
-from .registry import AccessType, Targets
+from .registry import AccessType, Targets, plain_targets
 
 log = Logger()
 
@@ -145,10 +145,17 @@ def read_targets(body: Dict[str, Any], conn_field: str, what: str) -> Targets:
     The L{Targets} of a C{send} (one C{conn_id}) or C{close} (a C{conns}
     list); at least one criterion is required.
     """
-    if conn_field == "conn_id" and "users" not in body and "tokens" not in body and "users_access_type" not in body:
-        conn_id = body.get("conn_id")
-        if type(conn_id) is str and conn_id:
-            return Targets(conn_ids=(conn_id,))  # one connection: what the rules below make of it
+    if conn_field == "conn_id" and "tokens" not in body and "users_access_type" not in body:
+        # The common calls, as the rules below read them: one connection,
+        # or the connections of a list of users.
+        if "users" not in body:
+            conn_id = body.get("conn_id")
+            if type(conn_id) is str and conn_id:
+                return plain_targets(conn_ids=(conn_id,))
+        elif "conn_id" not in body:
+            users = body["users"]
+            if type(users) is list and users and all(type(user) is str for user in users):
+                return plain_targets(users=tuple(users))
     conn_ids = (
         string_list(body, conn_field, drop_empty=True) if conn_field == "conns" else optional_string(body, conn_field)
     )
@@ -300,6 +307,11 @@ def read_frame(body: Dict[str, Any]) -> Tuple[bytes, bool]:
     return payload_json(body.get("payload")), False
 
 
+#: What a C{send} here reached, for the usual counts: made once (the
+#: record is frozen), not per call.
+_REACHES = tuple(Reach(matched) for matched in range(64))
+
+
 class SendEndpoint(JsonEndpoint):
     methods = (b"POST",)
 
@@ -313,7 +325,8 @@ class SendEndpoint(JsonEndpoint):
         targets = read_targets(body, "conn_id", "send message")
         payload, binary = read_frame(body)
         if self._here is not None:
-            return Reach(self._here.send_here(payload, targets, binary))
+            matched = self._here.send_here(payload, targets, binary)
+            return _REACHES[matched] if matched < len(_REACHES) else Reach(matched)
         return self.connections.send(payload, targets, binary)
 
     def shape(self, outcome: Any) -> bytes:

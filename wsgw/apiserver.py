@@ -280,11 +280,13 @@ class LeanRequest:
             if b"Content-Type" not in out:
                 out[b"Content-Type"] = b"text/html"  # twisted.web's default
             self._started = self.finished = True
-            head = b"%s %d %s\r\n%s\r\n" % (
+            # The header lines joined in C (out holds Server and Date at
+            # least), not formatted one by one.
+            head = b"%s %d %s\r\n%s\r\n\r\n" % (
                 self.clientproto,
                 self.code,
                 self.code_message,
-                b"".join([b"%s: %s\r\n" % item for item in out.items()]),
+                b"\r\n".join(map(b": ".join, out.items())),
             )
             channel = self.channel
             if channel is not None:
