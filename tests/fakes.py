@@ -129,3 +129,32 @@ class RecordingClient(WebSocketClientProtocol):
 
     def onClose(self, wasClean, code, reason):
         self.close_info = (code, reason)
+
+
+class _Port:
+    _realPortNumber = 40010
+
+
+def tcp_pair(client=False):
+    """
+    A real TCP transport (Twisted's C{tcp.Server}, or with C{client} a
+    C{tcp.Client} in the same state, as the agent's to the app is) over one
+    end of a socket pair, on a memory reactor; the other end, to read what
+    it sends; the reactor.
+    """
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactor
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 5555), _Port(), 1, reactor)
+    if client:
+        connected = tcp.Client.__new__(tcp.Client)
+        connected.__dict__.update(transport.__dict__)
+        transport = connected
+    return transport, theirs, reactor

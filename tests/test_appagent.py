@@ -5,7 +5,6 @@ gives one up.  All in memory: fake endpoints and string transports.
 """
 
 import pytest
-from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
@@ -14,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
+from fakes import tcp_pair
 from wsgw.appagent import AppAgent, AppPool, BytesBody
 from wsgw.eventpost import EventPoster, http_client_for
 from wsgw.events import Event
@@ -639,60 +639,44 @@ def test_a_connection_past_its_time_is_not_taken_when_the_timer_is_late(agent, e
     assert len(endpoints.transports) == 2
 
 
-class DirectTransport(tcp.Client):
-    """A TCP client transport without a socket: C{writeSomeData} takes up
-    to C{room} bytes, C{write} buffers (as Twisted's does)."""
-
-    def __init__(self, room):
-        self.room = room
-        self.sent = b""
-        self.buffered = b""
-        self.connected = True
-        self.disconnecting = False
-
-    def writeSomeData(self, data):
-        taken = bytes(data[: self.room])
-        self.room -= len(taken)
-        self.sent += taken
-        return len(taken)
-
-    def write(self, data):
-        self.buffered += data
-
-
-def direct_connection(room):
+def app_connection_over_tcp():
+    """An AppConnection on Twisted's TCP client transport over a socket pair; the peer's end."""
     from wsgw.appagent import AppConnection
 
+    transport, peer, _reactor = tcp_pair(client=True)
     connection = AppConnection(AppPool(Clock()), ("app",))
-    transport = DirectTransport(room)
-    connection.transport = transport
-    return connection, transport
+    connection.makeConnection(transport)
+    return connection, transport, peer
 
 
-def test_a_request_goes_out_at_once_over_tcp(monkeypatch) -> None:
+def test_a_request_goes_out_at_once_over_tcp() -> None:
     """Over plain TCP the request is sent in the call, not on the
     reactor's next turn."""
-    monkeypatch.setattr(tcp, "Client", DirectTransport)
-    connection, transport = direct_connection(room=1000)
+    connection, transport, peer = app_connection_over_tcp()
     connection.send(b"request one")
-    assert (transport.sent, transport.buffered) == (b"request one", b"")
+    assert peer.recv(100) == b"request one"
+    assert not transport.dataBuffer and not transport._tempDataBuffer
+    transport.socket.close()
+    peer.close()
 
 
-def test_what_the_socket_does_not_take_is_buffered_and_so_is_all_after(monkeypatch) -> None:
-    """Once anything waits in Twisted's buffer, every later write goes
-    behind it: bytes never overtake each other."""
-    monkeypatch.setattr(tcp, "Client", DirectTransport)
-    connection, transport = direct_connection(room=4)
+def test_a_request_behind_buffered_bytes_waits_behind_them() -> None:
+    """Once anything waits in Twisted's buffer, a request goes behind it:
+    bytes never overtake each other."""
+    connection, transport, peer = app_connection_over_tcp()
+    transport.write(b"earlier;")  # buffered until the reactor's next turn
     connection.send(b"request one")
-    assert (transport.sent, transport.buffered) == (b"requ", b"est one")
-    transport.room = 1000
-    connection.send(b"two")
-    assert (transport.sent, transport.buffered) == (b"requ", b"est onetwo")
+    assert transport._tempDataBuffer == [b"earlier;", b"request one"]
+    transport.doWrite()
+    assert peer.recv(100) == b"earlier;request one"
+    transport.socket.close()
+    peer.close()
 
 
-def test_a_closing_transport_is_written_as_twisted_writes(monkeypatch) -> None:
-    monkeypatch.setattr(tcp, "Client", DirectTransport)
-    connection, transport = direct_connection(room=1000)
+def test_a_closing_transport_is_written_as_twisted_writes() -> None:
+    connection, transport, peer = app_connection_over_tcp()
     transport.disconnecting = True
     connection.send(b"late")
-    assert (transport.sent, transport.buffered) == (b"", b"late")
+    assert transport._tempDataBuffer == [b"late"]
+    transport.socket.close()
+    peer.close()

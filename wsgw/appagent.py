@@ -38,7 +38,6 @@ from typing import Any, Dict, List, Optional, Set, Tuple, cast
 import attr
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 from hyperlink import EncodedURL
-from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, IStreamClientEndpoint, ITCPTransport
@@ -49,6 +48,8 @@ from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverR
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from .internals import write_now
 
 #: An answer's head (status line and headers) may not be longer.
 MAX_HEAD = 64 * 1024
@@ -162,8 +163,6 @@ class AppConnection(Protocol):
         #: That second attempt, while it is under way.
         self._retrying: Optional[Deferred[IResponse]] = None
         self.lost = False
-        #: Nothing was ever left in the transport's buffer (see L{_write}).
-        self._direct = True
         self._reset(head_only=False)
 
     def _reset(self, head_only: bool) -> None:
@@ -197,27 +196,8 @@ class AppConnection(Protocol):
         self._waiting = Deferred(self._cancel)
         self._again = again
         self._reset(head_only)
-        self._write(data)
+        write_now(self.transport, data)
         return self._waiting
-
-    def _write(self, data: bytes) -> None:
-        # Twisted's write() always buffers: it has epoll watch the socket,
-        # sends on the reactor's next turn, then stops the watch; for a
-        # request a few hundred bytes long, those two epoll calls and the
-        # turn cost more than the send.  Over plain TCP with nothing ever
-        # buffered on this connection, the request goes out at once; what
-        # the socket does not take (or an error) goes through write(), and
-        # from then on everything does, so order and error handling stay
-        # Twisted's.
-        transport = self.transport
-        if self._direct and type(transport) is tcp.Client and transport.connected and not transport.disconnecting:
-            sent = transport.writeSomeData(data)
-            if isinstance(sent, int):
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        self._direct = False
-        transport.write(data)
 
     def _cancel(self, _d: Deferred[Answer]) -> None:
         retrying, self._retrying = self._retrying, None

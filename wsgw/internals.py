@@ -538,20 +538,22 @@ def send_now(protocol: WebSocketServerProtocol, data: bytes) -> bool:
 
 def write_now(transport: Any, data: bytes) -> None:
     """
-    Write C{data} to a peer, at once when the connection is plain TCP with
-    nothing in the transport's buffer (L{transport_idle}, checked here in
-    line: this runs once per recipient of a fan-out).
+    Write C{data} to a peer, at once when the connection is plain TCP (a
+    client's to the gateway, or the gateway's to the app) with nothing in
+    the transport's buffers.
 
     Twisted's C{write()} always buffers: it has epoll watch the socket for
     writing, sends on the next turn of the reactor, then stops watching.
-    For a fan-out to a thousand connections (or an API answer) those two
-    epoll calls and the dispatch cost more than the rest of the send.
-    Whatever the socket does not take at once (or an error) goes through
-    C{write()}, behind nothing, so order, back-pressure and error handling
-    are Twisted's as before.  TLS, and transports that are not Twisted's
-    TCP connections, always use C{write()}.
+    For a fan-out to a thousand connections, an API answer or an event's
+    POST, those two epoll calls and the dispatch cost more than the rest of
+    the send.  Whatever the socket does not take at once (or an error) goes
+    through C{write()}, behind nothing, so order, back-pressure and error
+    handling are Twisted's as before.  TLS, and transports that are not
+    Twisted's TCP connections, always use C{write()}.  The buffers are
+    Twisted's private fields: should a release rename one, every write
+    takes the ordinary path rather than failing.
     """
-    if type(transport) is _TCP_SERVER:
+    if type(transport) in _TCP_CONNECTIONS:
         try:
             idle = (
                 not transport.TLS
@@ -577,25 +579,7 @@ def write_now(transport: Any, data: bytes) -> None:
 
 
 _TCP_SERVER = tcp.Server
-
-
-def transport_idle(transport: Any) -> bool:
-    """
-    Nothing waits in C{transport}'s buffers.  These are Twisted's private
-    fields: should a release rename them, every write takes the ordinary
-    path rather than failing.  (L{write_now} checks the same in line.)
-    """
-    try:
-        return bool(
-            not transport.TLS
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-            and not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-        )
-    except AttributeError:
-        return False
+_TCP_CONNECTIONS = (tcp.Server, tcp.Client)
 
 
 # -- Twisted: a ClientService that does not log every retry -----------------------
