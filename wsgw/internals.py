@@ -503,7 +503,16 @@ def prepare_frame(payload: bytes, binary: bool = False) -> PreparedMessage:
 _new_frame = object.__new__
 #: The fields Autobahn's C{PreparedMessage} sets for a frame to a client.
 PREPARED_FRAME_FIELDS = ("payload", "binary", "doNotCompress", "payloadHybi")
-_FRAME_FIELDS_KNOWN = sorted(vars(PreparedMessage(b"", False, False, False))) == sorted(PREPARED_FRAME_FIELDS)
+
+
+def _frame_fields_known() -> bool:
+    try:  # a release with slots, or another constructor, uses its own
+        return sorted(vars(PreparedMessage(b"", False, False, False))) == sorted(PREPARED_FRAME_FIELDS)
+    except Exception:
+        return False
+
+
+_FRAME_FIELDS_KNOWN = _frame_fields_known()
 
 
 def frame_bytes(frame: PreparedMessage) -> bytes:
