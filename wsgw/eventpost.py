@@ -332,12 +332,12 @@ def _verdict(response: IResponse, replies: bool) -> Union[bytes, Deferred[Option
     # decoder between), was read whole with its connection back in the
     # pool: judged on itself, nothing to drain, no Deferred.
     read = type(original) is Answer
-    answer = cast(Answer, original) if read else response
+    answer: Any = original if read else response
     status = answer.code
     if 200 <= status < 400:
         wants = status < 300 and replies and _wants_reply(answer.headers)
         if read:
-            return cast(Answer, answer).body if wants else None
+            return answer.body if wants else None
         if wants:
             return treq.content(response).addErrback(_unreadable_reply, status)
         # Drained, not kept: over an agent that streams answers, the

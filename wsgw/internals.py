@@ -525,23 +525,18 @@ def send_now(protocol: WebSocketServerProtocol, data: bytes) -> bool:
     """
     Send C{data} to a client as Autobahn's C{sendData} would for a frame
     with nothing queued before it, minus its debug line (formatted eagerly
-    on every send), as L{write_now} writes: C{False} when Autobahn must
+    on every send), through L{write_now}: C{False} when Autobahn must
     send it itself (compression was negotiated, or its own send queue
     holds frames).  These are private fields of Autobahn's: should a
     release rename one, every send takes the public path rather than
-    failing.  A transport that is not Twisted's TCP connection gets
-    C{write()} here, one call fewer per recipient of a fan-out.
+    failing.
     """
     try:
         if protocol._perMessageCompress is not None or protocol.send_queue:
             return False
     except AttributeError:
         return False
-    transport: Any = protocol.transport
-    if type(transport) is _TCP_SERVER:
-        write_now(transport, data)
-    else:
-        transport.write(data)
+    write_now(protocol.transport, data)
     return True
 
 
@@ -587,7 +582,6 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-_TCP_SERVER = tcp.Server
 _TCP_CONNECTIONS = (tcp.Server, tcp.Client)
 
 
