@@ -70,7 +70,7 @@ class Results:
         if derived:
             samples.clear()
         samples.append(value)
-        row.values[server] = summary(samples)
+        row.values[server] = summary(samples, row.digits)
 
     def not_applicable(self, workload: str, metrics: Sequence[tuple], server: str, why: str = NA) -> None:
         for metric, better in metrics:
@@ -82,12 +82,22 @@ class Results:
         self.failed_servers.add(server)
 
 
-def summary(samples: Sequence[Value]) -> Value:
-    """The median of figures; of anything else, its distinct values in the order first seen."""
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in samples):
+def _figure(value: Value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def summary(samples: Sequence[Value], digits: int = 1) -> Value:
+    """
+    The median of figures; of anything else, its distinct values in the
+    order first seen, the figures among them (a run that measured beside
+    one that failed) as their median, written as the row writes figures.
+    """
+    if all(_figure(v) for v in samples):
         return statistics.median(samples)  # type: ignore[type-var]
-    distinct = list(dict.fromkeys(samples))
-    return distinct[0] if len(distinct) == 1 else "; ".join(str(v) for v in distinct)
+    figures = [v for v in samples if _figure(v)]
+    shown = [fmt(statistics.median(figures), digits)] if figures else []  # type: ignore[type-var]
+    shown += dict.fromkeys(str(v) for v in samples if not _figure(v))
+    return shown[0] if len(shown) == 1 else "; ".join(shown)
 
 
 def fmt(value: Value, digits: int = 1) -> str:

@@ -66,6 +66,13 @@ def test_a_figure_reported_again_is_the_median_and_a_check_shows_every_outcome()
     assert shown == {"server CPU µs per event": 250, "lost/dup/reordered": "0/0/0; 3/0/0", "ratio": 0.7}
 
 
+def test_a_figure_measured_beside_a_failed_run_is_written_as_figures_are():
+    results = Results(["pushpin"])
+    for value in (169.5667, "error", 171.1):
+        results.add("W1", "handshakes/s", "pushpin", value, "↑", digits=1)
+    assert results.rows[0].values["pushpin"] == "170; error"
+
+
 def test_repeated_runs_go_on_taking_turns(tmp_path):
     runner = _runner(tmp_path, ["wsgw", "nchan", "pushpin"])
     firsts = []
