@@ -31,6 +31,7 @@ globalLogBeginner.beginLoggingTo(
 # module of mixed layers marks its integration tests itself.
 INTEGRATION_MODULES = {
     "test_appagent_node.py",
+    "test_bench_app.py",
     "test_bench_cluster_smoke.py",
     "test_bench_smoke.py",
     "test_browser.py",

@@ -24,6 +24,7 @@
  */
 
 const http = require('http');
+const net = require('net');
 const { performance } = require('perf_hooks');
 
 const config = JSON.parse(process.argv[2]);
@@ -220,37 +221,185 @@ function nchan(body, res) {
 }
 
 // -- the server ------------------------------------------------------------------
+//
+// HTTP/1.1 over `net`, not Node's `http` module: in W1 the app shares the load
+// core with the load generator, and `http`'s request and response objects
+// cost it about as much per open event as the rest of the app.  The answers
+// are the bytes Node's `http` server writes for the same calls (status line,
+// the handler's headers in order, Date, Connection and Keep-Alive, chunked
+// when no length is given), so a server under test reads exactly what it
+// read before; tests/test_bench_app.py pins them.  Requests are read as
+// Node reads them where the bench needs it: a Content-Length or chunked
+// body, keep-alive (HTTP/1.0 only when asked), pipelined requests answered
+// in order, anything unreadable answered 400 and the connection closed.
 
-const server = http.createServer((req, res) => {
-  const chunks = [];
-  req.on('data', (c) => chunks.push(c));
-  req.on('end', () => {
-    const body = Buffer.concat(chunks);
-    stats.requests++;
-    if (req.url === '/stats') {
-      res.writeHead(200, { 'Content-Type': 'application/json' });
-      res.end(JSON.stringify(stats));
-    } else if (req.url === '/control') {
-      reset((parseJson(body.toString()) || {}).mode);
-      res.writeHead(200, { 'Content-Type': 'application/json' });
-      res.end(JSON.stringify({ mode }));
-    } else if (req.url.startsWith('/wsgw')) {
-      wsgw(body, res);
-    } else if (req.url.startsWith('/pushpin')) {
-      pushpin(req, body, res);
-    } else if (req.url.startsWith('/nchan')) {
-      nchan(body, res);
-    } else {
-      res.writeHead(404);
-      res.end();
+const { STATUS_CODES } = http;
+const KEEP_ALIVE_SECONDS = 120;
+const MAX_HEAD = 64 * 1024;
+
+let dateLine = '';
+let dateSecond = -1;
+/** Node's Date header, formatted once a second. */
+function httpDate() {
+  const second = Math.floor(Date.now() / 1000);
+  if (second !== dateSecond) {
+    dateSecond = second;
+    dateLine = new Date(second * 1000).toUTCString();
+  }
+  return dateLine;
+}
+
+/** The answer to one request: writeHead() and end() as Node's ServerResponse has them. */
+class Answer {
+  constructor(keepAlive, out) {
+    this.keepAlive = keepAlive;
+    this.out = out; // the connection's answers so far in this read, written together
+    this.status = 200;
+    this.headers = null;
+  }
+
+  writeHead(status, headers) {
+    this.status = status;
+    this.headers = headers || null;
+  }
+
+  end(body) {
+    const payload = body === undefined ? null : Buffer.isBuffer(body) ? body : Buffer.from(body);
+    let head = `HTTP/1.1 ${this.status} ${STATUS_CODES[this.status] || 'unknown'}\r\n`;
+    let length = false;
+    if (this.headers) {
+      for (const name of Object.keys(this.headers)) {
+        head += `${name}: ${this.headers[name]}\r\n`;
+        if (name.toLowerCase() === 'content-length') length = true;
+      }
     }
-  });
-});
-// How many connections the server under test opened to the app (a pool that
-// keeps too few makes the app accept, and pay for, a new one per request).
-server.on('connection', () => {
+    head += `Date: ${httpDate()}\r\n`;
+    head += this.keepAlive ? `Connection: keep-alive\r\nKeep-Alive: timeout=${KEEP_ALIVE_SECONDS}\r\n` : 'Connection: close\r\n';
+    const bodyless = this.status === 204 || this.status === 304;
+    if (bodyless || length) {
+      this.out.push(Buffer.from(head + '\r\n'));
+      if (!bodyless && payload) this.out.push(payload);
+    } else if (payload && payload.length) {
+      this.out.push(Buffer.from(`${head}Transfer-Encoding: chunked\r\n\r\n${payload.length.toString(16)}\r\n`));
+      this.out.push(payload);
+      this.out.push(Buffer.from('\r\n0\r\n\r\n'));
+    } else {
+      this.out.push(Buffer.from(`${head}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n`));
+    }
+  }
+}
+
+function handle(req, body, res) {
+  stats.requests++;
+  if (req.url === '/stats') {
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    res.end(JSON.stringify(stats));
+  } else if (req.url === '/control') {
+    reset((parseJson(body.toString()) || {}).mode);
+    res.writeHead(200, { 'Content-Type': 'application/json' });
+    res.end(JSON.stringify({ mode }));
+  } else if (req.url.startsWith('/wsgw')) {
+    wsgw(body, res);
+  } else if (req.url.startsWith('/pushpin')) {
+    pushpin(req, body, res);
+  } else if (req.url.startsWith('/nchan')) {
+    nchan(body, res);
+  } else {
+    res.writeHead(404);
+    res.end();
+  }
+}
+
+class BadRequest extends Error {}
+
+/** A request head: {method, url, version, headers (lower-case names)}. */
+function parseHead(text) {
+  const lines = text.split('\r\n');
+  const first = /^([A-Z]+) (\S+) HTTP\/(1\.[01])$/.exec(lines[0]);
+  if (!first) throw new BadRequest('request line');
+  const headers = {};
+  for (let i = 1; i < lines.length; i++) {
+    const colon = lines[i].indexOf(':');
+    if (colon <= 0) throw new BadRequest('header line');
+    const name = lines[i].slice(0, colon).toLowerCase();
+    const value = lines[i].slice(colon + 1).trim();
+    headers[name] = name in headers ? `${headers[name]}, ${value}` : value;
+  }
+  return { method: first[1], url: first[2], version: first[3], headers };
+}
+
+/**
+ * A chunked body from buf at pos: {body, end} once it is all there (trailers
+ * read and dropped), null while more is to come.
+ */
+function readChunked(buf, pos) {
+  const parts = [];
+  for (;;) {
+    const eol = buf.indexOf('\r\n', pos);
+    if (eol < 0) return null;
+    const size = parseInt(buf.toString('latin1', pos, eol).split(';')[0], 16);
+    if (Number.isNaN(size) || size < 0) throw new BadRequest('chunk size');
+    pos = eol + 2;
+    if (size === 0) {
+      const end = buf.indexOf('\r\n\r\n', pos - 2);
+      if (end < 0) return null;
+      return { body: Buffer.concat(parts), end: end + 4 };
+    }
+    if (buf.length < pos + size + 2) return null;
+    parts.push(buf.subarray(pos, pos + size));
+    pos += size + 2;
+  }
+}
+
+function serve(socket) {
   stats.connections++;
-});
-server.keepAliveTimeout = 120000;
-server.headersTimeout = 125000;
-server.listen(config.port, '127.0.0.1', () => process.stdout.write(JSON.stringify({ listening: config.port }) + '\n'));
+  let pending = Buffer.alloc(0);
+  socket.setNoDelay(true);
+  socket.setTimeout((KEEP_ALIVE_SECONDS + 5) * 1000, () => socket.destroy());
+  socket.on('error', () => socket.destroy());
+  socket.on('data', (data) => {
+    let buf = pending.length ? Buffer.concat([pending, data]) : data;
+    const out = [];
+    let close = false;
+    try {
+      while (buf.length && !close) {
+        const headEnd = buf.indexOf('\r\n\r\n');
+        if (headEnd < 0) {
+          if (buf.length > MAX_HEAD) throw new BadRequest('head too long');
+          break;
+        }
+        const req = parseHead(buf.toString('latin1', 0, headEnd));
+        const start = headEnd + 4;
+        let body;
+        let end;
+        if (req.headers['transfer-encoding'] !== undefined) {
+          if (req.headers['transfer-encoding'].toLowerCase() !== 'chunked') throw new BadRequest('transfer-encoding');
+          const chunked = readChunked(buf, start);
+          if (chunked === null) break;
+          ({ body, end } = chunked);
+        } else {
+          const length = req.headers['content-length'] === undefined ? 0 : Number(req.headers['content-length']);
+          if (!Number.isInteger(length) || length < 0) throw new BadRequest('content-length');
+          if (buf.length < start + length) break;
+          body = buf.subarray(start, start + length);
+          end = start + length;
+        }
+        buf = buf.subarray(end);
+        const connection = (req.headers.connection || '').toLowerCase();
+        const keepAlive = req.version === '1.1' ? connection !== 'close' : connection === 'keep-alive';
+        handle(req, body, new Answer(keepAlive, out));
+        close = !keepAlive;
+      }
+    } catch (e) {
+      if (!(e instanceof BadRequest)) throw e;
+      out.push(Buffer.from('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n'));
+      close = true;
+    }
+    pending = close ? Buffer.alloc(0) : Buffer.from(buf); // a copy: data's memory is not ours to keep
+    if (out.length) socket.write(out.length === 1 ? out[0] : Buffer.concat(out));
+    if (close) socket.end();
+  });
+}
+
+const server = net.createServer(serve);
+server.listen(config.port, '127.0.0.1', () => process.stdout.write(JSON.stringify({ listening: server.address().port }) + '\n'));
