@@ -19,7 +19,6 @@ event included (the gateway built them before, the poster now).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
@@ -27,42 +26,10 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
+from . import miniapp
+
 BASELINE = "91b80f8"
 _ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-
-
-class _App(asyncio.Protocol):
-    """Answers each request (head, then Content-Length bytes) with 200."""
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.buffer = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        answers = 0
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = self.buffer[:end].lower()
-            at = head.find(b"content-length:")
-            length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
-            if len(self.buffer) < end + 4 + length:
-                break
-            self.buffer = self.buffer[end + 4 + length :]
-            answers += 1
-        if answers:
-            self.transport.write(_ANSWER * answers)
-
-
-def serve() -> None:
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(_App, "127.0.0.1", 0)
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-
-    asyncio.run(main())
 
 
 def _baseline_package(root: str) -> None:
@@ -202,7 +169,7 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve()
+        miniapp.serve(lambda _body: _ANSWER)
         return
     temp = tempfile.mkdtemp(prefix="wsgw-bench-appclient-")
     _baseline_package(temp)
@@ -210,14 +177,8 @@ def main(argv: List[str]) -> None:
     if args.parsers:
         parsers(args.n)
         return
-    app = subprocess.Popen([sys.executable, "-m", "bench.appclient", "--serve"], stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(app.stdout.readline())
-        url = f"http://127.0.0.1:{port}/ws/message"
-        _measure(url, args)
-    finally:
-        app.terminate()
-        app.wait()
+    with miniapp.running(["-m", "bench.appclient", "--serve"]) as port:
+        _measure(f"http://127.0.0.1:{port}/ws/message", args)
 
 
 def _measure(url: str, args: argparse.Namespace) -> None:

@@ -31,9 +31,9 @@ left out.  ``--keep FILE`` keeps callgrind's output for
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -45,52 +45,19 @@ import tempfile
 import time
 from typing import Any, Callable, List, Optional
 
+from . import miniapp
+
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%sDate: %s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n"
 
 
-class _App(asyncio.Protocol):
-    """Answers each POST as Node's http server does; with C{reply}, by an inline reply."""
-
-    reply = False
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.buffer = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        out = []
-        date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()).encode()
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = self.buffer[:end].lower()
-            at = head.find(b"content-length:")
-            length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
-            if len(self.buffer) < end + 4 + length:
-                break
-            body = self.buffer[end + 4 : end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length :]
-            event = json.loads(body)
-            if self.reply and isinstance(event, dict) and event.get("action") == "message":
-                answer = json.dumps(event["data"], separators=(",", ":")).encode()
-                out.append(_HEAD % (len(answer), b"X-Wsgw-Reply: 1\r\n", date) + answer)
-            else:
-                out.append(_HEAD % (2, b"", date) + b"{}")
-        if out:
-            self.transport.write(b"".join(out))
-
-
-def serve(reply: bool) -> None:
-    _App.reply = reply
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(_App, "127.0.0.1", 0)
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-
-    asyncio.run(main())
+def _answer(body: bytes, reply: bool) -> bytes:
+    """What Node's http server answers an event POST; with C{reply}, by an inline reply."""
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()).encode()
+    event = json.loads(body)
+    if reply and isinstance(event, dict) and event.get("action") == "message":
+        answer = json.dumps(event["data"], separators=(",", ":")).encode()
+        return _HEAD % (len(answer), b"X-Wsgw-Reply: 1\r\n", date) + answer
+    return _HEAD % (2, b"", date) + b"{}"
 
 
 def _frame(payload: bytes) -> bytes:
@@ -310,7 +277,7 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--callgrind-inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.reply)
+        miniapp.serve(functools.partial(_answer, reply=args.reply))
         return
     if args.callgrind:
         keep = args.keep
@@ -320,17 +287,8 @@ def main(argv: List[str]) -> None:
             del rest[i : i + 2]
         _callgrind(rest, keep)
         return
-    app = subprocess.Popen(
-        [sys.executable, "-m", "bench.eventpath", "--serve"] + (["--reply"] if args.reply else []),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert app.stdout is not None
-        _inner(args, int(app.stdout.readline()))
-    finally:
-        app.terminate()
-        app.wait()
+    with miniapp.running(["-m", "bench.eventpath", "--serve"] + (["--reply"] if args.reply else [])) as port:
+        _inner(args, port)
 
 
 if __name__ == "__main__":
