@@ -150,7 +150,14 @@ def start_app(keep=True):
     return app
 
 
-class DaemonProtocol(ProcessProtocol):
+class OutputLines(ProcessProtocol):
+    """
+    A child process's output, read line by line as it comes: each whole
+    line is kept as text in C{lines} and handed to L{line}, then whatever
+    waits on the child (C{waiters}) looks again.  Its standard error is
+    read the same way unless a subclass says otherwise.
+    """
+
     def __init__(self):
         self.lines = []
         self.buffer = b""
@@ -163,9 +170,13 @@ class DaemonProtocol(ProcessProtocol):
         *complete, self.buffer = self.buffer.split(b"\n")
         for line in complete:
             self.lines.append(line.decode("utf-8", "replace"))
+            self.line(line)
         self.waiters.check()
 
     errReceived = outReceived
+
+    def line(self, line):
+        """One whole line of output, without its newline."""
 
     def processEnded(self, reason):
         # (exit code, None) or (None, the signal that killed it)
@@ -201,7 +212,7 @@ async def start_daemon(*args, env=None, cwd, listeners=1, log_level="info", log_
     C{wrapper}: a command that runs the daemon's command line (its argv
     follows), e.g. tests/unit_exec.py to apply a unit's restrictions.
     """
-    proto = DaemonProtocol()
+    proto = OutputLines()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_"))}
     # The daemon runs the same wsgw as the tests import, installed or not.
     environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
@@ -264,7 +275,7 @@ async def start_process(argv, ready, *, cwd, env=None, seconds=30):
     L{Child} once a line matches the regular expression C{ready}, or fails
     with its output if it exits first.
     """
-    proto = DaemonProtocol()
+    proto = OutputLines()
     process = reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ if env is None else env), path=str(cwd))
     process.argv = argv
     regex = re.compile(ready)
@@ -332,26 +343,19 @@ async def py_client(url, headers=None, protocols=None, origin=None):
     return await bounded(proto.opened, what="WebSocket open")
 
 
-class NodeProtocol(ProcessProtocol):
+class NodeProtocol(OutputLines):
+    """tests/node/client.js: one JSON event per line; its standard error kept apart."""
+
     def __init__(self):
+        super().__init__()
         self.events = []
-        self.buffer = b""
-        self.waiters = Waiters()
-        self.ended = Deferred()
         self.stderr = b""
 
-    def outReceived(self, data):
-        self.buffer += data
-        *complete, self.buffer = self.buffer.split(b"\n")
-        for line in complete:
-            self.events.append(json.loads(line))
-        self.waiters.check()
+    def line(self, line):
+        self.events.append(json.loads(line))
 
     def errReceived(self, data):
         self.stderr += data
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
 
 
 class NodeClient:
@@ -409,23 +413,18 @@ def ensure_node_modules():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)
 
 
-class AppProcessProtocol(ProcessProtocol):
-    def __init__(self, sink):
-        self.sink = sink
-        self.buffer = b""
-        self.ended = Deferred()
+class AppProcessProtocol(OutputLines):
+    """tests/app_server.py: one JSON line per accepted event, to C{sink}."""
 
-    def outReceived(self, data):
-        self.buffer += data
-        *complete, self.buffer = self.buffer.split(b"\n")
-        for line in complete:
-            self.sink.received(json.loads(line))
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def line(self, line):
+        self.sink.received(json.loads(line))
 
     def errReceived(self, data):
         sys.stderr.write(data.decode("utf-8", "replace"))
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
 
 
 class AppProcess:
@@ -645,7 +644,7 @@ class RedisServer:
     async def start(self):
         from shutil import which
 
-        self.proto = proto = DaemonProtocol()
+        self.proto = proto = OutputLines()
         argv = [
             "redis-server",
             "--port",

@@ -12,34 +12,27 @@ from typing import Any, List
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 
-from harness import NODE_DIR, Waiters, _node, bounded
+from harness import NODE_DIR, OutputLines, _node, bounded
 from wsgw.eventpost import EventPoster, build_http_client
 from wsgw.events import Event
 
 
-class _App(ProcessProtocol):
+class _App(OutputLines):
+    """tests/node/keepalive_app.js: one JSON line per report."""
+
     def __init__(self) -> None:
-        self.lines: List[dict] = []
-        self.buffer = b""
-        self.ended: Deferred[None] = Deferred()
-        self.waiters = Waiters()
+        super().__init__()
+        self.reports: List[dict] = []
 
-    def outReceived(self, data: bytes) -> None:
-        self.buffer += data
-        *complete, self.buffer = self.buffer.split(b"\n")
-        self.lines += [json.loads(line) for line in complete if line.strip()]
-        self.waiters.check()
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
+    def line(self, line: bytes) -> None:
+        if line.strip():
+            self.reports.append(json.loads(line))
 
     @property
     def connections(self) -> int:
-        return max([line["connections"] for line in self.lines if "connections" in line], default=0)
+        return max([report["connections"] for report in self.reports if "connections" in report], default=0)
 
 
 async def _start(*args: str) -> Any:
@@ -48,7 +41,8 @@ async def _start(*args: str) -> Any:
         app, _node(), [_node(), str(NODE_DIR / "keepalive_app.js"), *args], env=dict(os.environ), path=str(NODE_DIR)
     )
     port = await app.waiters.wait(
-        lambda: next((line["listening"] for line in app.lines if "listening" in line), None), "the Node app to listen"
+        lambda: next((report["listening"] for report in app.reports if "listening" in report), None),
+        "the Node app to listen",
     )
     return app, process, f"http://127.0.0.1:{port}/ws/message"
 

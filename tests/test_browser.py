@@ -38,9 +38,9 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 
-from harness import Waiters, bounded, free_port, start_daemon
+from harness import OutputLines, bounded, free_port, start_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -194,32 +194,12 @@ class AuthProxy(Factory):
 # --- processes: the chat app, the browser driver, the Node client ------------
 
 
-class LineProcess(ProcessProtocol):
-    """A child process whose output lines are kept and can be waited for."""
+class LineProcess(OutputLines):
+    """A named child process whose output lines can be waited for."""
 
     def __init__(self, name):
+        super().__init__()
         self.name = name
-        self.lines = []
-        self.buffer = b""
-        self.waiters = Waiters()
-        self.status = None
-
-    def outReceived(self, data):
-        self.buffer += data
-        *complete, self.buffer = self.buffer.split(b"\n")
-        self.lines.extend(line.decode("utf-8", "replace") for line in complete)
-        for line in complete:
-            self.line(line)
-        self.waiters.check()
-
-    errReceived = outReceived
-
-    def line(self, line):
-        pass
-
-    def processEnded(self, reason):
-        self.status = (reason.value.exitCode, reason.value.signal)
-        self.waiters.check()
 
     async def wait_line(self, pattern, what, seconds=15):
         regex = re.compile(pattern)
