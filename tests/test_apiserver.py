@@ -421,3 +421,35 @@ def test_a_send_that_failed_at_once_is_a_json_500_logged_once():
     head, _, body = outputs[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 500 ")
     assert json.loads(body) == {"code": 500, "message": "internal error; see the gateway's log"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from(sorted(CONFIGS)),
+    pool=st.lists(requests(), min_size=1, max_size=3),
+    order=st.lists(st.integers(0, 2), min_size=2, max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=4),
+)
+def test_a_head_read_again_is_answered_as_the_first_time(config, pool, order, cuts):
+    """The lean channel reads a head that repeats the one before it once;
+    requests repeated in any order, cut anywhere, are answered as the
+    site channel answers them."""
+    data = b"".join(pool[i % len(pool)] for i in order)
+    lean, site = run_both(CONFIGS[config], split(data, cuts))
+    assert lean == site
+
+
+def test_the_same_head_is_parsed_once_per_run_of_it(monkeypatch):
+    """A keep-alive client's calls with the same head are not parsed again; a different head is."""
+    import wsgw.apiserver
+
+    parsed = []
+    real = wsgw.apiserver.parse_head
+    monkeypatch.setattr(wsgw.apiserver, "parse_head", lambda head, limit: parsed.append(head) or real(head, limit))
+    one, other = request(body=BODIES[0]), request(b"GET", b"/tapr/ws/conn/list")
+    served = Served(Config(), True)
+    for data in (one, one, one, other, one):
+        served.feed(data)
+    assert len(parsed) == 3
+    assert served.output().count(b"HTTP/1.1 200 OK") == 5
+    served.close()

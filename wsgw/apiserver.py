@@ -320,6 +320,9 @@ class ApiChannel(Protocol):
         self.peer = addr
         self._buffer = b""
         self._head: Optional[Head] = None
+        #: The last head read here and what L{parse_head} made of it (its
+        #: headers are only read, never changed, by the requests).
+        self._last_head: Optional[Tuple[bytes, Head]] = None
         self._body_at = 0
         self._pending: Optional[LeanRequest] = None
         self._persistent = True
@@ -366,10 +369,19 @@ class ApiChannel(Protocol):
                         self._hand_over(buffer)
                         return
                     break
-                head = parse_head(buffer[:end], self.site.max_body)
-                if head is None:
-                    self._hand_over(buffer)
-                    return
+                raw_head = buffer[:end]
+                last = self._last_head
+                if last is not None and last[0] == raw_head:
+                    # An app's client sends the same head call after call
+                    # (a body of the same length): read it once.
+                    head = last[1]
+                else:
+                    parsed = parse_head(raw_head, self.site.max_body)
+                    if parsed is None:
+                        self._hand_over(buffer)
+                        return
+                    head = parsed
+                    self._last_head = (raw_head, head)
                 self._head, self._body_at = head, end + 4
             body_end = self._body_at + head[4]
             if len(buffer) < body_end:
