@@ -41,7 +41,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
-BASELINE = "f485ac3"
+BASELINE = "63f12ee"
 USER_CONNS = 10
 PAYLOAD = 100  # W5's message size
 
