@@ -16,9 +16,14 @@ Under callgrind the driver switches instrumentation on for the measured
 calls only (C{callgrind_control -i on/off} on its own pid) and reads the
 instruction count of each stretch from its dump.
 
-The targeted connections are real L{wsgw.websocket.GatewayProtocol}s
-(handshaken over iosim, their frames dropped unread); the unrelated ones
-are registry entries only, which is all a send to others touches of them.
+The targeted connections are real L{wsgw.websocket.GatewayProtocol}s,
+handshaken over iosim and then moved onto Twisted's own C{tcp.Server}
+over a loopback TCP socket, as the daemon's are: each frame takes the
+daemon's direct write (or its buffered one), and the driver reads and
+drops what arrives at the other end.  The API channel is on one too, so
+its answers are written as the daemon writes them.  The unrelated
+connections are registry entries only, which is all a send to others
+touches of them.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ import glob
 import importlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
-BASELINE = "f485ac3"
+BASELINE = "63f12ee"
 USER_CONNS = 10
 PAYLOAD = 100  # W5's message size
 
@@ -55,6 +61,86 @@ def _module(package: str, name: str) -> Any:
     return importlib.import_module(f"{package}.{name}")
 
 
+class _Port:
+    """What C{tcp.Server} asks of its port."""
+
+    _realPortNumber = 40010
+
+
+def _loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one loopback TCP connection, both non-blocking."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    for end in (ours, theirs):
+        end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        end.setblocking(False)
+    return ours, theirs
+
+
+def _tcp_transport(protocol: Any, reactor: Any) -> tuple[Any, socket.socket]:
+    """
+    Twisted's C{tcp.Server} for C{protocol} over one end of a loopback
+    connection (as the daemon's listener makes it, on a memory reactor),
+    and the other end to read what it sends.
+    """
+    from twisted.internet import tcp
+
+    ours, theirs = _loopback_pair()
+    transport = tcp.Server(ours, protocol, ("127.0.0.1", 40000), _Port(), 1, reactor)
+    return transport, theirs
+
+
+def _drain(end: socket.socket) -> bytes:
+    """Everything that has arrived at C{end} so far."""
+    chunks = []
+    while True:
+        try:
+            chunk = end.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _received(end: socket.socket, complete: Callable[[bytes], bool]) -> bytes:
+    """What arrives at C{end} until it is C{complete}, waiting on the socket (5 s at most)."""
+    import select
+
+    data = _drain(end)
+    deadline = time.monotonic() + 5
+    while not complete(data) and time.monotonic() < deadline:
+        select.select([end], [], [], 0.1)
+        data += _drain(end)
+    return data
+
+
+def _whole_answer(data: bytes) -> bool:
+    """C{data} holds an HTTP answer's head and its C{Content-Length} of body."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
+
+
+def _whole_frame(data: bytes) -> bool:
+    """C{data} holds one unmasked WebSocket frame of under 64 KiB."""
+    if len(data) < 2:
+        return False
+    size = data[1] & 0x7F
+    if size == 126:
+        return len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[2:4], "big")
+    return len(data) >= 2 + size
+
+
 class Setup:
     """One node of C{package}: its site's lean channel, its targets, the others."""
 
@@ -62,7 +148,7 @@ class Setup:
         from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
         from twisted.internet.address import IPv4Address
         from twisted.internet.task import Clock
-        from twisted.internet.testing import StringTransport
+        from twisted.internet.testing import MemoryReactor
         from twisted.test.iosim import FakeTransport, connect
 
         config_mod, service, web, registry = (_module(package, n) for n in ("config", "service", "web", "registry"))
@@ -73,17 +159,28 @@ class Setup:
         site = web.GatewaySite(web.make_resource(node), config, reactor=self.clock)
         factory = web.websocket_factory(node, behind_web=False)
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
-        self.server_transports: List[Any] = []
-        self.pumps: List[Any] = []
+        #: The reactor the TCP transports watch their sockets with (never run).
+        self.fds = MemoryReactor()
+        #: The client ends of the targeted connections, in order.
+        self.client_ends: List[socket.socket] = []
+        self.transports: List[Any] = []
         for user, count in (("w5one", 1), ("w5user", USER_CONNS)):
             for _ in range(count):
                 server = factory.buildProtocol(peer)
                 client = WebSocketClientProtocol()
                 client.factory = WebSocketClientFactory("ws://127.0.0.1:40010/ws", headers={config.user_header: user})
                 server_transport = FakeTransport(server, isServer=True, peerAddress=peer)
-                self.pumps.append(connect(server, server_transport, client, FakeTransport(client, isServer=False)))
+                connect(server, server_transport, client, FakeTransport(client, isServer=False))
                 assert server.state == server.STATE_OPEN
-                self.server_transports.append(server_transport)
+                # From here on the connection is the daemon's kind: frames
+                # go to a real socket through Twisted's TCP transport, which
+                # the protocol produces for (as it registers at connectionMade).
+                server_transport.unregisterProducer()
+                tcp_transport, end = _tcp_transport(server, self.fds)
+                server.transport = tcp_transport
+                tcp_transport.registerProducer(server, True)
+                self.transports.append(tcp_transport)
+                self.client_ends.append(end)
         reg = self.gateway.registry
         for i in range(others):
             reg.add(
@@ -103,9 +200,8 @@ class Setup:
             "conn": json.dumps({"payload": payload, "conn_id": one[0]}).encode(),
             "user": b'{"payload":%s,"users":["w5user"]}' % json.dumps(payload).encode(),
         }
-        self.transport = StringTransport(peerAddress=peer)
         self.channel = site.api_channel(peer)
-        self.transport.protocol = self.channel
+        self.transport, self.app_end = _tcp_transport(self.channel, self.fds)
         self.channel.makeConnection(self.transport)
 
     def request(self, target: str) -> bytes:
@@ -120,38 +216,39 @@ class Setup:
             b"\r\n%s" % (len(body), body)
         )
 
-    def answer(self) -> bytes:
-        value: bytes = self.transport.value()
-        return value
+    def clear(self) -> None:
+        """Read and drop what the API channel and the targeted connections sent."""
+        _drain(self.app_end)
+        for end in self.client_ends:
+            _drain(end)
 
     def calls(self, target: str, n: int) -> Callable[[], None]:
         """A function making C{n} calls, clearing what they wrote every 100."""
         data = self.request(target)
         feed = self.channel.dataReceived
-        transport = self.transport
-        servers = self.server_transports
+        clear = self.clear
 
         def run() -> None:
             for i in range(n):
                 feed(data)
                 if i % 100 == 99:
-                    transport.clear()
-                    for t in servers:
-                        t.stream.clear()
+                    clear()
 
         return run
 
     def check(self, target: str) -> bytes:
         """One call's answer (head without Date), and the frames it sent."""
-        self.transport.clear()
-        for t in self.server_transports:
-            t.stream.clear()
+        self.clear()
         self.channel.dataReceived(self.request(target))
-        answer = self.transport.value()
+        # Every write went to its socket at once (nothing left buffered).
+        assert not any(t.dataBuffer or t._tempDataBuffer for t in [self.transport, *self.transports])
+        answer = _received(self.app_end, _whole_answer)
         head, _, body = answer.partition(b"\r\n\r\n")
         lines = [line for line in head.split(b"\r\n") if not line.startswith(b"Date:")]
-        frames = b"|".join(b"".join(t.stream) for t in self.server_transports)
-        self.transport.clear()
+        reached = range(0, 1) if target == "conn" else range(1, 1 + USER_CONNS)
+        frames = b"|".join(
+            _received(end, _whole_frame) if i in reached else _drain(end) for i, end in enumerate(self.client_ends)
+        )
         return b"\r\n".join(lines) + b"\r\n\r\n" + body + b"#" + frames
 
 

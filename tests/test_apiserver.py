@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from harness import start_daemon
-from wsgw.apiserver import ApiChannel, parse_head
+from wsgw.apiserver import ApiChannel, LeanRequest, parse_head
 from wsgw.config import Config
 from wsgw.service import make_node
 from wsgw.web import GatewaySite, make_resource
@@ -421,3 +421,64 @@ def test_a_send_that_failed_at_once_is_a_json_500_logged_once():
     head, _, body = outputs[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 500 ")
     assert json.loads(body) == {"code": 500, "message": "internal error; see the gateway's log"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from(sorted(CONFIGS)),
+    pool=st.lists(requests(), min_size=1, max_size=3),
+    order=st.lists(st.integers(0, 2), min_size=2, max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=4),
+)
+def test_a_head_read_again_is_answered_as_the_first_time(config, pool, order, cuts):
+    """The lean channel reads a head that repeats the one before it once;
+    requests repeated in any order, cut anywhere, are answered as the
+    site channel answers them."""
+    data = b"".join(pool[i % len(pool)] for i in order)
+    lean, site = run_both(CONFIGS[config], split(data, cuts))
+    assert lean == site
+
+
+def test_the_same_head_is_parsed_once_per_run_of_it(monkeypatch):
+    """A keep-alive client's calls with the same head are not parsed again; a different head is."""
+    import wsgw.apiserver
+
+    parsed = []
+    real = wsgw.apiserver.parse_head
+    monkeypatch.setattr(wsgw.apiserver, "parse_head", lambda head, limit: parsed.append(head) or real(head, limit))
+    one, other = request(body=BODIES[0]), request(b"GET", b"/tapr/ws/conn/list")
+    served = Served(Config(), True)
+    for data in (one, one, one, other, one):
+        served.feed(data)
+    assert len(parsed) == 3
+    assert served.output().count(b"HTTP/1.1 200 OK") == 5
+    served.close()
+
+
+@given(
+    uri=st.builds(
+        lambda parts, query: b"/" + b"/".join(parts) + query,
+        st.lists(st.sampled_from([b"tapr", b"ws", b"", b"%73end", b"a%2Fb", b"%", b"x%zz", b"send"]), max_size=5),
+        st.sampled_from([b"", b"?", b"?a=1", b"?a/b%20"]),
+    )
+)
+def test_a_target_is_split_as_before_it_was_remembered(uri):
+    """A request's path and postpath are what splitting its target per request made, and each request has its own postpath."""
+    from urllib.parse import unquote_to_bytes
+
+    path = uri.split(b"?", 1)[0]
+    segments = path[1:].split(b"/")
+    expected = [unquote_to_bytes(p) for p in segments] if b"%" in path else segments
+    first, second = (LeanRequest(None, b"GET", uri, b"HTTP/1.1", {}, b"") for _ in range(2))
+    assert (first.path, first.postpath) == (path, expected)
+    first.postpath.pop()
+    assert (second.path, second.postpath) == (path, expected)
+
+
+@pytest.mark.parametrize(
+    "value", [b"close", b"Close", b"keep-alive", b"keep-alive close", b"x,close", b"", b"CLOSE  x"]
+)
+def test_a_connection_header_asks_to_close_as_before(value):
+    from wsgw.apiserver import asks_to_close
+
+    assert asks_to_close(value) == (b"close" in value.lower().split(b" "))

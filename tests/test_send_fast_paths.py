@@ -10,7 +10,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_apiserver import LOCAL, Served
+from test_apiserver import LOCAL, REMOTE, Served
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -387,16 +387,74 @@ def test_the_site_walks_the_tree_as_twisted_web_does(path, config):
 
     served = Served(config, True, LOCAL)
     found = []
-    for walk in (served.site.getResourceFor, lambda request: Site.getResourceFor(served.site, request)):
-        request = DummyRequest([])
-        request.postpath = path[1:].split(b"/")
-        request.prepath = []
-        resource = walk(request)
-        found.append(
-            (type(resource), vars(resource).get("status"), request.prepath, request.postpath, request.sitepath)
-        )
-        assert request.site is served.site
-    assert found[0] == found[1]
+    # The site's walk twice (the second from its remembered routes), a
+    # caller it refuses, and twisted.web's own walk.
+    walks = [served.site.getResourceFor] * 2 + [lambda request: Site.getResourceFor(served.site, request)]
+    for peer in (LOCAL, REMOTE):
+        for walk in walks:
+            request = DummyRequest([])
+            request.path = path
+            request.postpath = path[1:].split(b"/")
+            request.prepath = []
+            request.client = peer
+            resource = walk(request)
+            found.append(
+                (
+                    peer,
+                    type(resource),
+                    vars(resource).get("status"),
+                    request.prepath,
+                    request.postpath,
+                    request.sitepath,
+                )
+            )
+            assert request.site is served.site
+    assert found[0] == found[1] == found[2]
+    assert found[3] == found[4] == found[5]
+    served.close()
+
+
+def test_the_api_endpoints_have_routes_and_other_paths_the_walk():
+    """The API's endpoints are found without the walk (the door still asked);
+    paths made by getChild, below a leaf or outside the API are walked."""
+    from wsgw.web import GuardedApi, Route, static_route
+
+    def root_conn(root):
+        return root.children[b"tapr"].children[b"ws"].children[b"conn"]
+
+    served = Served(Config(), True, LOCAL)
+    root = served.site.resource
+    for name in (b"send", b"close", b"list"):
+        route = static_route(root, [b"tapr", b"ws", b"conn", name])
+        assert route is not None and isinstance(route.door, GuardedApi) and route.leaf.isLeaf
+    for segments in ([b"tapr", b"ws", b"conn", b"nope"], [b"tapr", b"ws", b"conn", b"send", b"x"], [b"tapr"], []):
+        route = static_route(root, segments)
+        assert route is None or (route.door is None and not route.leaf.isLeaf), segments
+    # Ending at the door: the walk's outcome is the door itself (which asks when it renders).
+    assert static_route(root, [b"tapr", b"ws", b"conn"]) == Route([b"tapr", b"ws", b"conn"], root_conn(root), None)
+    served.site.getResourceFor(_request(b"/healthz"))
+    assert served.site._routes == {b"/healthz": None}  # not an API path: walked, and remembered as such
+    served.close()
+
+
+def _request(path):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([])
+    request.path = path
+    request.postpath = path[1:].split(b"/")
+    request.prepath = []
+    request.client = LOCAL
+    return request
+
+
+def test_a_route_whose_path_and_segments_disagree_is_walked():
+    """The routes are looked up by path and used only for the segments they were worked out for."""
+    served = Served(Config(), True, LOCAL)
+    served.site.getResourceFor(_request(b"/tapr/ws/conn/send"))
+    odd = _request(b"/tapr/ws/conn/send")
+    odd.postpath = [b"tapr", b"ws", b"conn", b"list"]
+    assert type(served.site.getResourceFor(odd)).__name__ == "ListEndpoint"
     served.close()
 
 
@@ -489,3 +547,39 @@ def test_the_reaches_made_once_are_the_ones_made_per_call():
     assert all(reach == Reach(matched) for matched, reach in enumerate(_REACHES))
     with pytest.raises(attr.exceptions.FrozenInstanceError):
         _REACHES[1].matched = 2  # type: ignore[misc]
+
+
+def _read_json_object_as_before(raw: bytes):
+    """read_json_object's reading of a body before it skipped the stripped copy."""
+    from wsgw.api import ApiError
+
+    try:
+        body = decode_body(raw.decode("utf-8")) if raw.strip() else {}
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+@given(
+    raw=st.one_of(
+        st.binary(max_size=20),
+        st.sampled_from([b"", b" ", b"\t\r\n", b"{", b"{}", b" {} ", b"{\xff}", b'{"a":1}', b"[]", b"{} x", b"\x0b{}"]),
+        st.builds(lambda a, b: a + b"{" + b, st.binary(max_size=4), st.binary(max_size=8)),
+    )
+)
+def test_a_body_is_read_as_before_it_was_stripped_only_when_blank(raw):
+    """A body starting with a brace is read without a stripped copy: the same value or the same refusal."""
+    from io import BytesIO
+
+    from wsgw.api import ApiError, read_json_object
+
+    request = type("R", (), {"content": BytesIO(raw)})()
+    outcomes = []
+    for read in (lambda: read_json_object(request, 1 << 20), lambda: _read_json_object_as_before(raw)):
+        try:
+            outcomes.append(("ok", read()))
+        except ApiError as e:
+            outcomes.append((e.status, e.message))
+    assert outcomes[0] == outcomes[1]

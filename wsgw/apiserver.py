@@ -18,6 +18,7 @@ as it always has: the lean path serves only what it serves identically.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from io import BytesIO
@@ -135,6 +136,24 @@ def http_date() -> bytes:
     return value
 
 
+@functools.lru_cache(maxsize=256)
+def target_parts(uri: bytes) -> Tuple[bytes, Tuple[bytes, ...]]:
+    """
+    A request target's path and its segments (unquoted), as twisted.web's
+    C{Request} splits them: worked out once per target, for an app calls
+    the same few.
+    """
+    path = uri.split(b"?", 1)[0]
+    segments = path[1:].split(b"/")
+    return path, tuple(unquote_to_bytes(p) for p in segments) if b"%" in path else tuple(segments)
+
+
+@functools.lru_cache(maxsize=64)
+def asks_to_close(connection: bytes) -> bool:
+    """Whether a C{Connection} header's value says C{close}, as twisted.web reads it (once per value)."""
+    return b"close" in connection.lower().split(b" ")
+
+
 class LeanRequest:
     """
     What the API's resources use of a twisted.web C{Request}: its method,
@@ -159,13 +178,12 @@ class LeanRequest:
         self.channel: Optional[ApiChannel] = channel
         self.method = method
         self.uri = uri
-        self.path = uri.split(b"?", 1)[0]
+        self.path, segments = target_parts(uri)
         self.clientproto = clientproto
         self._headers = headers
         self.content = BytesIO(body)
         self.prepath: List[bytes] = []
-        segments = self.path[1:].split(b"/")
-        self.postpath: List[bytes] = [unquote_to_bytes(p) for p in segments] if b"%" in self.path else segments
+        self.postpath: List[bytes] = list(segments)  # the walk takes it apart
         self.code = 200
         self.code_message = b"OK"
         # Insertion ordered, as twisted.web writes them: canonical name -> value.
@@ -320,6 +338,9 @@ class ApiChannel(Protocol):
         self.peer = addr
         self._buffer = b""
         self._head: Optional[Head] = None
+        #: The last head read here and what L{parse_head} made of it (its
+        #: headers are only read, never changed, by the requests).
+        self._last_head: Optional[Tuple[bytes, Head]] = None
         self._body_at = 0
         self._pending: Optional[LeanRequest] = None
         self._persistent = True
@@ -366,10 +387,19 @@ class ApiChannel(Protocol):
                         self._hand_over(buffer)
                         return
                     break
-                head = parse_head(buffer[:end], self.site.max_body)
-                if head is None:
-                    self._hand_over(buffer)
-                    return
+                raw_head = buffer[:end]
+                last = self._last_head
+                if last is not None and last[0] == raw_head:
+                    # An app's client sends the same head call after call
+                    # (a body of the same length): read it once.
+                    head = last[1]
+                else:
+                    parsed = parse_head(raw_head, self.site.max_body)
+                    if parsed is None:
+                        self._hand_over(buffer)
+                        return
+                    head = parsed
+                    self._last_head = (raw_head, head)
                 self._head, self._body_at = head, end + 4
             body_end = self._body_at + head[4]
             if len(buffer) < body_end:
@@ -387,7 +417,7 @@ class ApiChannel(Protocol):
         request = LeanRequest(self, method, target, http_version, headers, body)
         if http_version == b"HTTP/1.1":
             connection = headers.get(b"connection")
-            if connection and b"close" in connection[0].lower().split(b" "):
+            if connection and asks_to_close(connection[0]):
                 request.setHeader(b"Connection", b"close")
                 self._persistent = False
         else:

@@ -5,8 +5,9 @@ C{Site} that serves it with the gateway's limits.
 
 from __future__ import annotations
 
-from typing import IO, TYPE_CHECKING, Any, Optional, Union, cast
+from typing import IO, TYPE_CHECKING, Any, Dict, List, Optional, Union, cast
 
+import attr
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, connectionDone
@@ -76,10 +77,15 @@ class GuardedApi(Resource):
         self._access = access
 
     def getChildWithDefault(self, name, request):
-        refusal = self._access.refusal(request)
-        if refusal is not None:
-            return Refusal(*refusal)
+        refused = self.refused(request)
+        if refused is not None:
+            return refused
         return self._api.getChildWithDefault(name, request)
+
+    def refused(self, request: Any) -> Optional[Refusal]:
+        """The answer to a caller at this door who may not pass, or L{None}."""
+        refusal = self._access.refusal(request)
+        return None if refusal is None else Refusal(*refusal)
 
     def render(self, request):
         refusal = self._access.refusal(request)
@@ -109,6 +115,51 @@ class Refusal(Resource):
         if self.status == 429:
             request.setHeader(b"Retry-After", b"1")  # as the router's handshake refusals say
         return error_response(request, self.status, self.message)
+
+
+@attr.s(frozen=True, slots=True)
+class Route:
+    """
+    Where a walk of the tree ends for one path, when every step of it is a
+    lookup among a resource's put children: the leaf, and the API's door
+    (L{GuardedApi}) when the last step goes through it.
+    """
+
+    segments: List[bytes] = attr.ib()
+    leaf: Resource = attr.ib()
+    door: Optional[GuardedApi] = attr.ib()
+
+
+def _put_child(resource: Resource, name: bytes) -> Optional[Resource]:
+    """C{resource}'s child C{name} when C{getChildWithDefault} finds it among the put ones, for any request."""
+    if type(resource).getChildWithDefault is not Resource.getChildWithDefault:
+        return None
+    child: Optional[Resource] = resource.children.get(name)
+    return child
+
+
+def static_route(root: Resource, segments: List[bytes]) -> Optional[Route]:
+    """
+    The L{Route} of C{segments} below C{root}, or L{None} when walking them
+    could take another turn for some request (a child made by C{getChild},
+    a resource with its own C{getChildWithDefault}, a leaf before the last
+    segment, a door before the last step): then only the walk itself says.
+    The walk's calls have no effect of their own but the door's question.
+    """
+    resource, door = root, None
+    for name in segments:
+        # The walk stops at a leaf; a refusal at a door is a leaf too, so
+        # the door must take the last step for a refused walk to end where
+        # a passed one does.
+        if resource.isLeaf or door is not None:
+            return None
+        if type(resource) is GuardedApi:
+            door, resource = resource, resource._api
+        child = _put_child(resource, name)
+        if child is None:
+            return None
+        resource = child
+    return Route(list(segments), resource, door)
 
 
 def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
@@ -141,6 +192,9 @@ def websocket_factory(node: Node, *, behind_web: bool = True) -> GatewayFactory:
         max_outgoing=config.max_outgoing,
         handshake_timeout=0 if behind_web else config.handshake_timeout,
     )
+
+
+_UNKNOWN: Any = object()
 
 
 def make_resource(
@@ -258,6 +312,9 @@ class GatewaySite(Site):
         self.max_body = config.max_api_body
         self.handshake_timeout = config.handshake_timeout
         self.rate_limiter = PeerRateLimiter(self.reactor, config.rate_limit) if config.rate_limit else None
+        #: L{static_route} by request path, for the API's endpoints, worked
+        #: out on a path's first request (the tree is complete by then).
+        self._routes: Dict[bytes, Optional[Route]] = {}
 
     def getResourceFor(self, request):
         if self.rate_limiter is not None:
@@ -269,12 +326,34 @@ class GatewaySite(Site):
         request.site = self
         prepath, postpath = request.prepath, request.postpath
         request.sitepath = prepath[:]
+        path = request.path
+        route = self._routes.get(path, _UNKNOWN)
+        if route is _UNKNOWN:
+            route = self._route(path, postpath)
+        if route is not None and postpath == route.segments:
+            # The walk's outcome without the walk: the same prepath and
+            # postpath after it, and the door asked, as its last step does.
+            prepath += postpath
+            postpath.clear()
+            door = route.door
+            if door is not None:
+                refused = door.refused(request)
+                if refused is not None:
+                    return refused
+            return route.leaf
         resource = self.resource
         while postpath and not resource.isLeaf:
             element = postpath.pop(0)
             prepath.append(element)
             resource = resource.getChildWithDefault(element, request)
         return resource
+
+    def _route(self, path: bytes, postpath: List[bytes]) -> Optional[Route]:
+        """The route of an API path (L{None} for any other), remembered."""
+        route = static_route(self.resource, postpath) if path.startswith(b"/tapr/") and b"%" not in path else None
+        if len(self._routes) < 64:
+            self._routes[path] = route
+        return route
 
     def api_channel(self, addr: Any) -> ApiChannel:
         """

@@ -285,7 +285,10 @@ class GatewayProtocol(WebSocketServerProtocol):
     # -- IChannel: what the gateway drives -----------------------------------
 
     def deliver(self, frame: Any) -> None:  # a PreparedMessage from prepare_frame
-        if self.state != self.STATE_OPEN or self._aborted:
+        # The open state as a module constant: read through the instance,
+        # Autobahn's class attribute is a look-up the interpreter does not
+        # specialise, once per recipient of every send.
+        if self.state != _STATE_OPEN or self._aborted:
             return
         data = internals.frame_bytes(frame)
         if self._backlog_bytes is not None:
@@ -330,6 +333,9 @@ class GatewayProtocol(WebSocketServerProtocol):
     def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resumeProducing()
+
+
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 
 
 def _peer(peer: str) -> str:
