@@ -350,52 +350,48 @@ def test_write_now_sends_at_once_exactly_when_the_transport_is_idle(state, side)
 @pytest.mark.parametrize(
     "state", ["idle", "buffered", "disconnecting", "write_disconnected", "tls", "no_fields", "no_socket", "full"]
 )
-def test_send_now_writes_a_frame_as_write_now_writes_it(state, side):
-    """send_now makes write_now's checks in its own frame: for every state of
-    a TCP transport both send the same bytes at once and hand write() the
-    same rest (a socket that takes part of a frame included)."""
-    outcomes = []
-    for through_send_now in (True, False):
-        transport, peer, _reactor = tcp_pair(client=side == "client")
-        if state == "buffered":
-            transport.write(b"before;")
-        elif state == "disconnecting":
-            transport.disconnecting = True
-        elif state == "write_disconnected":
-            transport._writeDisconnected = True
-        elif state == "tls":
-            transport.TLS = True
-        elif state == "no_fields":
-            del transport._tempDataBuffer
-        elif state == "no_socket":
-            real = transport.socket
-            del transport.socket
-        elif state == "full":
-            # A send buffer that takes part of a large frame only.
-            import socket
+def test_write_now_sends_at_once_only_to_an_idle_plain_tcp_socket(state, side):
+    """For every state of a TCP transport (a server's or a client's),
+    write_now sends at once what an idle plain socket takes and hands the
+    rest to write(), behind nothing; in any other state all of it goes to
+    write(), so order and buffering stay Twisted's."""
+    transport, peer, _reactor = tcp_pair(client=side == "client")
+    if state == "buffered":
+        transport.write(b"before;")
+    elif state == "disconnecting":
+        transport.disconnecting = True
+    elif state == "write_disconnected":
+        transport._writeDisconnected = True
+    elif state == "tls":
+        transport.TLS = True
+    elif state == "no_fields":
+        del transport._tempDataBuffer
+    elif state == "no_socket":
+        real = transport.socket
+        del transport.socket
+    elif state == "full":
+        # A send buffer that takes part of a large frame only.
+        import socket
 
-            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        data = b"f" * (1 << 20) if state == "full" else b"frame"
-        writes = []
-        transport.write = writes.append
-        if through_send_now:
-            protocol = SimpleNamespace(_perMessageCompress=None, send_queue=deque(), transport=transport)
-            assert internals.send_now(protocol, data)
-        else:
-            internals.write_now(transport, data)
-        received = b""
-        while True:
-            try:
-                chunk = peer.recv(1 << 20)
-            except BlockingIOError:
-                break
-            received += chunk
-        assert received + b"".join(writes) == data or writes == [data]
-        outcomes.append((len(received) > 0, len(writes), len(received) + len(b"".join(writes))))
-        if state == "no_socket":
-            transport.socket = real
-        transport.socket.close()
-        peer.close()
-    assert outcomes[0] == outcomes[1]
-    if state == "full":
-        assert outcomes[0][:2] == (True, 1)  # part sent at once, the rest to write()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = b"f" * (1 << 20) if state == "full" else b"frame"
+    writes = []
+    transport.write = writes.append
+    internals.write_now(transport, data)
+    received = b""
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            break
+        received += chunk
+    if state == "idle":
+        assert (received, writes) == (data, [])
+    elif state == "full":
+        assert received and len(writes) == 1 and received + writes[0] == data
+    else:
+        assert (received, writes) == (b"", [data])
+    if state == "no_socket":
+        transport.socket = real
+    transport.socket.close()
+    peer.close()

@@ -525,48 +525,18 @@ def send_now(protocol: WebSocketServerProtocol, data: bytes) -> bool:
     """
     Send C{data} to a client as Autobahn's C{sendData} would for a frame
     with nothing queued before it, minus its debug line (formatted eagerly
-    on every send), as L{write_now} writes: C{False} when Autobahn must
+    on every send), through L{write_now}: C{False} when Autobahn must
     send it itself (compression was negotiated, or its own send queue
     holds frames).  These are private fields of Autobahn's: should a
     release rename one, every send takes the public path rather than
     failing.
-
-    L{write_now}'s checks are made here in the same frame rather than by
-    calling it: this runs once per recipient of every send, and for an
-    idle TCP connection (nearly all of them) a call, a tuple search and
-    a second look-up of the transport cost a tenth of the send.  A test
-    pins that both write the same bytes whatever the transport's state.
     """
     try:
         if protocol._perMessageCompress is not None or protocol.send_queue:
             return False
     except AttributeError:
         return False
-    transport: Any = protocol.transport
-    kind = type(transport)
-    if kind is _SERVER or kind is _CLIENT:
-        try:
-            idle = (
-                not transport.TLS
-                and transport.connected
-                and not transport.disconnecting
-                and not transport._writeDisconnected
-                and not transport._tempDataBuffer
-                and transport.offset == len(transport.dataBuffer)
-            )
-            sock = transport.socket
-        except AttributeError:
-            idle = False
-        if idle:
-            try:
-                sent = sock.send(data)
-            except OSError:  # EAGAIN, or an error write() reports as it does
-                sent = 0
-            if sent == len(data):
-                return True
-            if sent > 0:
-                data = data[sent:]
-    transport.write(data)
+    write_now(protocol.transport, data)
     return True
 
 
@@ -613,7 +583,6 @@ def write_now(transport: Any, data: bytes) -> None:
 
 
 _TCP_CONNECTIONS = (tcp.Server, tcp.Client)
-_SERVER, _CLIENT = _TCP_CONNECTIONS
 
 
 # -- Twisted: a ClientService that does not log every retry -----------------------
