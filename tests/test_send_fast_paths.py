@@ -330,7 +330,7 @@ class _Channel:
     def __init__(self):
         self.written = []
 
-    def answered(self, data):
+    def answered(self, data, after=None):
         self.written.append(data)
 
 

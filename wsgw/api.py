@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .interfaces import IConnections, IConnectionsHere, Listing, Reach
+from .interfaces import IAnswerFirst, IConnections, IConnectionsHere, Listing, Reach
 from .jsonio import decode_json, error_response, to_json
 from .registry import AccessType, Targets, plain_targets
 
@@ -332,7 +332,10 @@ class SendEndpoint(JsonEndpoint):
         targets = read_targets(body, "conn_id", "send message")
         payload, binary = read_frame(body)
         if self._here is not None:
-            matched = self._here.send_here(payload, targets, binary)
+            # Whom it reaches is known once they are chosen: the answer can
+            # go out first, the frames right after it (IAnswerFirst).
+            later = request.after_answer if IAnswerFirst.providedBy(request) else None
+            matched = self._here.send_here(payload, targets, binary, later)
             return _REACHES[matched] if matched < len(_REACHES) else Reach(matched)
         return self.connections.send(payload, targets, binary)
 

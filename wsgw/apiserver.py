@@ -22,7 +22,7 @@ import functools
 import re
 import time
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 import attr
@@ -33,9 +33,11 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, version
+from zope.interface import implementer
 
 from . import internals
 from .appagent import canonical_name
+from .interfaces import IAnswerFirst
 
 if TYPE_CHECKING:
     from .web import GatewaySite
@@ -125,6 +127,15 @@ def parse_head(head: bytes, max_body: int) -> Optional[Head]:
     return method, target, http_version, headers, length
 
 
+def do_after_answer(work: List[Callable[[], None]]) -> None:
+    """What was to follow an answer; a failure of one piece is logged and the rest done."""
+    for piece in work:
+        try:
+            piece()
+        except Exception:
+            log.failure("after answering an API call")
+
+
 #: Where a head's one Content-Length value is, found as L{parse_head} reads it.
 _LENGTH_VALUE = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*(?:\r\n|\Z)", re.IGNORECASE)
 
@@ -203,15 +214,19 @@ def asks_to_close(connection: bytes) -> bool:
     return b"close" in connection.lower().split(b" ")
 
 
+@implementer(IAnswerFirst)
 class LeanRequest:
     """
     What the API's resources use of a twisted.web C{Request}: its method,
     path, headers, body and peer; the answer's status and headers; and
-    C{write}/C{finish} for answers given later (a cluster's).
+    C{write}/C{finish} for answers given later (a cluster's).  Work that
+    cannot change the answer may wait until it is written (L{IAnswerFirst}).
     """
 
     too_large = False
     site: Any = None
+    #: What is to be done once the answer is written (L{after_answer}).
+    _after: Optional[List[Callable[[], None]]] = None
     sitepath: List[bytes]
     code_message: bytes
 
@@ -311,10 +326,25 @@ class LeanRequest:
         if self._chunked:
             self._pieces.append(b"0\r\n\r\n")
         self.finished = True
+        self._hand_over_answer(b"".join(self._pieces))
+        self._pieces = []
+
+    def after_answer(self, work: Callable[[], None]) -> None:
+        if self.finished:
+            work()  # answered already
+        elif self._after is None:
+            self._after = [work]
+        else:
+            self._after.append(work)
+
+    def _hand_over_answer(self, data: bytes) -> None:
+        """The whole answer to the channel, and what was to follow it."""
+        after, self._after = self._after, None
         channel = self.channel
         if channel is not None:
-            channel.answered(b"".join(self._pieces))
-        self._pieces = []
+            channel.answered(data, after)
+        elif after is not None:
+            do_after_answer(after)
 
     def processingFailed(self, reason: Failure) -> None:
         """As twisted.web answers a resource that raised: a 500 page."""
@@ -355,9 +385,7 @@ class LeanRequest:
                 self.code_message,
                 b"\r\n".join(map(b": ".join, out.items())),
             )
-            channel = self.channel
-            if channel is not None:
-                channel.answered(head if self.code in NO_BODY_CODES else head + body)
+            self._hand_over_answer(head if self.code in NO_BODY_CODES else head + body)
         except BaseException:
             if not self.finished:
                 self.processingFailed(Failure())
@@ -474,12 +502,18 @@ class ApiChannel(Protocol):
             self._waiting = True
             self._pause_reading()
 
-    def answered(self, data: bytes) -> None:
-        """The pending request's whole answer: written at once, then what was pipelined behind it."""
+    def answered(self, data: bytes, after: Optional[List[Callable[[], None]]] = None) -> None:
+        """
+        The pending request's whole answer: written at once, then the work
+        that was to follow it, then what was pipelined behind it.
+        """
         self._pending = None
+        if not self._gone:
+            internals.write_now(self.transport, data)
+        if after is not None:
+            do_after_answer(after)
         if self._gone:
             return
-        internals.write_now(self.transport, data)
         if not self._persistent:
             self.transport.loseConnection()
             return

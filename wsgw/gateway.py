@@ -8,6 +8,7 @@ with what happened, and each connection's L{IChannel} carries frames out.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
 import attr
@@ -205,19 +206,35 @@ class Gateway:
     def listing(self) -> Deferred[Listing]:
         return succeed(Listing(self.registry.listing()))
 
-    def send_here(self, payload: bytes, targets: Targets, binary: bool = False) -> int:
+    def send_here(
+        self,
+        payload: bytes,
+        targets: Targets,
+        binary: bool = False,
+        later: Optional[Callable[[Callable[[], None]], None]] = None,
+    ) -> int:
         """
         Send C{payload} as one frame to every matching connection of this
         process without waiting on any of them; returns how many matched.
+        With C{later}, the frames are written by the work handed to it.
         """
         matched = self.registry.select(targets)
         if matched:
             frame = self.prepare(payload, binary)
-            for conn in matched:  # the registry holds open connections only
-                conn.channel.deliver(frame)  # type: ignore[union-attr]
-            self.stats.frames_out += len(matched)
-            self.stats.bytes_out += len(payload) * len(matched)
+            if later is None:
+                self._deliver(matched, frame, len(payload))
+            else:
+                later(partial(self._deliver, matched, frame, len(payload)))
         return len(matched)
+
+    def _deliver(self, matched: List[Connection], frame: object, size: int) -> None:
+        for conn in matched:  # the registry holds open connections only
+            try:
+                conn.channel.deliver(frame)  # type: ignore[union-attr]
+            except Exception:  # a bug for one connection must not cost the others their frame
+                log.failure("sending to {conn_id} failed", conn_id=conn.conn_id)
+        self.stats.frames_out += len(matched)
+        self.stats.bytes_out += size * len(matched)
 
     def close_here(self, targets: Targets) -> int:
         """

@@ -24,7 +24,7 @@ mypy and a test double all see the same contract.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import attr
 from twisted.internet.defer import Deferred
@@ -215,8 +215,29 @@ class IConnectionsHere(IConnections):
     answers at once, without a L{Deferred} per call.
     """
 
-    def send_here(payload: bytes, targets: Targets, binary: bool = False) -> int:
-        """What C{send} does, returning how many connections it matched (C{send}'s C{Reach}, never partial)."""
+    def send_here(
+        payload: bytes,
+        targets: Targets,
+        binary: bool = False,
+        later: Optional[Callable[[Callable[[], None]], None]] = None,
+    ) -> int:
+        """
+        What C{send} does, returning how many connections it matched
+        (C{send}'s C{Reach}, never partial).  With C{later}, the frames are
+        written by the work it is handed (L{IAnswerFirst.after_answer}).
+        """
+
+
+class IAnswerFirst(Interface):
+    """
+    A request whose answer may go out before work that cannot change it.
+    A C{/send} knows whom it reaches once it has chosen them: the app has
+    its answer before the frames are written, in the same turn of the
+    reactor, and a fan-out to many does not keep it waiting.
+    """
+
+    def after_answer(work: Callable[[], None]) -> None:
+        """Do C{work} right after the answer is written (or, the caller gone, would have been)."""
 
 
 # The answers of IConnections, shared by both providers.
