@@ -1,8 +1,9 @@
 """
-A C{/send} served by the daemon's API channel is answered as soon as the
-gateway has chosen whom it reaches, and its frames are written right
-after, in the same turn: an app that broadcasts to thousands is not kept
-waiting for the fan-out.  Nothing else moves: the answer says how many
+A C{/send} to several connections served by the daemon's API channel is
+answered as soon as the gateway has chosen whom it reaches, and its
+frames are written right after, in the same turn: an app that broadcasts
+to thousands is not kept waiting for the fan-out (a single frame is
+written at once, before its answer, as soon either way).  Nothing else moves: the answer says how many
 it reaches, every frame is written before the next request is read, in
 order, and a failure for one connection is logged and costs the others
 nothing.  Through twisted.web (an embedding's own site) the frames go
@@ -99,7 +100,8 @@ def test_pipelined_sends_keep_their_order_answer_by_answer():
     api = _Api(["c1", "c2"])
     api.post(b'{"conn_id":"c1","payload":1}', b'{"users":["alice"],"payload":2}', b'{"conn_id":"nobody","payload":3}')
     shown = [(e[0], json.loads(e[1])["data"]["matched"]) if e[0] == "answer" else (e[1], _frame(e[2])) for e in api.log]
-    assert shown == [("answer", 1), ("c1", b"1"), ("answer", 2), ("c1", b"2"), ("c2", b"2"), ("answer", 0)]
+    # One frame goes at once, before its answer; a fan-out after it.
+    assert shown == [("c1", b"1"), ("answer", 1), ("answer", 2), ("c1", b"2"), ("c2", b"2"), ("answer", 0)]
 
 
 def test_a_connection_whose_delivery_fails_is_logged_and_the_others_get_theirs():
@@ -111,7 +113,7 @@ def test_a_connection_whose_delivery_fails_is_logged_and_the_others_get_theirs()
         api.post(b'{"users":["alice"],"payload":"x"}', b'{"conn_id":"c3","payload":"y"}')
     finally:
         globalLogPublisher.removeObserver(observer)
-    assert [e[1] if e[0] == "frame" else e[0] for e in api.log] == ["answer", "c1", "c3", "answer", "c3"]
+    assert [e[1] if e[0] == "frame" else e[0] for e in api.log] == ["answer", "c1", "c3", "c3", "answer"]
     failed = [e for e in failures if e.get("log_failure") is not None]
     assert [e["conn_id"] for e in failed] == ["c2"]
     assert failed[0]["log_failure"].check(RuntimeError)

@@ -333,9 +333,9 @@ class SendEndpoint(JsonEndpoint):
         payload, binary = read_frame(body)
         if self._here is not None:
             # Whom it reaches is known once they are chosen: the answer can
-            # go out first, the frames right after it (IAnswerFirst).
-            later = request.after_answer if IAnswerFirst.providedBy(request) else None
-            matched = self._here.send_here(payload, targets, binary, later)
+            # go out before a fan-out, the frames right after it.
+            first = request if IAnswerFirst.providedBy(request) else None
+            matched = self._here.send_here(payload, targets, binary, first)
             return _REACHES[matched] if matched < len(_REACHES) else Reach(matched)
         return self.connections.send(payload, targets, binary)
 

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from . import events
 from .forwarder import AppForwarder
-from .interfaces import IChannel, IConnectionsHere, IMembership, IOnlineUsers, Listing, Reach
+from .interfaces import IAnswerFirst, IChannel, IConnectionsHere, IMembership, IOnlineUsers, Listing, Reach
 from .registry import Connection, LiveConnections, Registry, Targets
 
 log = Logger()
@@ -211,20 +211,22 @@ class Gateway:
         payload: bytes,
         targets: Targets,
         binary: bool = False,
-        later: Optional[Callable[[Callable[[], None]], None]] = None,
+        first: Optional[IAnswerFirst] = None,
     ) -> int:
         """
         Send C{payload} as one frame to every matching connection of this
         process without waiting on any of them; returns how many matched.
-        With C{later}, the frames are written by the work handed to it.
+        With C{first}, the request asking, frames to more than one
+        connection are written once it is answered; a single frame is
+        written at once, as soon either way.
         """
         matched = self.registry.select(targets)
         if matched:
             frame = self.prepare(payload, binary)
-            if later is None:
+            if first is None or len(matched) == 1:
                 self._deliver(matched, frame, len(payload))
             else:
-                later(partial(self._deliver, matched, frame, len(payload)))
+                first.after_answer(partial(self._deliver, matched, frame, len(payload)))
         return len(matched)
 
     def _deliver(self, matched: List[Connection], frame: object, size: int) -> None:

@@ -219,12 +219,12 @@ class IConnectionsHere(IConnections):
         payload: bytes,
         targets: Targets,
         binary: bool = False,
-        later: Optional[Callable[[Callable[[], None]], None]] = None,
+        first: Optional[IAnswerFirst] = None,
     ) -> int:
         """
         What C{send} does, returning how many connections it matched
-        (C{send}'s C{Reach}, never partial).  With C{later}, the frames are
-        written by the work it is handed (L{IAnswerFirst.after_answer}).
+        (C{send}'s C{Reach}, never partial).  With C{first}, the request
+        asking, a fan-out may wait until it is answered.
         """
 
 
