@@ -155,7 +155,7 @@ class KnownHead:
 
     @classmethod
     def of(cls, raw: bytes, head: Head) -> KnownHead:
-        found = _LENGTH_VALUE.search(raw) if head[4] or b"content-length" in head[3] else None
+        found = _LENGTH_VALUE.search(raw) if b"content-length" in head[3] else None
         return cls(raw, head, (-1, -1) if found is None else found.span(1))
 
     def again(self, raw: bytes, max_body: int) -> Optional[Head]:
@@ -326,7 +326,7 @@ class LeanRequest:
         if self._chunked:
             self._pieces.append(b"0\r\n\r\n")
         self.finished = True
-        self._hand_over_answer(b"".join(self._pieces))
+        self._give_answer(b"".join(self._pieces))
         self._pieces = []
 
     def after_answer(self, work: Callable[[], None]) -> None:
@@ -337,7 +337,7 @@ class LeanRequest:
         else:
             self._after.append(work)
 
-    def _hand_over_answer(self, data: bytes) -> None:
+    def _give_answer(self, data: bytes) -> None:
         """The whole answer to the channel, and what was to follow it."""
         after, self._after = self._after, None
         channel = self.channel
@@ -385,7 +385,7 @@ class LeanRequest:
                 self.code_message,
                 b"\r\n".join(map(b": ".join, out.items())),
             )
-            self._hand_over_answer(head if self.code in NO_BODY_CODES else head + body)
+            self._give_answer(head if self.code in NO_BODY_CODES else head + body)
         except BaseException:
             if not self.finished:
                 self.processingFailed(Failure())

@@ -88,9 +88,9 @@ class GuardedApi(Resource):
         return None if refusal is None else Refusal(*refusal)
 
     def render(self, request):
-        refusal = self._access.refusal(request)
-        if refusal is not None:
-            return Refusal(*refusal).render(request)
+        refused = self.refused(request)
+        if refused is not None:
+            return refused.render(request)
         return self._api.render(request)
 
 
