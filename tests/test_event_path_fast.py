@@ -450,3 +450,26 @@ def test_a_batch_names_each_event_as_json_dumps_writes_its_id(given_id):
     body = eventpost.batch_body([event, Event("c2", 0, "message", b"{}")])
     assert body == b'[{"event_id":' + json.dumps(event.event_id).encode("ascii") + b',"data":1},{"event_id":"c2:0"}]'
     assert json.loads(body) == [{"event_id": event.event_id, "data": 1}, {"event_id": "c2:0"}]
+
+
+_MEMBERS = st.dictionaries(st.text(max_size=4), st.one_of(st.integers(), st.text(max_size=4), st.none()), max_size=3)
+
+
+@given(
+    objects=st.lists(
+        st.tuples(_MEMBERS, st.sampled_from([(",", ":"), (", ", ": ")]), st.sampled_from(["", " ", "\n "])),
+        max_size=4,
+    )
+)
+def test_a_batch_is_its_events_objects_each_with_its_id_first(objects):
+    """Whatever each body's spacing, the batch reads back as its events'
+    objects in order, each with its id as the first member."""
+    import json
+
+    events = [
+        Event(f"c{i}", i, "message", (pad + json.dumps(obj, separators=seps) + pad).encode())
+        for i, (obj, seps, pad) in enumerate(objects)
+    ]
+    read = json.loads(eventpost.batch_body(events))
+    assert read == [{"event_id": e.event_id, **obj} for e, (obj, _, _) in zip(events, objects)]
+    assert [next(iter(entry)) for entry in read] == ["event_id"] * len(events)

@@ -37,31 +37,6 @@ class ApiError(Exception):
         self.message = message
 
 
-#: The scanner behind L{decode_json} (the C one where there is one).
-_scan_once: Optional[Callable[[str, int], Tuple[Any, int]]] = getattr(
-    getattr(decode_json, "__self__", None), "scan_once", None
-)
-
-
-def decode_body(text: str) -> Any:
-    """
-    L{decode_json} of a body.  One that is a JSON object with nothing around
-    it (an app's every call) is read by its scanner alone: that is what
-    C{decode_json} returns for it, without its two whitespace matches and
-    its calls around the scanner.  Anything else, an error included, is
-    C{decode_json}'s to read and to word.
-    """
-    if _scan_once is not None and text[:1] == "{" and text[-1:] == "}":
-        try:
-            value, end = _scan_once(text, 0)
-        except Exception:  # StopIteration, a JSONDecodeError...: decode_json says what
-            pass
-        else:
-            if end == len(text):
-                return value
-    return decode_json(text)
-
-
 def _no_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
@@ -105,7 +80,7 @@ def read_json_object(request: Request, max_body: int) -> Dict[str, Any]:
     try:
         # A body that starts with its object's brace is not blank: no
         # stripped copy of it to find that out.
-        body = decode_body(raw.decode("utf-8")) if raw[:1] == b"{" or raw.strip() else {}
+        body = decode_json(raw.decode("utf-8")) if raw[:1] == b"{" or raw.strip() else {}
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

@@ -18,11 +18,14 @@ from .jsonio import decode_json, to_json
 from .registry import Connection
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
+@attr.s(slots=True, auto_attribs=True)
 class Event:
     """
     One lifecycle event on its way to the app: what the forwarder queues
-    and what the app client turns into a request.
+    and what the app client turns into a request.  Nothing changes one
+    once made; it is not frozen only because a frozen class's
+    C{__init__} sets each field through C{object.__setattr__}, three times
+    the cost, once per event.
     """
 
     conn_id: str

@@ -8,7 +8,7 @@ messages, and the answers of every endpoint.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, NoReturn, Optional
+from typing import Any, Callable, Dict, NoReturn, Optional, Tuple
 
 from twisted.web.iweb import IRequest
 
@@ -44,7 +44,33 @@ def _refuse_constant(name: str) -> NoReturn:
 
 #: One decoder for every JSON text the gateway reads: C{json.loads} with an
 #: option builds a new decoder (and its scanner) per call.
-decode_json = json.JSONDecoder(parse_constant=_refuse_constant).decode
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+_decode = _decoder.decode
+#: The scanner under C{_decode} (the C one where there is one).
+_scan_once: Callable[[str, int], Tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]  # set in __init__
+_WHITESPACE = " \t\n\r"
+
+
+def decode_json(text: str) -> Any:
+    """
+    The value of the JSON text C{text}; L{ValueError} (a
+    C{JSONDecodeError}) if it is not JSON.
+
+    A text with no whitespace around it (a client's every message, an
+    app's every call) is read by the decoder's scanner alone: that is what
+    the decoder returns for it, without its two whitespace matches and its
+    calls around the scanner (a third of reading a small message).
+    Anything else, an error included, is the decoder's to read and to word.
+    """
+    if text[:1] not in _WHITESPACE:  # not empty either: "" is in every str
+        try:
+            value, end = _scan_once(text, 0)
+        except Exception:  # StopIteration, a JSONDecodeError...: the decoder says what
+            pass
+        else:
+            if end == len(text):
+                return value
+    return _decode(text)
 
 
 _REASONS = {426: b"Upgrade Required"}
