@@ -4,6 +4,9 @@ connections, survive transient failures, and never wedge the gateway.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from zope.interface import implementer
@@ -211,10 +214,50 @@ def test_a_connection_never_has_two_batches_in_flight():
     fwd = make(app, max_in_flight=4, batch=10)
     fwd.enqueue(event("a", 0))
     fwd.enqueue(event("a", 1))  # a's stream is in flight: it waits
-    fwd.enqueue(event("b", 0))
-    assert [batch_ids(b) for b in app.batches] == [[("a", 0)], [("b", 0)]]
+    for n in range(10):
+        fwd.enqueue(event("b", n))  # a full batch goes beside it, slots free
+    assert [batch_ids(b) for b in app.batches] == [[("a", 0)], [("b", n) for n in range(10)]]
+    fwd.enqueue(event("b", 10))
+    assert len(app.batches) == 2
     app.batches[0][2].callback(None)
     assert batch_ids(app.batches[2]) == [("a", 1)]
+
+
+def test_under_load_events_wait_for_the_request_before_them_not_for_a_timer():
+    """
+    While a request that is not full is in flight, the events of other
+    connections wait for its answer (free slots or not) and then go in one
+    request; a batch's worth goes at once.  No timer is involved.
+    """
+    clock, app = Clock(), FakeApp()
+    fwd = make(app, clock, max_in_flight=8, batch=3)
+    fwd.enqueue(event("a", 0))
+    fwd.enqueue(event("b", 0))
+    fwd.enqueue(event("c", 0))
+    clock.advance(60)
+    assert [batch_ids(b) for b in app.batches] == [[("a", 0)]]
+    app.batches[0][2].callback(None)
+    assert batch_ids(app.batches[1]) == [("b", 0), ("c", 0)]
+    for conn_id in "def":
+        fwd.enqueue(event(conn_id, 0))
+    assert batch_ids(app.batches[2]) == [("d", 0), ("e", 0), ("f", 0)]  # full: beside b and c's
+    app.batches[1][2].callback(None)
+    app.batches[2][2].callback(None)
+    fwd.enqueue(event("g", 0))  # nothing in flight: at once, alone
+    assert batch_ids(app.batches[3]) == [("g", 0)]
+    app.batches[3][2].callback(None)
+    assert (fwd.stats.delivered, fwd.stats.batches, len(fwd)) == (7, 4, 0)
+
+
+def test_what_waited_behind_a_request_counts_towards_a_batch_once_it_is_answered():
+    app = FakeApp()
+    fwd = make(app, max_in_flight=4, batch=2)
+    fwd.enqueue(event("a", 0))  # alone: short of a batch, in flight for the rest of the test
+    for n in range(4):
+        fwd.enqueue(event("b", n))
+    assert [batch_ids(b) for b in app.batches] == [[("a", 0)], [("b", 0), ("b", 1)]]
+    app.batches[1][2].callback(None)  # b's next two are a batch's worth: they go beside a's
+    assert batch_ids(app.batches[2]) == [("b", 2), ("b", 3)]
 
 
 def test_a_failed_batch_is_retried_whole_and_later_events_follow_it():
@@ -359,3 +402,96 @@ def test_only_a_new_stream_is_held():
     fwd.enqueue(event("a", 0))
     assert not fwd.hold("a")
     assert not AppForwarder(clock=Clock(), sink=None).hold("x")  # nothing is forwarded at all
+
+
+# -- any traffic, any answers ----------------------------------------------------------
+
+
+@implementer(IEventSink)
+class RecordingSink:
+    """Each attempt kept with its events and whether it went as a retry."""
+
+    def __init__(self):
+        self.attempts = []  # [events, Deferred]
+
+    def post(self, event):
+        return self.post_batch([event])
+
+    def post_batch(self, events):
+        d = Deferred()
+        self.attempts.append((list(events), d))
+        return d
+
+    def in_flight(self):
+        return [(events, d) for events, d in self.attempts if not d.called]
+
+
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("enqueue"), st.sampled_from("abcd")),
+        st.tuples(st.sampled_from(["answer", "unavailable", "rejected"]), st.integers(0, 7)),
+        st.tuples(st.just("wait"), st.sampled_from([0.1, 1.0, 5.0])),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=_STEPS, batch=st.integers(1, 4), max_in_flight=st.integers(1, 3))
+def test_any_traffic_keeps_order_loses_nothing_and_never_stalls(steps, batch, max_in_flight):
+    clock, sink = Clock(), RecordingSink()
+    fwd = make(sink, clock, max_in_flight=max_in_flight, batch=batch)
+    seqs = {}
+    seen = set()  # ids of attempts already checked when they started
+    delivered = {}
+
+    def first_try(events):
+        return sum(1 for o, _ in sink.attempts if o == events) == 1
+
+    def check():
+        flying = sink.in_flight()
+        assert len(flying) <= max_in_flight
+        conns = [e.conn_id for events, _ in flying for e in {e.conn_id: e for e in events}.values()]
+        assert len(conns) == len(set(conns))  # never two requests of one connection
+        for events, d in sink.attempts:
+            if id(d) in seen:
+                continue
+            seen.add(id(d))
+            assert 1 <= len(events) <= batch
+            if len(events) < batch and first_try(events):
+                others = [o for o, od in flying if od is not d and len(o) < batch and first_try(o)]
+                assert not others, "a request short of a batch went beside another"
+        if not flying and not fwd._retries and not clock.getDelayedCalls():
+            assert len(fwd) == 0, "events wait with nothing in flight"
+
+    def answer(events, d):
+        for e in events:
+            delivered.setdefault(e.conn_id, []).append(e.seq)
+        d.callback(None)
+
+    for kind, arg in steps:
+        if kind == "enqueue":
+            seq = seqs.get(arg, 0)
+            seqs[arg] = seq + 1
+            fwd.enqueue(event(arg, seq))
+        elif kind == "wait":
+            clock.advance(arg)
+        else:
+            flying = sink.in_flight()
+            if flying:
+                events, d = flying[arg % len(flying)]
+                if kind == "answer":
+                    answer(events, d)
+                else:
+                    d.errback((AppUnavailable if kind == "unavailable" else AppRejected)(kind))
+        check()
+    while sink.in_flight() or clock.getDelayedCalls():  # everything answered in the end
+        for events, d in sink.in_flight():
+            answer(events, d)
+        clock.advance(60)
+        check()
+    assert len(fwd) == 0
+    for got in delivered.values():
+        assert got == sorted(got) and len(got) == len(set(got))
+    settled = fwd.stats.delivered + fwd.stats.dropped
+    assert settled == sum(seqs.values())

@@ -148,6 +148,8 @@ class EventStream:
     throttled: bool = attr.ib(default=False)
     #: Its first event is not known yet (L{AppForwarder.hold}): nothing goes.
     held: bool = attr.ib(default=False)
+    #: Its first events are in a request (or waiting to be tried again).
+    busy: bool = attr.ib(default=False)
 
 
 @attr.s(slots=True, eq=False)
@@ -164,6 +166,8 @@ class _Request:
     failures: int = attr.ib(default=0)
     #: When the attempt in flight began.
     attempt_started: float = attr.ib(default=0.0)
+    #: It carries fewer events than a batch may (never, one event per request).
+    partial: bool = attr.ib(default=False)
 
 
 @implementer(IReadThrottle, IReplies)
@@ -217,6 +221,10 @@ class AppForwarder:
     #: Requests whose back-off has passed, waiting for a free slot.
     _retries: Deque[_Request] = attr.ib(factory=deque, init=False)
     _in_flight: int = attr.ib(default=0, init=False)
+    #: Events of the streams in C{_ready}: a batch's worth can go at once.
+    _ready_events: int = attr.ib(default=0, init=False)
+    #: Attempts in flight with fewer events than a batch may carry.
+    _partials: int = attr.ib(default=0, init=False)
     _drain_waiters: List[Deferred[None]] = attr.ib(factory=list, init=False)
 
     @property
@@ -254,6 +262,8 @@ class AppForwarder:
             stream = self._streams[conn_id] = EventStream(conn_id)
         stream.pending.append(event)
         stream.size += len(event.body)
+        if not (stream.busy or stream.held):  # the stream is ready, or is about to be
+            self._ready_events += 1
         if not stream.throttled and (len(stream.pending) >= self.max_backlog or stream.size >= self.max_backlog_bytes):
             stream.throttled = True
             log.info(
@@ -264,6 +274,8 @@ class AppForwarder:
             self.throttle.backlog_full(conn_id)
         if idle:
             self._ready.append(stream)
+            self._pump()
+        elif self._ready_events == self.batch:  # a batch's worth now waits
             self._pump()
 
     def hold(self, stream: str) -> bool:
@@ -289,16 +301,24 @@ class AppForwarder:
             held.size += len(first.body)
         if held.pending:
             self._ready.append(held)
+            self._ready_events += len(held.pending)
             self._pump()
         else:
             del self._streams[stream]
             self._check_drained()
 
     def _pump(self) -> None:
+        """
+        Start what may start.  A request that would carry fewer events
+        than a batch may starts only while no other such request is in
+        flight: under light traffic each event goes at once, and under load
+        events wait for the request before them and go together, with no
+        timer.  (With one event per request every request is full.)
+        """
         while self._in_flight < self.max_in_flight:
             if self._retries:
                 request = self._retries.popleft()
-            elif self._ready:
+            elif self._ready and (self._ready_events >= self.batch or not self._partials):
                 request = self._next_request()
             else:
                 return
@@ -312,19 +332,27 @@ class AppForwarder:
         """
         if self.batch == 1:
             stream = self._ready.popleft()
+            stream.busy = True
+            self._ready_events -= len(stream.pending)
             return _Request([(stream, 1)], [stream.pending[0]])
         request = _Request()
         room = self.batch
         while room and self._ready:
             stream = self._ready.popleft()
-            count = min(room, len(stream.pending))
+            stream.busy = True
+            waiting = len(stream.pending)
+            self._ready_events -= waiting  # the rest waits for this request
+            count = min(room, waiting)
             request.parts.append((stream, count))
             for index in range(count):
                 request.events.append(stream.pending[index])
             room -= count
+        request.partial = room > 0
         return request
 
     def _attempt(self, request: _Request) -> None:
+        if request.partial:
+            self._partials += 1
         request.attempt_started = self.clock.seconds()
         if request.first_try is None:
             request.first_try = request.attempt_started
@@ -337,6 +365,8 @@ class AppForwarder:
         d.addCallbacks(self._delivered, self._failed, callbackArgs=(request,), errbackArgs=(request,))
 
     def _delivered(self, reply: Optional[bytes], request: _Request) -> None:
+        if request.partial:
+            self._partials -= 1
         now = self.clock.seconds()
         events = len(request.events)
         self.stats.delivered += events
@@ -350,6 +380,8 @@ class AppForwarder:
         self._finish(request)
 
     def _failed(self, failure: Failure, request: _Request) -> None:
+        if request.partial:
+            self._partials -= 1
         now = self.clock.seconds()
         self.stats.observe(now - request.attempt_started)
         reason = failure.getErrorMessage() or (failure.type.__name__ if failure.type is not None else "")
@@ -403,8 +435,10 @@ class AppForwarder:
             ):
                 stream.throttled = False
                 self.throttle.backlog_eased(stream.conn_id)
+            stream.busy = False
             if stream.pending:
                 self._ready.append(stream)
+                self._ready_events += len(stream.pending)
             else:
                 del self._streams[stream.conn_id]
         self._pump()
