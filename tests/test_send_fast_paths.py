@@ -396,7 +396,6 @@ def test_an_answer_written_in_one_piece_is_what_write_and_finish_wrote(kind, ver
 def test_the_site_walks_the_tree_as_twisted_web_does(path, config):
     """GatewaySite.getResourceFor, inlined, finds what Site.getResourceFor finds and leaves the request alike."""
     from twisted.web.server import Site
-    from twisted.web.test.requesthelper import DummyRequest
 
     served = Served(config, True, LOCAL)
     found = []
@@ -405,11 +404,7 @@ def test_the_site_walks_the_tree_as_twisted_web_does(path, config):
     walks = [served.site.getResourceFor] * 2 + [lambda request: Site.getResourceFor(served.site, request)]
     for peer in (LOCAL, REMOTE):
         for walk in walks:
-            request = DummyRequest([])
-            request.path = path
-            request.postpath = path[1:].split(b"/")
-            request.prepath = []
-            request.client = peer
+            request = _request(path, peer)
             resource = walk(request)
             found.append(
                 (
@@ -450,14 +445,14 @@ def test_the_api_endpoints_have_routes_and_other_paths_the_walk():
     served.close()
 
 
-def _request(path):
+def _request(path, peer=LOCAL):
     from twisted.web.test.requesthelper import DummyRequest
 
     request = DummyRequest([])
     request.path = path
     request.postpath = path[1:].split(b"/")
     request.prepath = []
-    request.client = LOCAL
+    request.client = peer
     return request
 
 
