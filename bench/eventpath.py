@@ -14,7 +14,9 @@ over a TCP listener on 127.0.0.1, the reactor Twisted picks, the daemon's
 garbage-collector settings); ``--conns`` clients are plain sockets that
 open with a handshake and then write their ``-n / --conns`` masked text
 frames of ~100 bytes, ``--chunk`` frames per write and reactor turn (100:
-everything at once, as W3's load generator does).  The app is a small
+everything at once; the load generator's frames arrive a few per read, so
+a cost that depends on how events queue, as W3b's batches do, shows at
+``--chunk 1``).  The app is a small
 asyncio server in a subprocess answering each POST as Node's ``http``
 does (200, ``{}``; with ``--reply`` the event's ``data`` and
 ``X-Wsgw-Reply: 1``).  The clients' side costs a ``send`` per write and,

@@ -409,7 +409,7 @@ def test_only_a_new_stream_is_held():
 
 @implementer(IEventSink)
 class RecordingSink:
-    """Each attempt kept with its events and whether it went as a retry."""
+    """Each attempt kept with its events, in flight until the test answers it."""
 
     def __init__(self):
         self.attempts = []  # [events, Deferred]
