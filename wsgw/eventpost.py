@@ -305,10 +305,11 @@ def batch_body(events: Sequence[Event]) -> bytes:
     for event in events:
         body = event.body
         if body[:2] == b'{"':  # every body the gateway makes: a member follows the id
-            pieces += (b'{"event_id":', _json_text(event.event_id), b",", body[1:], b",")
+            comma, rest = b",", body[1:]
         else:
             rest = body.strip()[1:].lstrip()
-            pieces += (b'{"event_id":', _json_text(event.event_id), b"" if rest[:1] == b"}" else b",", rest, b",")
+            comma = b"" if rest[:1] == b"}" else b","
+        pieces += (b'{"event_id":', _json_text(event.event_id), comma, rest, b",")
     pieces[-1] = b"]"  # for the last comma
     return b"".join(pieces)
 
