@@ -242,6 +242,10 @@ class Config:
 
     #: Twisted server endpoint strings; each serves C{/ws} and the API.
     listen: Tuple[str, ...] = attr.ib(default=(DEFAULT_LISTEN,), converter=_as_tuple, validator=_strings)
+    #: A PEM certificate chain (the server's own first) and its private
+    #: key: every C{listen} endpoint then serves TLS, whatever its kind.
+    tls_cert: Optional[str] = attr.ib(default=None, validator=_text(optional=True))
+    tls_key: Optional[str] = attr.ib(default=None, validator=_text(optional=True))
     #: Where lifecycle events are POSTed; L{None} forwards nothing.
     app_url: Optional[str] = attr.ib(default=None, validator=_http_url)
     #: Where the app decides, before each handshake is answered, whether
@@ -334,6 +338,7 @@ class Config:
             raise ConfigError(
                 "admin_allow_remote", "admin_allow_remote needs an admin_token: the API would be open to anyone"
             )
+        self._check_tls()
         if self.engine not in ENGINES:
             raise ConfigError("engine", f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.engine == "redis":
@@ -354,6 +359,22 @@ class Config:
             raise ConfigError("trusted_proxies", str(e)) from None
         if not _NODE_ID.fullmatch(self.redis_prefix):
             raise ConfigError("redis_prefix", "redis_prefix must be 1 to 200 printable ASCII characters without spaces")
+
+    def _check_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ConfigError(
+                missing, f"{missing} is missing: tls_cert and tls_key go together (a certificate and its private key)"
+            )
+        if self.tls_cert is None:
+            return
+        for description in self.listen:
+            if description.split(":", 1)[0].strip().lower() == "ssl":
+                raise ConfigError(
+                    "tls_cert",
+                    f"tls_cert puts every listen endpoint in TLS, and {description} is TLS already:"
+                    " listen on tcp: or systemd: with tls_cert and tls_key, or on ssl: without them",
+                )
 
     def redis_address(self) -> RedisAddress:
         return parse_redis_url(self.redis_url)

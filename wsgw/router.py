@@ -15,18 +15,19 @@ requests that upgrade on a kept-alive API connection.
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, List, Optional, cast
 
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from . import internals
 from .access import PeerRateLimiter, peer_host
 from .apiserver import drop_slow_peer
 from .jsonio import to_json
-from .web import GatewaySite
+from .web import ALPN_PROTOCOLS, GatewaySite
 from .websocket import GatewayFactory
 
 log = Logger()
@@ -151,6 +152,7 @@ class FirstRequestRouter(Protocol):
         self._cancel_deadline()
 
 
+@implementer(IProtocolNegotiationFactory)
 class RouterFactory(Factory):
     """
     A listener's factory: every connection starts with a
@@ -159,6 +161,9 @@ class RouterFactory(Factory):
 
     protocol = FirstRequestRouter  # type: ignore[assignment]
     noisy = False
+
+    def acceptableProtocols(self) -> List[bytes]:
+        return ALPN_PROTOCOLS
 
     def __init__(
         self,

@@ -18,9 +18,10 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import Config
 from .connect import ConnectHook
@@ -31,6 +32,7 @@ from .interfaces import IConnections, IOnlineUsers
 from .online import OnlineUsers, PresenceEvents
 from .registry import LiveConnections, Registry
 from .router import RouterFactory
+from .tls import ServerTLS
 from .web import ApiListenerFactory, GatewaySite, make_resource, websocket_factory
 from .websocket import prepare_frame
 
@@ -267,9 +269,11 @@ class NodeService(MultiService):
     listening ports once all are up.
     """
 
-    def __init__(self, node: Node, listeners: List[ListenerService]):
+    def __init__(self, node: Node, listeners: List[ListenerService], tls: Optional[ServerTLS] = None):
         super().__init__()
         self.node = node
+        #: The listeners' certificate (with C{tls_cert}), for a reload.
+        self.tls = tls
         if node.cluster is not None:
             # First in, last out: the node leaves the cluster after the
             # gateway has begun closing its clients.
@@ -314,10 +318,15 @@ def make_service(config: Config, reactor: Any = None, node: Optional[Node] = Non
     websocket = websocket_factory(node)
     site = GatewaySite(make_resource(node, api=not separate_api, factory=websocket), config, reactor=reactor)
     # Upgrades of /ws go straight to Autobahn; everything else to the site.
-    front = RouterFactory(site, websocket, reactor, config.handshake_timeout, site.rate_limiter)
+    front: IProtocolFactory = RouterFactory(site, websocket, reactor, config.handshake_timeout, site.rate_limiter)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        # Around the listener's factory, so any endpoint serves TLS.
+        tls = ServerTLS(config.tls_cert, config.tls_key)
+        front = TLSMemoryBIOFactory(tls, False, front)
     listeners = [ListenerService(description, front, reactor) for description in config.listen]
     if separate_api:
         admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)
         admin = ApiListenerFactory(admin_site)
         listeners += [ListenerService(description, admin, reactor) for description in config.admin_listen]
-    return NodeService(node, listeners)
+    return NodeService(node, listeners, tls)

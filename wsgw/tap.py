@@ -33,6 +33,7 @@ from . import __version__, internals
 from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url, read_token_file, trusted_networks
 from .service import make_service
 from .systemd import SystemdNotifier
+from .tls import ServerTLS, TLSFileError, load_certificate
 
 _DEFAULTS = Config()
 
@@ -202,6 +203,13 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "URL the app decides at, before each handshake is answered, whether the connection may open "
         "(2xx admits, 4xx refuses with that status; no answer, 5xx: 503) [default: admit all]",
     ),
+    "tls-cert": (
+        "tls_cert",
+        str,
+        "PEM file of the certificate (the server's own, then its intermediates) to serve TLS (wss://) with "
+        "on every --listen endpoint, systemd: sockets included; needs --tls-key; SIGHUP reads both again",
+    ),
+    "tls-key": ("tls_key", str, "PEM file of --tls-cert's private key (unencrypted)"),
     "presence-grace": (
         "presence_grace",
         _non_negative_float,
@@ -440,6 +448,13 @@ class Options(usage.Options):
             field, parse, _text = _SETTINGS[name]
             settings[field] = self._parse(source, raw, parse, secret=name == "admin-token")
             sources[field] = source
+        if ("tls_cert" in sources) != ("tls_key" in sources):
+            half = sources["tls_cert"] if "tls_cert" in sources else sources["tls_key"]
+            both = ("--tls-cert", "--tls-key") if half.startswith("--") else (env_name("tls-cert"), env_name("tls-key"))
+            missing = both[1] if "tls_cert" in sources else both[0]
+            raise usage.UsageError(
+                f"{missing} is missing: {both[0]} and {both[1]} go together (a certificate and its private key)"
+            )
         if "app_url" not in settings:
             settings["app_url"] = app_url_from_olares_env(self.environ)
             sources["app_url"] = "WS_PORT/WS_URL"
@@ -448,6 +463,11 @@ class Options(usage.Options):
         except ConfigError as e:
             given = sources.get(e.field)
             raise usage.UsageError(f"{given}: {e}" if given else str(e)) from None
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            try:
+                load_certificate(self.config.tls_cert, self.config.tls_key)
+            except TLSFileError as e:
+                raise usage.UsageError(f"{sources['tls_' + e.which]}: {e}") from None
 
     def _chosen_settings(self) -> List[Tuple[str, str, str]]:
         """
@@ -530,21 +550,46 @@ class StopOnSignal(Service):
         self.reactor.callFromThread(self.reactor.stop)
 
 
-def listener_urls(description: str, address: object, websocket: bool, api: bool) -> Dict[str, str]:
+class ReloadOnSignal(Service):
+    """
+    SIGHUP reads the TLS certificate and key again (C{tls}, a
+    L{ServerTLS}): a renewed certificate is served from the next handshake
+    on, with no connection dropped.  Installed only with C{--tls-cert}, so
+    that elsewhere SIGHUP keeps its usual meaning.
+    """
+
+    def __init__(self, reactor: Any, tls: ServerTLS):
+        self.reactor = reactor
+        self.tls = tls
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(signal.signal, signal.SIGHUP, self._received)
+
+    def _received(self, signum: int, frame: object) -> None:
+        log.info("received SIGHUP; reading the TLS certificate and key again")
+        self.reactor.callFromThread(self.tls.reload)
+
+
+def listener_urls(description: str, address: object, websocket: bool, api: bool, tls: bool = False) -> Dict[str, str]:
     """
     Where a listener serves, as URLs a user can paste: C{ws_url} for C{/ws}
-    and C{api_url} for the API, each when served there.
+    and C{api_url} for the API, each when served there; C{tls} when the
+    listener is wrapped in TLS (C{--tls-cert}).
     """
-    secure = description.split(":", 1)[0] == "ssl"
+    secure = tls or description.split(":", 1)[0] == "ssl"
+    ws_scheme, http_scheme = ("wss", "https") if secure else ("ws", "http")
     if isinstance(address, UNIXAddress):
         path = address.name.decode() if isinstance(address.name, bytes) else str(address.name)
         return _urls(
-            websocket, api, f"ws://localhost/ws on unix:{path}", f"http://localhost/tapr/ws/conn/ on unix:{path}"
+            websocket,
+            api,
+            f"{ws_scheme}://localhost/ws on unix:{path}",
+            f"{http_scheme}://localhost/tapr/ws/conn/ on unix:{path}",
         )
     host = getattr(address, "host", "?")
     port = getattr(address, "port", "?")
     where = f"[{host}]:{port}" if isinstance(address, IPv6Address) else f"{host}:{port}"
-    ws_scheme, http_scheme = ("wss", "https") if secure else ("ws", "http")
     return _urls(websocket, api, f"{ws_scheme}://{where}/ws", f"{http_scheme}://{where}/tapr/ws/conn/")
 
 
@@ -568,7 +613,8 @@ def announce(config: Config, ports: Sequence[Any]) -> None:
     separate_api = bool(config.admin_listen)
     for index, (description, port) in enumerate(zip(descriptions, ports)):
         websocket = index < len(config.listen)
-        urls = listener_urls(description, port.getHost(), websocket, api=not (websocket and separate_api))
+        tls = websocket and config.tls_cert is not None
+        urls = listener_urls(description, port.getHost(), websocket, api=not (websocket and separate_api), tls=tls)
         if websocket and "api_url" in urls:
             text = "serving /ws at {ws_url} and the API at {api_url} ({endpoint})"
         elif websocket:
@@ -642,6 +688,8 @@ def makeService(options: Options, reactor: Any = None) -> Daemon:
     daemon = Daemon(service.listening)
     service.setServiceParent(daemon)
     StopOnSignal(reactor).setServiceParent(daemon)
+    if service.tls is not None:
+        ReloadOnSignal(reactor, service.tls).setServiceParent(daemon)
 
     def listening(ports: List[Any]) -> List[Any]:
         announce(options.config, ports)

@@ -9,13 +9,14 @@ from typing import IO, TYPE_CHECKING, Any, Dict, List, Optional, Union, cast
 
 import attr
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from .access import ApiAccess, OriginPolicy, PeerRateLimiter, peer_host
 from .admission import HandshakePolicy
@@ -367,6 +368,14 @@ class GatewaySite(Site):
         pass
 
 
+#: What a TLS listener agrees to speak when a client offers ALPN (browsers
+#: do, for wss:// too): HTTP/1.1, which carries the WebSocket upgrade.
+#: A listener's factory must say so: Twisted answers an offer to a factory
+#: that names no protocol with a failed handshake.
+ALPN_PROTOCOLS = [b"http/1.1"]
+
+
+@implementer(IProtocolNegotiationFactory)
 class ApiListenerFactory(Factory):
     """
     The factory of an API-only listener (C{--admin-listen}): every
@@ -375,6 +384,9 @@ class ApiListenerFactory(Factory):
     """
 
     noisy = False
+
+    def acceptableProtocols(self) -> List[bytes]:
+        return ALPN_PROTOCOLS
 
     def __init__(self, site: GatewaySite):
         self.site = site

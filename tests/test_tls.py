@@ -1,0 +1,265 @@
+"""
+TLS from --tls-cert and --tls-key, in memory: what the files may hold and
+the one line a bad one gets, the certificate a client is served (and
+served again after a reload), and ALPN, which browsers offer.
+"""
+
+import datetime
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.test import iosim
+
+from wsgw.config import Config, ConfigError
+from wsgw.tap import Options, listener_urls
+from wsgw.tls import ServerTLS, TLSFileError, load_certificate
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL")
+
+
+def _name(common_name):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def issue(subject, key, issuer=None, issuer_key=None, days=1, ca=False, dns="localhost"):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer or subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if dns:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key, password=None):
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+@pytest.fixture
+def ca():
+    key = ec.generate_private_key(ec.SECP256R1())
+    return issue("test CA", key, ca=True, dns=None), key
+
+
+def server_files(tmp_path, ca, name="server", days=1):
+    """A certificate for localhost signed by C{ca}, the chain (leaf, CA) and key written under C{name}."""
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = issue("localhost", key, issuer="test CA", issuer_key=ca_key, days=days)
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(pem(cert) + pem(ca_cert))
+    key_path.write_bytes(key_pem(key))
+    return str(cert_path), str(key_path), cert
+
+
+def connect(server_tls, ca_cert, protocols=None, wrapped=None):
+    """A client trusting C{ca_cert} shakes hands, in memory, with a listener served by C{server_tls}."""
+    server_factory = TLSMemoryBIOFactory(server_tls, False, wrapped or Factory.forProtocol(Protocol))
+    client_options = optionsForClientTLS(
+        "localhost", trustRoot=Certificate.loadPEM(pem(ca_cert)), acceptableProtocols=protocols
+    )
+    client_factory = TLSMemoryBIOFactory(client_options, True, Factory.forProtocol(Protocol))
+    server = server_factory.buildProtocol(None)
+    client = client_factory.buildProtocol(None)
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+    pump.flush()
+    return client
+
+
+def served(client):
+    """The certificate the client was served; fails if the handshake did not complete."""
+    peer = client.getPeerCertificate()
+    assert peer is not None, "no TLS session"
+    return peer.to_cryptography()
+
+
+@pytest.fixture
+def logged():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+# -- the files ------------------------------------------------------------------------
+
+
+def test_a_chain_and_its_key_load_with_the_names_and_expiry_logs_need(tmp_path, ca):
+    cert_path, key_path, cert = server_files(tmp_path, ca)
+    loaded = load_certificate(cert_path, key_path)
+    assert loaded.names == "localhost"
+    assert loaded.not_after == cert.not_valid_after_utc
+    # The intermediate goes with the handshake, for clients that only know the root.
+    assert len(loaded.options.extraCertChain) == 1
+
+
+def test_a_certificate_without_dns_names_is_named_by_its_common_name(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "c.pem").write_bytes(pem(issue("gateway.example", key, dns=None)))
+    (tmp_path / "k.pem").write_bytes(key_pem(key))
+    assert load_certificate(str(tmp_path / "c.pem"), str(tmp_path / "k.pem")).names == "gateway.example"
+
+
+@pytest.mark.parametrize(
+    "mistake, which, says",
+    [
+        ("missing cert", "cert", "cannot read the certificate"),
+        ("missing key", "key", "cannot read the private key"),
+        ("key as cert", "cert", "holds no PEM certificate"),
+        ("cert as key", "key", "holds no usable PEM private key"),
+        ("encrypted key", "key", "is encrypted: give it unencrypted"),
+        ("another key", "key", "does not belong to the first certificate"),
+        ("chain reversed", "key", "the server's own certificate goes first"),
+    ],
+)
+def test_files_that_cannot_serve_say_which_and_why(tmp_path, ca, mistake, which, says):
+    cert_path, key_path, _cert = server_files(tmp_path, ca)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    if mistake == "missing cert":
+        cert_path = str(tmp_path / "nope.crt")
+    elif mistake == "missing key":
+        key_path = str(tmp_path / "nope.key")
+    elif mistake == "key as cert":
+        cert_path = key_path
+    elif mistake == "cert as key":
+        key_path = cert_path
+    elif mistake == "encrypted key":
+        (tmp_path / "server.key").write_bytes(key_pem(other_key, password=b"secret"))
+    elif mistake == "another key":
+        (tmp_path / "server.key").write_bytes(key_pem(other_key))
+    elif mistake == "chain reversed":
+        leaf, root = x509.load_pem_x509_certificates((tmp_path / "server.crt").read_bytes())
+        (tmp_path / "server.crt").write_bytes(pem(root) + pem(leaf))
+    with pytest.raises(TLSFileError) as error:
+        load_certificate(cert_path, key_path)
+    assert error.value.which == which
+    assert says in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+# -- the configuration ------------------------------------------------------------
+
+
+def test_config_takes_the_certificate_and_key_together_only():
+    assert Config(tls_cert="c.pem", tls_key="k.pem").tls_cert == "c.pem"
+    with pytest.raises(ConfigError, match="tls_key is missing") as error:
+        Config(tls_cert="c.pem")
+    assert error.value.field == "tls_key"
+    with pytest.raises(ConfigError, match="tls_cert is missing"):
+        Config(tls_key="k.pem")
+
+
+def test_config_refuses_tls_around_an_ssl_listener():
+    with pytest.raises(ConfigError, match="is TLS already") as error:
+        Config(listen=("tcp:80", "ssl:443:privateKey=k.pem"), tls_cert="c.pem", tls_key="k.pem")
+    assert error.value.field == "tls_cert"
+
+
+def test_the_command_line_blames_the_option_or_variable_that_named_a_bad_file(tmp_path, ca):
+    cert_path, key_path, _cert = server_files(tmp_path, ca)
+    options = Options(environ={})
+    options.parseOptions(["--tls-cert", cert_path, "--tls-key", key_path])
+    assert (options.config.tls_cert, options.config.tls_key) == (cert_path, key_path)
+    (tmp_path / "other.key").write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))
+    with pytest.raises(usage.UsageError, match=r"^--tls-key: the private key in .* does not belong"):
+        Options(environ={}).parseOptions(["--tls-cert", cert_path, "--tls-key", str(tmp_path / "other.key")])
+    with pytest.raises(usage.UsageError, match=r"^WSGW_TLS_KEY: the private key in .* does not belong"):
+        Options(environ={"WSGW_TLS_CERT": cert_path, "WSGW_TLS_KEY": str(tmp_path / "other.key")}).parseOptions([])
+    with pytest.raises(usage.UsageError, match=r"^--tls-cert: cannot read the certificate"):
+        Options(environ={}).parseOptions(["--tls-cert", str(tmp_path / "none.crt"), "--tls-key", key_path])
+
+
+def test_the_command_line_says_which_half_is_missing(tmp_path, ca):
+    cert_path, _key_path, _cert = server_files(tmp_path, ca)
+    with pytest.raises(usage.UsageError, match="--tls-key is missing: --tls-cert and --tls-key go together"):
+        Options(environ={}).parseOptions(["--tls-cert", cert_path])
+
+
+def test_listeners_wrapped_in_tls_are_announced_as_wss():
+    from twisted.internet.address import IPv4Address, UNIXAddress
+
+    tcp = IPv4Address("TCP", "0.0.0.0", 443)
+    assert listener_urls("systemd:domain=INET:index=0", tcp, True, True, tls=True) == {
+        "ws_url": "wss://0.0.0.0:443/ws",
+        "api_url": "https://0.0.0.0:443/tapr/ws/conn/",
+    }
+    assert listener_urls("unix:/run/w.sock", UNIXAddress(b"/run/w.sock"), True, False, tls=True) == {
+        "ws_url": "wss://localhost/ws on unix:/run/w.sock"
+    }
+    assert listener_urls("tcp:80", tcp, True, False) == {"ws_url": "ws://0.0.0.0:443/ws"}
+
+
+# -- serving and reloading --------------------------------------------------------
+
+
+def test_clients_are_served_the_certificate_and_its_chain(tmp_path, ca, logged):
+    cert_path, key_path, cert = server_files(tmp_path, ca)
+    tls = ServerTLS(cert_path, key_path)
+    assert served(connect(tls, ca[0])) == cert
+    said = [e for e in logged if e.get("log_namespace") == "wsgw.tls"]
+    assert [e["names"] for e in said] == ["localhost"] and said[0]["log_level"] == LogLevel.info
+
+
+def test_a_reload_serves_the_new_certificate_to_new_connections_only(tmp_path, ca, logged):
+    cert_path, key_path, first = server_files(tmp_path, ca)
+    tls = ServerTLS(cert_path, key_path)
+    before = connect(tls, ca[0])
+    server_files(tmp_path, ca)  # renewed in place: same paths, new key and certificate
+    renewed = x509.load_pem_x509_certificates((tmp_path / "server.crt").read_bytes())[0]
+    assert tls.reload() is True
+    assert served(connect(tls, ca[0])) == renewed != first
+    assert served(before) == first  # the open connection keeps its session
+    assert any("reloaded the TLS certificate" in e.get("log_format", "") for e in logged)
+
+
+def test_a_reload_from_broken_files_keeps_the_certificate_in_use(tmp_path, ca, logged):
+    cert_path, key_path, first = server_files(tmp_path, ca)
+    tls = ServerTLS(cert_path, key_path)
+    (tmp_path / "server.key").write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))  # half renewed
+    assert tls.reload() is False
+    assert served(connect(tls, ca[0])) == first
+    errors = [e for e in logged if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1 and "does not belong" in errors[0]["error"]
+
+
+def test_an_expired_certificate_is_served_with_a_warning(tmp_path, ca, logged):
+    cert_path, key_path, _cert = server_files(tmp_path, ca, days=-1)
+    ServerTLS(cert_path, key_path)
+    warnings = [e for e in logged if e.get("log_level") == LogLevel.warn and e.get("log_namespace") == "wsgw.tls"]
+    assert len(warnings) == 1 and "EXPIRED" in warnings[0]["log_format"]
+
+
+@pytest.mark.parametrize("factory_name", ["RouterFactory", "ApiListenerFactory"])
+def test_a_client_offering_alpn_gets_http_1_1(tmp_path, ca, factory_name):
+    """Browsers offer h2 and http/1.1; the listeners' factories must pick one or the handshake fails."""
+    from wsgw.router import RouterFactory
+    from wsgw.web import ApiListenerFactory
+
+    cert_path, key_path, _cert = server_files(tmp_path, ca)
+    wrapped = {
+        "RouterFactory": lambda: RouterFactory(None, None, None, 10.0),
+        "ApiListenerFactory": lambda: ApiListenerFactory(None),
+    }[factory_name]()
+    wrapped.buildProtocol = lambda addr: Protocol()  # the handshake only
+    client = connect(ServerTLS(cert_path, key_path), ca[0], protocols=[b"h2", b"http/1.1"], wrapped=wrapped)
+    assert client.negotiatedProtocol == b"http/1.1"

@@ -1,0 +1,171 @@
+"""
+TLS on the gateway's own listeners from a certificate and key on disk
+(C{--tls-cert}, C{--tls-key}), around any endpoint: a socket systemd
+passes (socket activation on 443, with no capability to bind it), a TCP
+port, a UNIX socket.  Twisted's C{ssl:} endpoint binds a TCP port of its
+own, so it cannot serve the first.
+
+The files are read at start and again on L{ServerTLS.reload} (SIGHUP):
+handshakes after it get the new certificate, open connections keep
+theirs, and files that cannot be used leave the certificate in use in
+place.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, List, cast
+
+import attr
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import CertificateOptions
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+class TLSFileError(ValueError):
+    """
+    A certificate or key file that cannot serve TLS; C{which} is C{"cert"}
+    or C{"key"}, the option to blame.
+    """
+
+    def __init__(self, which: str, message: str):
+        super().__init__(message)
+        self.which = which
+
+
+@attr.s(frozen=True, slots=True)
+class ServerCertificate:
+    """A certificate chain and its key, ready to serve, and what logs say of it."""
+
+    options: CertificateOptions = attr.ib(repr=False)
+    #: The names it is for (its DNS names, else its common name).
+    names: str = attr.ib()
+    not_after: datetime.datetime = attr.ib()
+
+    def expired(self, now: datetime.datetime) -> bool:
+        return now >= self.not_after
+
+
+def load_certificate(cert_path: str, key_path: str) -> ServerCertificate:
+    """
+    The certificate chain in C{cert_path} (PEM, the server's own first,
+    then any intermediates) with the private key in C{key_path} (PEM,
+    unencrypted); raises L{TLSFileError} saying what is wrong and what to
+    do.
+    """
+    cert_pem = _read(cert_path, "cert", "certificate")
+    key_pem = _read(key_path, "key", "private key")
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise TLSFileError(
+            "cert", f"{cert_path} holds no PEM certificate (a block starting -----BEGIN CERTIFICATE-----)"
+        ) from None
+    try:
+        key = load_pem_private_key(key_pem, password=None)
+    except TypeError:  # cryptography's word for a key that needs a password
+        raise TLSFileError(
+            "key", f"the private key in {key_path} is encrypted: give it unencrypted (the gateway cannot ask)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise TLSFileError("key", f"{key_path} holds no usable PEM private key ({_reason(e)})") from None
+    # pyOpenSSL takes cryptography's objects (and deprecates its own);
+    # Twisted's annotations still name pyOpenSSL's.
+    options = CertificateOptions(
+        privateKey=cast(Any, key), certificate=cast(Any, chain[0]), extraCertChain=cast(Any, chain[1:])
+    )
+    try:
+        options.getContext()  # OpenSSL checks that the key is the certificate's
+    except SSL.Error:
+        raise TLSFileError(
+            "key",
+            f"the private key in {key_path} does not belong to the first certificate in {cert_path}"
+            " (the server's own certificate goes first, then its intermediates)",
+        ) from None
+    return ServerCertificate(options, _names(chain[0]), _not_after(chain[0]))
+
+
+def _read(path: str, which: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSFileError(which, f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def _reason(e: Exception) -> str:
+    return str(e).split("\n", 1)[0].rstrip(".") or type(e).__name__
+
+
+def _names(cert: x509.Certificate) -> str:
+    try:
+        names: List[str] = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return ", ".join(names) or "no name"
+
+
+def _not_after(cert: x509.Certificate) -> datetime.datetime:
+    after = getattr(cert, "not_valid_after_utc", None)  # cryptography 42 and later
+    if after is None:
+        after = cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return after
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+@attr.s(eq=False)
+class ServerTLS:
+    """
+    What a TLS listener asks for each new connection: a TLS connection
+    with the certificate loaded last.  Wrap a factory with it as
+    C{TLSMemoryBIOFactory(tls, False, factory)}.
+    """
+
+    cert_path: str = attr.ib()
+    key_path: str = attr.ib()
+    #: What new connections are served with.
+    current: ServerCertificate = attr.ib(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.current = load_certificate(self.cert_path, self.key_path)
+        self._say("serving TLS with the certificate for {names} ({cert}), valid until {not_after}")
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.current.options.getContext(), None)
+
+    def reload(self) -> bool:
+        """
+        Reads the files again; on success new connections get what they
+        hold, else the certificate in use stays and the error is logged.
+        """
+        try:
+            self.current = load_certificate(self.cert_path, self.key_path)
+        except TLSFileError as e:
+            log.error("cannot reload the TLS certificate: {error}; still serving the one loaded before", error=str(e))
+            return False
+        self._say("reloaded the TLS certificate for {names} ({cert}), valid until {not_after}")
+        return True
+
+    def _say(self, text: str) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        fields = {
+            "names": self.current.names,
+            "cert": self.cert_path,
+            "not_after": f"{self.current.not_after:%Y-%m-%d %H:%M} UTC",
+        }
+        if self.current.expired(now):
+            log.warn(text + "; it has EXPIRED: clients will refuse it", **fields)
+        else:
+            log.info(text, **fields)
