@@ -48,6 +48,7 @@ INTEGRATION_MODULES = {
     "test_security.py",
     "test_startup.py",
     "test_systemd.py",
+    "test_tls_daemon.py",
     "test_trusted_proxy.py",
 }
 

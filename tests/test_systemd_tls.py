@@ -1,8 +1,9 @@
 """
 TLS under the shipped systemd units: the daemon started under the same
-kernel restrictions the unit applies (tests/unit_exec.py) serves an ssl:
-listener to a Node ``wss://`` client and posts its events to an
-``https://`` app.  And why the units leave out MemoryDenyWriteExecute: under
+kernel restrictions the unit applies (tests/unit_exec.py) serves TLS as the
+unit configures it (wsgw-tls.service: --tls-cert and --tls-key from the
+credentials directory; wsgw.service: the README's ssl: listener) to a Node
+``wss://`` client and posts its events to an ``https://`` app.  And why the units leave out MemoryDenyWriteExecute: under
 that rule the same handshake fails.
 """
 
@@ -46,25 +47,29 @@ def https_app(key_path, cert_path):
     return app
 
 
-def unit_listen(unit, tmp_path, key_path, cert_path):
+def unit_tls(unit, tmp_path, key_path, cert_path):
     """
-    The unit's own WSGW_LISTEN for TLS on a free loopback port: port 443 and
-    the credentials directory (%d) substituted, the rest as written.  A unit
-    that serves a socket from wsgw.socket (plain TCP; TLS in the proxy or
-    the app URL) gets the README's ssl: example instead.
+    How the unit serves TLS, on a free loopback port: (listen, environment).
+    Both units serve the socket systemd passes (tests/test_tls_daemon.py
+    passes one).  wsgw.service's is plain TCP (TLS in the proxy in front, or
+    the README's ssl: example, used here); wsgw-tls.service wraps its own in
+    TLS from the unit's WSGW_TLS_CERT and WSGW_TLS_KEY, which name the
+    credentials directory (%d), substituted here.
     """
-    listen = re.search(r"^Environment=WSGW_LISTEN=(\S+)$", unit.read_text(), re.M).group(1)
-    if listen.startswith("systemd:"):
-        return f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+    settings = dict(re.findall(r"^Environment=(WSGW_\w+)=(\S+)$", unit.read_text(), re.M))
+    assert settings["WSGW_LISTEN"].startswith("systemd:"), settings
+    if "WSGW_TLS_CERT" not in settings:
+        return f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}", {}
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     shutil.copy(key_path, credentials / "key.pem")
     shutil.copy(cert_path, credentials / "cert.pem")
-    assert listen.startswith("ssl:443:"), listen
-    return listen.replace("ssl:443:", "ssl:0:interface=127.0.0.1:", 1).replace("%d", str(credentials))
+    tls = {name: value.replace("%d", str(credentials)) for name, value in settings.items() if "_TLS_" in name}
+    assert set(tls) == {"WSGW_TLS_CERT", "WSGW_TLS_KEY"}, tls
+    return "tcp:0:interface=127.0.0.1", tls
 
 
-async def start_restricted(unit, tmp_path, listen, app, cert_path, mdwe=False):
+async def start_restricted(unit, tmp_path, listen, app, cert_path, mdwe=False, env=None):
     wrapper = [sys.executable, str(WRAPPER), str(unit), *(["--mdwe"] if mdwe else []), "--"]
     return await start_daemon(
         "--listen",
@@ -75,7 +80,7 @@ async def start_restricted(unit, tmp_path, listen, app, cert_path, mdwe=False):
         "1",
         cwd=tmp_path,
         # The daemon trusts the app's certificate as it would a real CA's.
-        env={"SSL_CERT_FILE": str(cert_path)},
+        env={"SSL_CERT_FILE": str(cert_path), **(env or {})},
         wrapper=wrapper,
     )
 
@@ -88,7 +93,8 @@ async def test_tls_works_under_the_units_restrictions(unit_name, tmp_path, node_
         pytest.skip(f"{unit_name} sets MemoryDenyWriteExecute and this kernel has no PR_SET_MDWE (Linux 6.3 or later)")
     key_path, cert_path = make_certificate(tmp_path)
     app = https_app(key_path, cert_path)
-    daemon = await start_restricted(unit, tmp_path, unit_listen(unit, tmp_path, key_path, cert_path), app, cert_path)
+    listen, env = unit_tls(unit, tmp_path, key_path, cert_path)
+    daemon = await start_restricted(unit, tmp_path, listen, app, cert_path, env=env)
     try:
         applied = next(line for line in daemon.log_lines() if line.startswith("unit_exec: applied"))
         assert "no_new_privs" in applied, applied
@@ -151,13 +157,20 @@ def test_wrapper_says_when_the_kernel_lacks_the_rule(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
-def test_tls_unit_verifies(tmp_path):
+def test_tls_units_verify(tmp_path):
     service = (UNITS / "wsgw-tls.service").read_text()
-    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in service
-    assert "Requires=wsgw.socket" not in service
+    socket_unit = (UNITS / "wsgw-tls.socket").read_text()
+    # systemd binds 443 and passes it: the service keeps no capability.
+    assert "Requires=wsgw-tls.socket" in service and "ListenStream=0.0.0.0:443" in socket_unit
+    assert "AmbientCapabilities" not in service
+    assert re.search(r"^CapabilityBoundingSet=$", service, re.M)
     (tmp_path / "wsgw-tls.service").write_text(service.replace("/opt/wsgw/bin/twist", shutil.which("true")))
+    (tmp_path / "wsgw-tls.socket").write_text(socket_unit)
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(tmp_path / "wsgw-tls.service")], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", str(tmp_path / "wsgw-tls.socket"), str(tmp_path / "wsgw-tls.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert [line for line in (result.stdout + result.stderr).splitlines() if "wsgw" in line] == []

@@ -1,0 +1,185 @@
+"""
+TLS from --tls-cert and --tls-key in the real daemon: Node's wss:// client
+end to end; a certificate renewed in place and SIGHUP, with no connection
+dropped; a socket passed as systemd passes it, served with TLS; and
+Chromium, which offers ALPN in its TLS handshake.
+"""
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from test_security import make_certificate
+from twisted.internet.threads import deferToThread
+
+import wsgw
+from harness import node_client, start_daemon, tls_round_trip
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def certificate_pair(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    return make_certificate(folder)
+
+
+def install(key_path, cert_path, live):
+    """Copies a key and certificate where the daemon reads them, as a renewal does."""
+    live.mkdir(exist_ok=True)
+    shutil.copy(key_path, live / "key.pem")
+    shutil.copy(cert_path, live / "cert.pem")
+
+
+def https_get(port, path="/healthz", alpn=("h2", "http/1.1")):
+    """
+    (the certificate served, in DER; the protocol ALPN agreed; the answer)
+    for one GET over TLS, offering C{alpn} as browsers do.  Blocking: run
+    it in a thread.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # which certificate it is, is what the test looks at
+    context.set_alpn_protocols(list(alpn))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+        return tls.getpeercert(binary_form=True), tls.selected_alpn_protocol(), answer
+
+
+def der(cert_path):
+    return ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_options_serve_node_clients_and_browsers_alpn(app, tmp_path, node_ws):
+    key_path, cert_path = make_certificate(tmp_path)
+    daemon = await start_daemon(
+        "--tls-cert", str(cert_path), "--tls-key", str(key_path), "--app-url", app.url, cwd=tmp_path
+    )
+    try:
+        assert any(f"serving /ws at wss://127.0.0.1:{daemon.port}/ws" in line for line in daemon.log_lines())
+        await tls_round_trip(daemon, app, cert_path)
+        served, agreed, answer = await deferToThread(https_get, daemon.port)
+        assert served == der(cert_path)
+        assert agreed == "http/1.1"
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        await daemon.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_serves_a_renewed_certificate_and_keeps_connections(app, tmp_path, node_ws):
+    old_key, old_cert = certificate_pair(tmp_path, "old")
+    new_key, new_cert = certificate_pair(tmp_path, "new")
+    live = tmp_path / "live"
+    install(old_key, old_cert, live)
+    daemon = await start_daemon(
+        "--tls-cert", str(live / "cert.pem"), "--tls-key", str(live / "key.pem"), "--app-url", app.url, cwd=tmp_path
+    )
+    client = None
+    try:
+        client = await node_client(f"wss://localhost:{daemon.port}/ws", env={"WS_CA_FILE": str(old_cert)})
+        assert (await deferToThread(https_get, daemon.port))[0] == der(old_cert)
+
+        install(new_key, new_cert, live)
+        daemon.process.signalProcess("HUP")
+        await daemon.proto.waiters.wait(
+            lambda: any("reloaded the TLS certificate" in line for line in daemon.log_lines()), "the reload"
+        )
+        assert (await deferToThread(https_get, daemon.port))[0] == der(new_cert)
+        client.send('{"event":"ping"}')  # opened before the reload, still served
+        assert await client.wait_messages(1) == ['{"event":"pong"}']
+
+        (live / "key.pem").write_bytes(old_key.read_bytes())  # a renewal half done
+        daemon.process.signalProcess("HUP")
+        await daemon.proto.waiters.wait(
+            lambda: any("cannot reload the TLS certificate" in line for line in daemon.log_lines()), "the refusal"
+        )
+        assert (await deferToThread(https_get, daemon.port))[0] == der(new_cert)
+        assert daemon.proto.status is None
+    finally:
+        if client is not None:
+            await client.stop()
+        await daemon.terminate()
+
+
+def test_a_socket_passed_by_systemd_serves_tls(tmp_path):
+    """As systemd would pass wsgw-tls.socket: fd 3 with LISTEN_FDS/LISTEN_PID, TLS from the variables."""
+    key_path, cert_path = make_certificate(tmp_path)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_", "LISTEN_"))}
+    env["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
+    env.update(
+        FD=str(sock.fileno()),
+        WSGW_LISTEN="systemd:domain=INET:index=0",
+        WSGW_TLS_CERT=str(cert_path),
+        WSGW_TLS_KEY=str(key_path),
+    )
+    script = 'exec 3<&"$FD"; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=wsgw-tls.socket; exec "$@"'
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["bash", "-c", script, "bash", sys.executable, "-m", "twisted", "--log-format=text", "wsgw"],
+            env=env,
+            cwd=tmp_path,
+            pass_fds=(sock.fileno(),),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    sock.close()  # only the daemon holds it now
+    try:
+        try:
+            served, agreed, answer = https_get(port)
+        except OSError:
+            process.terminate()
+            process.wait(timeout=30)
+            raise AssertionError(log_path.read_text()) from None
+        assert served == der(cert_path), log_path.read_text()
+        assert agreed == "http/1.1"
+        assert answer.startswith(b"HTTP/1.1 200") and b'"ok"' in answer
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "serving /ws at wss://" in log_path.read_text()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium")
+@pytest_twisted.ensureDeferred
+async def test_chromium_gets_through_the_tls_handshake(tmp_path):
+    """Chromium offers h2 and http/1.1 over ALPN; a listener that agreed to neither failed its handshake."""
+    key_path, cert_path = make_certificate(tmp_path)
+    daemon = await start_daemon("--tls-cert", str(cert_path), "--tls-key", str(key_path), cwd=tmp_path)
+    try:
+        page = await deferToThread(
+            subprocess.run,
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--ignore-certificate-errors",  # the test's own certificate
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--dump-dom",
+                f"https://localhost:{daemon.port}/healthz",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert '{"code":0,"message":"ok"}' in page.stdout, page.stderr[-2000:]
+    finally:
+        await daemon.terminate()
