@@ -21,6 +21,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from harness import start_daemon
 from wsgw.apiserver import ApiChannel, LeanRequest, parse_head
@@ -212,6 +214,41 @@ def test_chosen_requests_get_the_same_answer(data):
         assert lean == site
         lean, site = run_both(config, [data[i : i + 1] for i in range(len(data))])
         assert lean == site
+
+
+class Answers(Resource):
+    """Answers with C{code} and C{body} and no C{Content-Type}, returned or written."""
+
+    isLeaf = True
+
+    def __init__(self, code, body, written):
+        super().__init__()
+        self.code, self.body, self.written = code, body, written
+
+    def render(self, request):
+        request.setResponseCode(self.code)
+        if not self.written:
+            return self.body
+        request.write(self.body)
+        request.finish()
+        return NOT_DONE_YET
+
+
+@pytest.mark.parametrize("code", [200, 204, 304, 404])
+@pytest.mark.parametrize("body", [b"", b"x"])
+@pytest.mark.parametrize("written", [False, True])
+def test_an_answer_without_a_type_gets_twisted_webs_default_or_none_alike(code, body, written):
+    """twisted.web adds C{text/html} unless the answer is a 204, a 304 or empty; so does the lean channel."""
+    outputs = []
+    for lean in (True, False):
+        served = Served(CONFIGS["default"], lean)
+        served.site.resource.children[b"tapr"].putChild(b"extra", Answers(code, body, written))
+        served.feed(request(b"GET", b"/tapr/extra"))
+        if lean:
+            assert served.transport.protocol is served.channel  # served there, not handed over
+        outputs.append(served.output())
+        served.close()
+    assert outputs[0] == outputs[1]
 
 
 def test_the_send_path_is_served_without_twisted_web():

@@ -187,6 +187,14 @@ class KnownHead:
 _date: List[Any] = [0, b""]
 
 
+def _wants_default_type(code: int, out: Dict[bytes, bytes]) -> bool:
+    """
+    Whether an answer without a C{Content-Type} gets twisted.web's default:
+    not a 204 or a 304, nor one whose C{Content-Length} is 0.
+    """
+    return code not in (204, 304) and out.get(b"Content-Length") != b"0"
+
+
 def http_date() -> bytes:
     """The C{Date} header, made once a second rather than per answer."""
     now = int(time.time())
@@ -301,7 +309,7 @@ class LeanRequest:
         if not self._started:
             self._started = True
             out = self._out
-            if b"Content-Type" not in out:
+            if b"Content-Type" not in out and _wants_default_type(self.code, out):
                 out[b"Content-Type"] = b"text/html"  # twisted.web's default
             if self.clientproto == b"HTTP/1.1" and b"Content-Length" not in out and self.code not in NO_BODY_CODES:
                 out[b"Transfer-Encoding"] = b"chunked"
@@ -374,7 +382,7 @@ class LeanRequest:
                 return
             # What write(body) and finish() do for a first write with the
             # length known (not chunked), in one piece.
-            if b"Content-Type" not in out:
+            if b"Content-Type" not in out and _wants_default_type(self.code, out):
                 out[b"Content-Type"] = b"text/html"  # twisted.web's default
             self._started = self.finished = True
             # The header lines joined in C (out holds Server and Date at
