@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import LogLevel, globalLogPublisher
@@ -19,8 +20,10 @@ from twisted.python import usage
 from twisted.test import iosim
 
 from wsgw.config import Config, ConfigError
+from wsgw.router import RouterFactory
 from wsgw.tap import Options, listener_urls
 from wsgw.tls import ServerTLS, TLSFileError, load_certificate
+from wsgw.web import ApiListenerFactory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL")
 
@@ -127,7 +130,7 @@ def test_a_certificate_without_dns_names_is_named_by_its_common_name(tmp_path):
         ("missing cert", "cert", "cannot read the certificate"),
         ("missing key", "key", "cannot read the private key"),
         ("key as cert", "cert", "holds no PEM certificate"),
-        ("cert as key", "key", "holds no usable PEM private key"),
+        ("cert as key", "key", "holds no PEM private key"),
         ("encrypted key", "key", "is encrypted: give it unencrypted"),
         ("another key", "key", "does not belong to the first certificate"),
         ("chain reversed", "key", "the server's own certificate goes first"),
@@ -197,8 +200,6 @@ def test_the_command_line_says_which_half_is_missing(tmp_path, ca):
 
 
 def test_listeners_wrapped_in_tls_are_announced_as_wss():
-    from twisted.internet.address import IPv4Address, UNIXAddress
-
     tcp = IPv4Address("TCP", "0.0.0.0", 443)
     assert listener_urls("systemd:domain=INET:index=0", tcp, True, True, tls=True) == {
         "ws_url": "wss://0.0.0.0:443/ws",
@@ -253,9 +254,6 @@ def test_an_expired_certificate_is_served_with_a_warning(tmp_path, ca, logged):
 @pytest.mark.parametrize("factory_name", ["RouterFactory", "ApiListenerFactory"])
 def test_a_client_offering_alpn_gets_http_1_1(tmp_path, ca, factory_name):
     """Browsers offer h2 and http/1.1; the listeners' factories must pick one or the handshake fails."""
-    from wsgw.router import RouterFactory
-    from wsgw.web import ApiListenerFactory
-
     cert_path, key_path, _cert = server_files(tmp_path, ca)
     wrapped = {
         "RouterFactory": lambda: RouterFactory(None, None, None, 10.0),

@@ -162,9 +162,6 @@ class RouterFactory(Factory):
     protocol = FirstRequestRouter  # type: ignore[assignment]
     noisy = False
 
-    def acceptableProtocols(self) -> List[bytes]:
-        return ALPN_PROTOCOLS
-
     def __init__(
         self,
         site: Site,
@@ -178,6 +175,9 @@ class RouterFactory(Factory):
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.rate_limiter = rate_limiter
+
+    def acceptableProtocols(self) -> List[bytes]:
+        return ALPN_PROTOCOLS
 
     def buildProtocol(self, addr: Optional[IAddress]) -> FirstRequestRouter:  # type: ignore[override]
         protocol = FirstRequestRouter(addr)

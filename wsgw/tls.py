@@ -75,8 +75,12 @@ def load_certificate(cert_path: str, key_path: str) -> ServerCertificate:
         raise TLSFileError(
             "key", f"the private key in {key_path} is encrypted: give it unencrypted (the gateway cannot ask)"
         ) from None
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise TLSFileError("key", f"{key_path} holds no usable PEM private key ({_reason(e)})") from None
+    except ValueError:
+        raise TLSFileError(
+            "key", f"{key_path} holds no PEM private key (a block starting -----BEGIN PRIVATE KEY----- or similar)"
+        ) from None
+    except UnsupportedAlgorithm:
+        raise TLSFileError("key", f"the private key in {key_path} is of a kind OpenSSL here cannot use") from None
     # pyOpenSSL takes cryptography's objects (and deprecates its own);
     # Twisted's annotations still name pyOpenSSL's.
     options = CertificateOptions(
@@ -99,10 +103,6 @@ def _read(path: str, which: str, what: str) -> bytes:
             return f.read()
     except OSError as e:
         raise TLSFileError(which, f"cannot read the {what} {path}: {e.strerror}") from None
-
-
-def _reason(e: Exception) -> str:
-    return str(e).split("\n", 1)[0].rstrip(".") or type(e).__name__
 
 
 def _names(cert: x509.Certificate) -> str:
