@@ -3,8 +3,9 @@ TLS under the shipped systemd units: the daemon started under the same
 kernel restrictions the unit applies (tests/unit_exec.py) serves TLS as the
 unit configures it (wsgw-tls.service: --tls-cert and --tls-key from the
 credentials directory; wsgw.service: the README's ssl: listener) to a Node
-``wss://`` client and posts its events to an ``https://`` app.  And why the units leave out MemoryDenyWriteExecute: under
-that rule the same handshake fails.
+``wss://`` client and posts its events to an ``https://`` app.  And why
+the units leave out MemoryDenyWriteExecute: under that rule the same
+handshake fails.
 """
 
 import re
