@@ -105,6 +105,17 @@ def app():
 
 
 @pytest.fixture
+def log_events():
+    """Every log event (the dict, fields and all) emitted while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+@pytest.fixture
 def log_lines():
     """The text of every log event emitted while the test runs."""
     from twisted.logger import formatEvent, globalLogPublisher

@@ -516,6 +516,51 @@ async def upgrade_request(base, user="", headers=None):
     return response.code, await treq.json_content(response)
 
 
+class SocketActivated:
+    """
+    `twist wsgw` started as systemd starts a socket-activated service: a
+    listening loopback socket, opened here before the daemon runs, arrives
+    as fd 3 with C{LISTEN_PID}, C{LISTEN_FDS} and C{LISTEN_FDNAMES}; C{env}
+    adds the unit's C{WSGW_*} settings.  A context manager: C{port} is the
+    socket's, C{log_path} the daemon's output; the daemon is stopped by PID
+    on exit.
+    """
+
+    def __init__(self, tmp_path, env, name="wsgw.socket"):
+        self.tmp_path, self.env, self.name = tmp_path, env, name
+        self.log_path = Path(tmp_path) / "daemon.log"
+
+    def __enter__(self):
+        import socket
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        self.port = sock.getsockname()[1]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_", "LISTEN_"))}
+        environment["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
+        environment.update(self.env, FD=str(sock.fileno()), FDNAME=self.name)
+        script = 'exec 3<&"$FD"; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES="$FDNAME"; exec "$@"'
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                ["bash", "-c", script, "bash", sys.executable, "-m", "twisted", "--log-format=text", "wsgw"],
+                env=environment,
+                cwd=self.tmp_path,
+                pass_fds=(sock.fileno(),),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        sock.close()  # only the daemon holds it now
+        return self
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def __exit__(self, *exc_info):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 class SyncDaemon:
     """
     `twist wsgw` for tests that talk to it with plain blocking sockets

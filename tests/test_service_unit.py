@@ -47,27 +47,16 @@ class RefusingReactor(MemoryReactorClock):
         raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
 
-def test_a_listener_that_cannot_listen_fails_the_start_and_says_why(caplog_events):
+def test_a_listener_that_cannot_listen_fails_the_start_and_says_why(log_events):
     listener = ListenerService("tcp:40010", Factory(), RefusingReactor())
     with pytest.raises(CannotListenError):
         listener.startService()
     failures = []
     listener.ready.addErrback(failures.append)
     assert failures and failures[0].check(CannotListenError)
-    [critical] = [event for event in caplog_events if "cannot listen" in event["log_format"]]
+    [critical] = [event for event in log_events if "cannot listen" in event["log_format"]]
     assert critical["endpoint"] == "tcp:40010"
     assert "port 40010 is in use" in critical["error"] and "ss -ltnp" in critical["error"]
-
-
-@pytest.fixture
-def caplog_events():
-    """Twisted log events emitted during the test."""
-    from twisted.logger import globalLogPublisher
-
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 # -- GatewayService: heartbeat sweep and drain --------------------------------------

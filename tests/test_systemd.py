@@ -3,12 +3,10 @@ Running under systemd: readiness and stopping notifications, watchdog
 pings, socket activation, clear bind failures, and unit files that verify.
 """
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 
-import wsgw
-from harness import SyncDaemon, Waiters, py_client, start_daemon
+from harness import SocketActivated, SyncDaemon, Waiters, py_client, start_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,45 +62,22 @@ async def test_ready_after_listening_watchdog_and_stopping(tmp_path):
 def test_socket_activation_serves_an_inherited_socket(tmp_path):
     """As systemd would: the listening socket arrives as fd 3 with
     LISTEN_FDS/LISTEN_PID, and the daemon serves it without --listen."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_", "LISTEN_"))}
-    env["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
-    script = 'exec 3<&"$FD"; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=wsgw.socket; exec "$@"'
-    env["FD"] = str(sock.fileno())
-    env["WSGW_LISTEN"] = "systemd:domain=INET:index=0"  # as wsgw.service sets it
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            ["bash", "-c", script, "bash", sys.executable, "-m", "twisted", "--log-format=text", "wsgw"],
-            env=env,
-            cwd=tmp_path,
-            pass_fds=(sock.fileno(),),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    sock.close()  # only the daemon holds it now
-    try:
+    # As wsgw.service sets it.
+    with SocketActivated(tmp_path, {"WSGW_LISTEN": "systemd:domain=INET:index=0"}) as daemon:
         # The socket was listening before the daemon started: connecting
         # succeeds at once, and the daemon answers once it runs.
         try:
-            connection = socket.create_connection(("127.0.0.1", port), timeout=20)
+            connection = socket.create_connection(("127.0.0.1", daemon.port), timeout=20)
         except OSError:
-            process.wait(timeout=30)
-            raise AssertionError(log_path.read_text()) from None
+            raise AssertionError(daemon.log()) from None
         connection.settimeout(20)
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = b""
         while chunk := connection.recv(4096):
             answer += chunk
         connection.close()
-        assert answer.startswith(b"HTTP/1.1 200"), log_path.read_text()
+        assert answer.startswith(b"HTTP/1.1 200"), daemon.log()
         assert b'"ok"' in answer
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_bind_failure_says_why(tmp_path):

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.test import iosim
@@ -94,14 +94,6 @@ def served(client):
     peer = client.getPeerCertificate()
     assert peer is not None, "no TLS session"
     return peer.to_cryptography()
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 # -- the files ------------------------------------------------------------------------
@@ -214,15 +206,15 @@ def test_listeners_wrapped_in_tls_are_announced_as_wss():
 # -- serving and reloading --------------------------------------------------------
 
 
-def test_clients_are_served_the_certificate_and_its_chain(tmp_path, ca, logged):
+def test_clients_are_served_the_certificate_and_its_chain(tmp_path, ca, log_events):
     cert_path, key_path, cert = server_files(tmp_path, ca)
     tls = ServerTLS(cert_path, key_path)
     assert served(connect(tls, ca[0])) == cert
-    said = [e for e in logged if e.get("log_namespace") == "wsgw.tls"]
+    said = [e for e in log_events if e.get("log_namespace") == "wsgw.tls"]
     assert [e["names"] for e in said] == ["localhost"] and said[0]["log_level"] == LogLevel.info
 
 
-def test_a_reload_serves_the_new_certificate_to_new_connections_only(tmp_path, ca, logged):
+def test_a_reload_serves_the_new_certificate_to_new_connections_only(tmp_path, ca, log_events):
     cert_path, key_path, first = server_files(tmp_path, ca)
     tls = ServerTLS(cert_path, key_path)
     before = connect(tls, ca[0])
@@ -231,23 +223,23 @@ def test_a_reload_serves_the_new_certificate_to_new_connections_only(tmp_path, c
     assert tls.reload() is True
     assert served(connect(tls, ca[0])) == renewed != first
     assert served(before) == first  # the open connection keeps its session
-    assert any("reloaded the TLS certificate" in e.get("log_format", "") for e in logged)
+    assert any("reloaded the TLS certificate" in e.get("log_format", "") for e in log_events)
 
 
-def test_a_reload_from_broken_files_keeps_the_certificate_in_use(tmp_path, ca, logged):
+def test_a_reload_from_broken_files_keeps_the_certificate_in_use(tmp_path, ca, log_events):
     cert_path, key_path, first = server_files(tmp_path, ca)
     tls = ServerTLS(cert_path, key_path)
     (tmp_path / "server.key").write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))  # half renewed
     assert tls.reload() is False
     assert served(connect(tls, ca[0])) == first
-    errors = [e for e in logged if e.get("log_level") == LogLevel.error]
+    errors = [e for e in log_events if e.get("log_level") == LogLevel.error]
     assert len(errors) == 1 and "does not belong" in errors[0]["error"]
 
 
-def test_an_expired_certificate_is_served_with_a_warning(tmp_path, ca, logged):
+def test_an_expired_certificate_is_served_with_a_warning(tmp_path, ca, log_events):
     cert_path, key_path, _cert = server_files(tmp_path, ca, days=-1)
     ServerTLS(cert_path, key_path)
-    warnings = [e for e in logged if e.get("log_level") == LogLevel.warn and e.get("log_namespace") == "wsgw.tls"]
+    warnings = [e for e in log_events if e.get("log_level") == LogLevel.warn and e.get("log_namespace") == "wsgw.tls"]
     assert len(warnings) == 1 and "EXPIRED" in warnings[0]["log_format"]
 
 

@@ -5,12 +5,10 @@ dropped; a socket passed as systemd passes it, served with TLS; and
 Chromium, which offers ALPN in its TLS handshake.
 """
 
-import os
 import shutil
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,7 @@ import pytest_twisted
 from test_security import make_certificate
 from twisted.internet.threads import deferToThread
 
-import wsgw
-from harness import node_client, start_daemon, tls_round_trip
+from harness import SocketActivated, node_client, start_daemon, tls_round_trip
 
 pytestmark = pytest.mark.integration
 
@@ -118,44 +115,20 @@ async def test_sighup_serves_a_renewed_certificate_and_keeps_connections(app, tm
 def test_a_socket_passed_by_systemd_serves_tls(tmp_path):
     """As systemd would pass wsgw-tls.socket: fd 3 with LISTEN_FDS/LISTEN_PID, TLS from the variables."""
     key_path, cert_path = make_certificate(tmp_path)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGW_", "WS_", "LISTEN_"))}
-    env["PYTHONPATH"] = str(Path(wsgw.__file__).resolve().parent.parent)
-    env.update(
-        FD=str(sock.fileno()),
-        WSGW_LISTEN="systemd:domain=INET:index=0",
-        WSGW_TLS_CERT=str(cert_path),
-        WSGW_TLS_KEY=str(key_path),
-    )
-    script = 'exec 3<&"$FD"; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=wsgw-tls.socket; exec "$@"'
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            ["bash", "-c", script, "bash", sys.executable, "-m", "twisted", "--log-format=text", "wsgw"],
-            env=env,
-            cwd=tmp_path,
-            pass_fds=(sock.fileno(),),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    sock.close()  # only the daemon holds it now
-    try:
+    settings = {
+        "WSGW_LISTEN": "systemd:domain=INET:index=0",
+        "WSGW_TLS_CERT": str(cert_path),
+        "WSGW_TLS_KEY": str(key_path),
+    }
+    with SocketActivated(tmp_path, settings, "wsgw-tls.socket") as daemon:
         try:
-            served, agreed, answer = https_get(port)
+            served, agreed, answer = https_get(daemon.port)
         except OSError:
-            process.terminate()
-            process.wait(timeout=30)
-            raise AssertionError(log_path.read_text()) from None
-        assert served == der(cert_path), log_path.read_text()
+            raise AssertionError(daemon.log()) from None
+        assert served == der(cert_path), daemon.log()
         assert agreed == "http/1.1"
         assert answer.startswith(b"HTTP/1.1 200") and b'"ok"' in answer
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert "serving /ws at wss://" in log_path.read_text()
+        assert "serving /ws at wss://" in daemon.log()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium")
