@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+import treq
 from test_security import make_certificate
 from twisted.internet.threads import deferToThread
 
-from harness import SocketActivated, node_client, start_daemon, tls_round_trip
+from harness import SocketActivated, node_client, start_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -60,15 +61,35 @@ def der(cert_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_options_serve_node_clients_and_browsers_alpn(app, tmp_path, node_ws):
+async def test_tls_options_serve_node_clients_alpn_and_a_plain_admin_listener(app, tmp_path, node_ws):
     key_path, cert_path = make_certificate(tmp_path)
     daemon = await start_daemon(
-        "--tls-cert", str(cert_path), "--tls-key", str(key_path), "--app-url", app.url, cwd=tmp_path
+        "--tls-cert",
+        str(cert_path),
+        "--tls-key",
+        str(key_path),
+        "--app-url",
+        app.url,
+        # The API on a plain loopback listener of its own (README, "TLS under systemd").
+        "--admin-listen",
+        "tcp:0:interface=127.0.0.1",
+        listeners=2,
+        cwd=tmp_path,
     )
     try:
-        assert any(f"serving /ws at wss://127.0.0.1:{daemon.port}/ws" in line for line in daemon.log_lines())
-        await tls_round_trip(daemon, app, cert_path)
-        served, agreed, answer = await deferToThread(https_get, daemon.port)
+        tls_port, admin_port = daemon.ports
+        assert any(f"serving /ws at wss://127.0.0.1:{tls_port}/ws" in line for line in daemon.log_lines())
+        assert any(f"the API alone at http://127.0.0.1:{admin_port}/" in line for line in daemon.log_lines())
+        client = await node_client(
+            f"wss://localhost:{tls_port}/ws", {"X-Bfl-User": "tls"}, env={"WS_CA_FILE": str(cert_path)}
+        )
+        client.send('{"event":"secure"}')
+        message = await app.wait_for_action("message")
+        assert message["data"] == {"event": "secure"} and message["user_name"] == "tls"
+        listed = await treq.json_content(await treq.get(f"http://127.0.0.1:{admin_port}/tapr/ws/conn/list"))
+        assert [(user["name"], user["conns_number"]) for user in listed["data"]] == [("tls", 1)]
+        await client.stop()
+        served, agreed, answer = await deferToThread(https_get, tls_port)
         assert served == der(cert_path)
         assert agreed == "http/1.1"
         assert answer.startswith(b"HTTP/1.1 200")
