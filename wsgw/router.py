@@ -177,7 +177,7 @@ class RouterFactory(Factory):
         self.rate_limiter = rate_limiter
 
     def acceptableProtocols(self) -> List[bytes]:
-        return ALPN_PROTOCOLS
+        return list(ALPN_PROTOCOLS)
 
     def buildProtocol(self, addr: Optional[IAddress]) -> FirstRequestRouter:  # type: ignore[override]
         protocol = FirstRequestRouter(addr)

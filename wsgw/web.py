@@ -372,7 +372,7 @@ class GatewaySite(Site):
 #: do, for wss:// too): HTTP/1.1, which carries the WebSocket upgrade.
 #: A listener's factory must say so: Twisted answers an offer to a factory
 #: that names no protocol with a failed handshake.
-ALPN_PROTOCOLS = [b"http/1.1"]
+ALPN_PROTOCOLS = (b"http/1.1",)
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -385,11 +385,11 @@ class ApiListenerFactory(Factory):
 
     noisy = False
 
-    def acceptableProtocols(self) -> List[bytes]:
-        return ALPN_PROTOCOLS
-
     def __init__(self, site: GatewaySite):
         self.site = site
+
+    def acceptableProtocols(self) -> List[bytes]:
+        return list(ALPN_PROTOCOLS)
 
     def buildProtocol(self, addr: Any) -> ApiChannel:
         return self.site.api_channel(addr)
