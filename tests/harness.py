@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -531,8 +532,6 @@ class SocketActivated:
         self.log_path = Path(tmp_path) / "daemon.log"
 
     def __enter__(self):
-        import socket
-
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
