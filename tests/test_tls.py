@@ -11,16 +11,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.test import iosim
 
 from wsgw.config import Config, ConfigError
+from wsgw.metrics import MetricsPage
 from wsgw.router import RouterFactory
+from wsgw.service import make_node
 from wsgw.tap import Options, listener_urls
 from wsgw.tls import ServerTLS, TLSFileError, load_certificate
 from wsgw.web import ApiListenerFactory
@@ -254,3 +259,35 @@ def test_a_client_offering_alpn_gets_http_1_1(tmp_path, ca, factory_name):
     wrapped.buildProtocol = lambda addr: Protocol()  # the handshake only
     client = connect(ServerTLS(cert_path, key_path), ca[0], protocols=[b"h2", b"http/1.1"], wrapped=wrapped)
     assert client.negotiatedProtocol == b"http/1.1"
+
+
+def scrape(page):
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(page.registry).decode()):
+        for sample in family.samples:
+            samples[sample.name + "".join(f"|{v}" for v in sample.labels.values())] = sample.value
+    return samples
+
+
+def test_metrics_say_when_the_certificate_expires_and_how_reloads_went(tmp_path, ca):
+    cert_path, key_path, _cert = server_files(tmp_path, ca, days=30)
+    node = make_node(Config(tls_cert=cert_path, tls_key=key_path), reactor=Clock())
+    page = MetricsPage(node.gateway, tls=node.tls)
+    first = node.tls.current.not_after.timestamp()
+    in_30_days = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30)
+    assert abs(first - in_30_days.timestamp()) < 300
+    assert scrape(page)["wsgw_tls_certificate_expiry_timestamp_seconds"] == first
+
+    (tmp_path / "server.key").write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))
+    node.tls.reload()
+    server_files(tmp_path, ca, days=90)  # renewed
+    node.tls.reload()
+    samples = scrape(page)
+    assert samples["wsgw_tls_reloads_total|failed"] == 1 and samples["wsgw_tls_reloads_total|ok"] == 1
+    assert samples["wsgw_tls_certificate_expiry_timestamp_seconds"] - first > 59 * 86400
+
+
+def test_without_tls_the_metrics_say_nothing_of_it():
+    node = make_node(Config(), reactor=Clock())
+    assert node.tls is None
+    assert not [name for name in scrape(MetricsPage(node.gateway, tls=node.tls)) if "tls" in name]

@@ -89,6 +89,8 @@ async def test_tls_options_serve_node_clients_alpn_and_a_plain_admin_listener(ap
         listed = await treq.json_content(await treq.get(f"http://127.0.0.1:{admin_port}/tapr/ws/conn/list"))
         [user] = listed["data"]
         assert user["name"] == "tls" and user["conns_number"] + user["public_conns_number"] == 1
+        metrics = await treq.text_content(await treq.get(f"http://127.0.0.1:{admin_port}/metrics"))
+        assert "wsgw_tls_certificate_expiry_timestamp_seconds " in metrics
         await client.stop()
         served, agreed, answer = await deferToThread(https_get, tls_port)
         assert served == der(cert_path)

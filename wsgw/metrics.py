@@ -18,6 +18,7 @@ from twisted.web.server import Request
 
 from .forwarder import LATENCY_BUCKETS
 from .gateway import Gateway
+from .tls import ServerTLS
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -154,6 +155,29 @@ class GatewayCollector:
                 yield CounterMetricFamily(name, text, value=value)
 
 
+class TLSCollector:
+    """
+    The listeners' certificate (C{--tls-cert}): when it expires, so an
+    alert can fire before clients refuse it, and how its reloads went.
+    """
+
+    def __init__(self, tls: ServerTLS):
+        self.tls = tls
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "wsgw_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate the listeners serve expires (--tls-cert), in seconds since the epoch.",
+            value=self.tls.current.not_after.timestamp(),
+        )
+        reloads = CounterMetricFamily(
+            "wsgw_tls_reloads", "Reloads of --tls-cert and --tls-key (SIGHUP), by result.", labels=["result"]
+        )
+        for result, count in sorted(self.tls.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+
+
 class BuildInfo:
     """C{wsgw_build_info{version}}: which wsgw a scrape came from."""
 
@@ -170,10 +194,18 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, cluster: Optional[Cluster] = None, connect_hook: Optional[ConnectHook] = None):
+    def __init__(
+        self,
+        gateway: Gateway,
+        cluster: Optional[Cluster] = None,
+        connect_hook: Optional[ConnectHook] = None,
+        tls: Optional[ServerTLS] = None,
+    ):
         super().__init__()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gateway, cluster, connect_hook))
+        if tls is not None:
+            self.registry.register(TLSCollector(tls))
         self.registry.register(BuildInfo())
         # The standard process_* metrics (CPU, memory, open files), from /proc.
         ProcessCollector(registry=self.registry)

@@ -59,6 +59,8 @@ class Node:
     cluster: Optional[Cluster] = None
     #: Asks the app before each handshake is answered (--connect-url).
     connect_hook: Optional[ConnectHook] = None
+    #: The certificate the listeners serve (--tls-cert), reloadable.
+    tls: Optional[ServerTLS] = None
 
 
 def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> Node:
@@ -115,12 +117,15 @@ def make_node(config: Config, reactor: Any = None, http_client: Any = None) -> N
         hook = ConnectHook(
             build_http_client(reactor, config.max_in_flight), config.connect_url, reactor, config.connect_timeout
         )
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = ServerTLS(config.tls_cert, config.tls_key)
     if presence is None:
-        return Node(config, reactor, gateway, gateway, connect_hook=hook)
+        return Node(config, reactor, gateway, gateway, connect_hook=hook, tls=tls)
     from .cluster import make_cluster
 
     cluster = make_cluster(config, gateway, presence, reactor, online=cluster_online)
-    return Node(config, reactor, gateway, cluster, cluster, connect_hook=hook)
+    return Node(config, reactor, gateway, cluster, cluster, connect_hook=hook, tls=tls)
 
 
 def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> Tuple[int, int]:
@@ -269,11 +274,9 @@ class NodeService(MultiService):
     listening ports once all are up.
     """
 
-    def __init__(self, node: Node, listeners: List[ListenerService], tls: Optional[ServerTLS] = None):
+    def __init__(self, node: Node, listeners: List[ListenerService]):
         super().__init__()
         self.node = node
-        #: The listeners' certificate (with C{tls_cert}), for a reload.
-        self.tls = tls
         if node.cluster is not None:
             # First in, last out: the node leaves the cluster after the
             # gateway has begun closing its clients.
@@ -319,14 +322,12 @@ def make_service(config: Config, reactor: Any = None, node: Optional[Node] = Non
     site = GatewaySite(make_resource(node, api=not separate_api, factory=websocket), config, reactor=reactor)
     # Upgrades of /ws go straight to Autobahn; everything else to the site.
     front: IProtocolFactory = RouterFactory(site, websocket, reactor, config.handshake_timeout, site.rate_limiter)
-    tls = None
-    if config.tls_cert is not None and config.tls_key is not None:
+    if node.tls is not None:
         # Around the listener's factory, so any endpoint serves TLS.
-        tls = ServerTLS(config.tls_cert, config.tls_key)
-        front = TLSMemoryBIOFactory(tls, False, front)
+        front = TLSMemoryBIOFactory(node.tls, False, front)
     listeners = [ListenerService(description, front, reactor) for description in config.listen]
     if separate_api:
         admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)
         admin = ApiListenerFactory(admin_site)
         listeners += [ListenerService(description, admin, reactor) for description in config.admin_listen]
-    return NodeService(node, listeners, tls)
+    return NodeService(node, listeners)

@@ -688,8 +688,8 @@ def makeService(options: Options, reactor: Any = None) -> Daemon:
     daemon = Daemon(service.listening)
     service.setServiceParent(daemon)
     StopOnSignal(reactor).setServiceParent(daemon)
-    if service.tls is not None:
-        ReloadOnSignal(reactor, service.tls).setServiceParent(daemon)
+    if service.node.tls is not None:
+        ReloadOnSignal(reactor, service.node.tls).setServiceParent(daemon)
 
     def listening(ports: List[Any]) -> List[Any]:
         announce(options.config, ports)

@@ -14,7 +14,7 @@ place.
 from __future__ import annotations
 
 import datetime
-from typing import Any, List, cast
+from typing import Any, Dict, List, cast
 
 import attr
 from cryptography import x509
@@ -137,6 +137,8 @@ class ServerTLS:
     key_path: str = attr.ib()
     #: What new connections are served with.
     current: ServerCertificate = attr.ib(init=False)
+    #: Reloads by result (C{ok}, C{failed}), for /metrics.
+    reloads: Dict[str, int] = attr.ib(factory=lambda: {"ok": 0, "failed": 0}, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.current = load_certificate(self.cert_path, self.key_path)
@@ -153,8 +155,10 @@ class ServerTLS:
         try:
             self.current = load_certificate(self.cert_path, self.key_path)
         except TLSFileError as e:
+            self.reloads["failed"] += 1
             log.error("cannot reload the TLS certificate: {error}; still serving the one loaded before", error=str(e))
             return False
+        self.reloads["ok"] += 1
         self._say("reloaded the TLS certificate for {names} ({cert}), valid until {not_after}")
         return True
 

@@ -221,7 +221,8 @@ def make_resource(
         access = ApiAccess(config.admin_token, config.admin_allow_remote)
         ws.putChild(b"conn", GuardedApi(conn_api(node.connections, config.max_api_body), access))
         root.putChild(b"tapr", tapr)
-        root.putChild(b"metrics", GuardedApi(MetricsPage(gateway, node.cluster, node.connect_hook), access))
+        metrics = MetricsPage(gateway, node.cluster, node.connect_hook, node.tls)
+        root.putChild(b"metrics", GuardedApi(metrics, access))
     return root
 
 
