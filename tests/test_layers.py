@@ -13,8 +13,8 @@ import wsgw
 #: Bottom first.  Modules of one layer do not import each other, except
 #: where a layer is a package (the cluster engine's parts).
 LAYERS = [
-    ["wsgw.interfaces", "wsgw.jsonio", "wsgw.internals", "wsgw.config", "wsgw.access", "wsgw.tls"],
-    ["wsgw.registry", "wsgw.appagent"],
+    ["wsgw.interfaces", "wsgw.jsonio", "wsgw.internals", "wsgw.config", "wsgw.access"],
+    ["wsgw.registry", "wsgw.appagent", "wsgw.tls"],
     ["wsgw.events", "wsgw.identity", "wsgw.admission"],
     ["wsgw.connect", "wsgw.online"],
     ["wsgw.forwarder"],

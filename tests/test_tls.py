@@ -5,6 +5,7 @@ served again after a reload), and ALPN, which browsers offer.
 """
 
 import datetime
+import json
 
 import pytest
 from cryptography import x509
@@ -17,6 +18,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -27,7 +29,7 @@ from wsgw.metrics import MetricsPage
 from wsgw.router import RouterFactory
 from wsgw.service import make_node
 from wsgw.tap import Options, listener_urls
-from wsgw.tls import ServerTLS, TLSFileError, load_certificate
+from wsgw.tls import PLAIN_ANSWER, ServerTLS, TLSFileError, TLSListenerFactory, load_certificate
 from wsgw.web import ApiListenerFactory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:OpenSSL")
@@ -82,7 +84,7 @@ def server_files(tmp_path, ca, name="server", days=1):
 
 def connect(server_tls, ca_cert, protocols=None, wrapped=None):
     """A client trusting C{ca_cert} shakes hands, in memory, with a listener served by C{server_tls}."""
-    server_factory = TLSMemoryBIOFactory(server_tls, False, wrapped or Factory.forProtocol(Protocol))
+    server_factory = TLSListenerFactory(server_tls, False, wrapped or Factory.forProtocol(Protocol))
     client_options = optionsForClientTLS(
         "localhost", trustRoot=Certificate.loadPEM(pem(ca_cert)), acceptableProtocols=protocols
     )
@@ -246,6 +248,31 @@ def test_an_expired_certificate_is_served_with_a_warning(tmp_path, ca, log_event
     ServerTLS(cert_path, key_path)
     warnings = [e for e in log_events if e.get("log_level") == LogLevel.warn and e.get("log_namespace") == "wsgw.tls"]
     assert len(warnings) == 1 and "EXPIRED" in warnings[0]["log_format"]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n", b"G", b"\x00\x01garbage"],
+)
+def test_plain_text_to_a_tls_listener_is_answered_400_saying_so(tmp_path, ca, log_events, first):
+    """ws:// or http:// to a wss:// port: one answer that says what to do, then the connection closes."""
+    cert_path, key_path, _cert = server_files(tmp_path, ca)
+    reached = []
+    factory = TLSListenerFactory(ServerTLS(cert_path, key_path), False, Factory.forProtocol(Protocol))
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    protocol.wrappedProtocol.dataReceived = reached.append
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(first)
+    protocol.dataReceived(b"more of the same")
+    answer = transport.value()
+    assert answer == PLAIN_ANSWER
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Content-Length: %d" % len(body) in head
+    assert json.loads(body) == {"code": 400, "message": "this port speaks TLS: use https:// or wss://"}
+    assert transport.disconnecting and reached == []
+    [said] = [e for e in log_events if e.get("log_namespace") == "wsgw.tls" and "plain text" in e["log_format"]]
+    assert said["peer"].endswith("port=5555)")
 
 
 @pytest.mark.parametrize("factory_name", ["RouterFactory", "ApiListenerFactory"])

@@ -56,6 +56,16 @@ def https_get(port, path="/healthz", alpn=("h2", "http/1.1")):
         return tls.getpeercert(binary_form=True), tls.selected_alpn_protocol(), answer
 
 
+def plain_get(port):
+    """What a plain-HTTP GET to C{port} is answered, until the connection closes.  Blocking."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+        return answer
+
+
 def der(cert_path):
     return ssl.PEM_cert_to_DER_cert(cert_path.read_text())
 
@@ -96,6 +106,9 @@ async def test_tls_options_serve_node_clients_alpn_and_a_plain_admin_listener(ap
         assert served == der(cert_path)
         assert agreed == "http/1.1"
         assert answer.startswith(b"HTTP/1.1 200")
+        # http:// to the wss:// port: told what to do, not dropped unanswered.
+        plain = await deferToThread(plain_get, tls_port)
+        assert plain.startswith(b"HTTP/1.1 400") and b"this port speaks TLS: use https:// or wss://" in plain
     finally:
         await daemon.terminate()
 

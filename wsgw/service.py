@@ -21,7 +21,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import Config
 from .connect import ConnectHook
@@ -32,7 +31,7 @@ from .interfaces import IConnections, IOnlineUsers
 from .online import OnlineUsers, PresenceEvents
 from .registry import LiveConnections, Registry
 from .router import RouterFactory
-from .tls import ServerTLS
+from .tls import ServerTLS, TLSListenerFactory
 from .web import ApiListenerFactory, GatewaySite, make_resource, websocket_factory
 from .websocket import prepare_frame
 
@@ -324,7 +323,7 @@ def make_service(config: Config, reactor: Any = None, node: Optional[Node] = Non
     front: IProtocolFactory = RouterFactory(site, websocket, reactor, config.handshake_timeout, site.rate_limiter)
     if node.tls is not None:
         # Around the listener's factory, so any endpoint serves TLS.
-        front = TLSMemoryBIOFactory(node.tls, False, front)
+        front = TLSListenerFactory(node.tls, False, front)
     listeners = [ListenerService(description, front, reactor) for description in config.listen]
     if separate_api:
         admin_site = GatewaySite(make_resource(node, websocket=False), config, reactor=reactor)

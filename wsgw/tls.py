@@ -8,7 +8,9 @@ own, so it cannot serve the first.
 The files are read at start and again on L{ServerTLS.reload} (SIGHUP):
 handshakes after it get the new certificate, open connections keep
 theirs, and files that cannot be used leave the certificate in use in
-place.
+place.  A client that speaks plain HTTP to such a listener (C{http://} or
+C{ws://} to a C{wss://} port) is told so in a 400, not dropped unanswered
+(L{TLSListenerFactory}).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
+
+from .jsonio import to_json
 
 log = Logger()
 
@@ -130,7 +135,7 @@ class ServerTLS:
     """
     What a TLS listener asks for each new connection: a TLS connection
     with the certificate loaded last.  Wrap a factory with it as
-    C{TLSMemoryBIOFactory(tls, False, factory)}.
+    C{TLSListenerFactory(tls, False, factory)}.
     """
 
     cert_path: str = attr.ib()
@@ -173,3 +178,50 @@ class ServerTLS:
             log.warn(text + "; it has EXPIRED: clients will refuse it", **fields)
         else:
             log.info(text, **fields)
+
+
+#: A TLS connection's first byte: a record of the handshake (content type 22).
+_HANDSHAKE_RECORD = 0x16
+_PLAIN_MESSAGE = "this port speaks TLS: use https:// or wss://"
+_PLAIN_BODY = to_json({"code": 400, "message": _PLAIN_MESSAGE}) + b"\n"
+PLAIN_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"Connection: close\r\n\r\n" % len(_PLAIN_BODY)
+) + _PLAIN_BODY
+
+
+class TLSListenerProtocol(TLSMemoryBIOProtocol):
+    """
+    TLS for one connection of a listener; a client whose first byte is not
+    a TLS record spoke plain HTTP (or anything else) and gets
+    L{PLAIN_ANSWER}, written past TLS, before the connection is closed.
+    """
+
+    _first = True
+    _plain = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._plain:
+            return
+        if self._first and data:
+            self._first = False
+            if data[0] != _HANDSHAKE_RECORD:
+                self._plain = True
+                transport = self.transport
+                assert transport is not None
+                log.info(
+                    "plain text from {peer} on a TLS listener; answered 400 ({message})",
+                    peer=str(transport.getPeer()),
+                    message=_PLAIN_MESSAGE,
+                )
+                transport.write(PLAIN_ANSWER)
+                transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class TLSListenerFactory(TLSMemoryBIOFactory):
+    """C{TLSMemoryBIOFactory(tls, False, factory)} whose connections are L{TLSListenerProtocol}s."""
+
+    protocol = TLSListenerProtocol
+    noisy = False
