@@ -6,6 +6,7 @@ served again after a reload), and ALPN, which browsers offer.
 
 import datetime
 import json
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -114,6 +115,17 @@ def test_a_chain_and_its_key_load_with_the_names_and_expiry_logs_need(tmp_path, 
     assert abs(loaded.not_after - in_a_day) < datetime.timedelta(minutes=5)
     # The intermediate goes with the handshake, for clients that only know the root.
     assert len(loaded.options.extraCertChain) == 1
+
+
+@pytest.mark.parametrize("key_first", [True, False])
+def test_one_file_holding_the_key_and_the_chain_serves_as_both(tmp_path, ca, key_first):
+    cert_path, key_path, cert = server_files(tmp_path, ca)
+    chain, key = Path(cert_path).read_bytes(), Path(key_path).read_bytes()
+    both = tmp_path / "both.pem"
+    both.write_bytes(key + chain if key_first else chain + key)
+    tls = ServerTLS(str(both), str(both))
+    assert served(connect(tls, ca[0])) == cert
+    assert len(tls.current.options.extraCertChain) == 1
 
 
 def test_a_certificate_without_dns_names_is_named_by_its_common_name(tmp_path):
