@@ -1,7 +1,8 @@
 """
 TLS from --tls-cert and --tls-key, in memory: what the files may hold and
 the one line a bad one gets, the certificate a client is served (and
-served again after a reload), and ALPN, which browsers offer.
+served again after a reload), the answer to a client that speaks plain
+HTTP, ALPN, which browsers offer, and what /metrics says.
 """
 
 import datetime
