@@ -37,6 +37,11 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def is_ssl_endpoint(description: str) -> bool:
+    """Whether a Twisted server endpoint string is an C{ssl:} one (TLS already)."""
+    return description.split(":", 1)[0].strip().lower() == "ssl"
+
+
 Networks = Sequence[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]
 
 
@@ -369,7 +374,7 @@ class Config:
         if self.tls_cert is None:
             return
         for description in self.listen:
-            if description.split(":", 1)[0].strip().lower() == "ssl":
+            if is_ssl_endpoint(description):
                 raise ConfigError(
                     "tls_cert",
                     f"tls_cert puts every listen endpoint in TLS, and {description} is TLS already:"

@@ -30,7 +30,15 @@ from twisted.python import usage
 from zope.interface import provider
 
 from . import __version__, internals
-from .config import Config, ConfigError, app_url_from_olares_env, parse_http_url, read_token_file, trusted_networks
+from .config import (
+    Config,
+    ConfigError,
+    app_url_from_olares_env,
+    is_ssl_endpoint,
+    parse_http_url,
+    read_token_file,
+    trusted_networks,
+)
 from .service import make_service
 from .systemd import SystemdNotifier
 from .tls import ServerTLS, TLSFileError, load_certificate
@@ -577,7 +585,7 @@ def listener_urls(description: str, address: object, websocket: bool, api: bool,
     and C{api_url} for the API, each when served there; C{tls} when the
     listener is wrapped in TLS (C{--tls-cert}).
     """
-    secure = tls or description.split(":", 1)[0] == "ssl"
+    secure = tls or is_ssl_endpoint(description)
     ws_scheme, http_scheme = ("wss", "https") if secure else ("ws", "http")
     if isinstance(address, UNIXAddress):
         path = address.name.decode() if isinstance(address.name, bytes) else str(address.name)
