@@ -1,12 +1,14 @@
 """
 TLS from --tls-cert and --tls-key, in memory: what the files may hold and
 the one line a bad one gets, the certificate a client is served (and
-served again after a reload), the answer to a client that speaks plain
-HTTP, ALPN, which browsers offer, and what /metrics says.
+served again after a reload, on SIGHUP or when the files change), the
+answer to a client that speaks plain HTTP, ALPN, which browsers offer, and
+what /metrics says.
 """
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -29,7 +31,7 @@ from twisted.test import iosim
 from wsgw.config import Config, ConfigError
 from wsgw.metrics import MetricsPage
 from wsgw.router import RouterFactory
-from wsgw.service import make_node
+from wsgw.service import TLSWatchService, make_node, make_service
 from wsgw.tap import Options, listener_urls
 from wsgw.tls import PLAIN_ANSWER, ServerTLS, TLSFileError, TLSListenerFactory, load_certificate
 from wsgw.web import ApiListenerFactory
@@ -254,6 +256,165 @@ def test_a_reload_from_broken_files_keeps_the_certificate_in_use(tmp_path, ca, l
     assert served(connect(tls, ca[0])) == first
     errors = [e for e in log_events if e.get("log_level") == LogLevel.error]
     assert len(errors) == 1 and "does not belong" in errors[0]["error"]
+
+
+# -- renewals noticed without SIGHUP --------------------------------------------------
+
+
+def renew(tmp_path, ca, cert_path, key_path, *, cert=True, key=True):
+    """
+    A renewal as certbot and most tools make it: new files written beside
+    the old, then renamed over them (new inodes); C{cert}/C{key} False
+    leaves that half as it was.  Returns the new certificate.
+    """
+    new_cert, new_key, issued = server_files(tmp_path, ca, name="next")
+    if cert:
+        os.replace(new_cert, cert_path)
+    if key:
+        os.replace(new_key, key_path)
+    return issued
+
+
+def tls_service(tmp_path, ca, interval):
+    """C{make_service} serving TLS from fresh files, its looks every C{interval} seconds on a fake clock."""
+    cert_path, key_path, first = server_files(tmp_path, ca)
+    reactor = MemoryReactorClock()
+    config = Config(listen=["tcp:40010"], tls_cert=cert_path, tls_key=key_path, tls_watch_interval=interval)
+    service = make_service(config, reactor=reactor)
+    service.startService()
+    return service, reactor, cert_path, key_path, first
+
+
+def test_renewed_files_are_served_from_the_next_look_on(tmp_path, ca, log_events):
+    service, reactor, cert_path, key_path, first = tls_service(tmp_path, ca, interval=60)
+    tls = service.node.tls
+    reactor.advance(60)  # nothing changed: nothing read
+    assert tls.reloads == {"ok": 0, "failed": 0}
+    renewed = renew(tmp_path, ca, cert_path, key_path)
+    reactor.advance(59)
+    assert served(connect(tls, ca[0])) == first
+    reactor.advance(1)
+    assert served(connect(tls, ca[0])) == renewed != first
+    assert tls.reloads == {"ok": 1, "failed": 0}
+    assert any("reloaded the TLS certificate" in e.get("log_format", "") for e in log_events)
+    reactor.advance(600)  # and read once, not at every look
+    assert tls.reloads == {"ok": 1, "failed": 0}
+    service.stopService()
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_file_rewritten_in_place_is_read_again(tmp_path, ca):
+    cert_path, key_path, first = server_files(tmp_path, ca)
+    tls = ServerTLS(cert_path, key_path)
+    renewed_cert, renewed_key, renewed = server_files(tmp_path, ca, name="next")
+    # Written over, as `cp` does: the same inode, its size and modification time new.
+    for source, target in ((renewed_cert, cert_path), (renewed_key, key_path)):
+        Path(target).write_bytes(Path(source).read_bytes())
+        later = os.stat(target).st_mtime + 10
+        os.utime(target, (later, later))
+    assert tls.reload_if_changed() is True
+    assert served(connect(tls, ca[0])) == renewed != first
+
+
+def test_a_kubernetes_secret_update_is_read_again(tmp_path, ca):
+    # A mounted secret: cert.pem -> ..data/cert.pem, ..data -> a folder of
+    # this version; an update writes a new folder and swaps ..data at once.
+    cert_path, key_path, first = server_files(tmp_path, ca)
+    mount = tmp_path / "secret"
+    mount.mkdir()
+
+    def publish(version, cert_file, key_file):
+        folder = mount / f"..{version}"
+        folder.mkdir()
+        os.replace(cert_file, folder / "tls.crt")
+        os.replace(key_file, folder / "tls.key")
+        (mount / "..data_tmp").symlink_to(folder.name)
+        os.replace(mount / "..data_tmp", mount / "..data")
+
+    publish("2026_01", cert_path, key_path)
+    for name in ("tls.crt", "tls.key"):
+        (mount / name).symlink_to(f"..data/{name}")
+    tls = ServerTLS(str(mount / "tls.crt"), str(mount / "tls.key"))
+    assert tls.reload_if_changed() is None
+    assert served(connect(tls, ca[0])) == first
+    renewed_cert, renewed_key, renewed = server_files(tmp_path, ca, name="next")
+    publish("2026_02", renewed_cert, renewed_key)
+    assert tls.reload_if_changed() is True
+    assert served(connect(tls, ca[0])) == renewed
+
+
+def test_a_half_done_renewal_is_refused_once_and_read_when_complete(tmp_path, ca, log_events):
+    service, reactor, cert_path, key_path, first = tls_service(tmp_path, ca, interval=5)
+    tls = service.node.tls
+    renew(tmp_path, ca, cert_path, key_path, key=False)  # the certificate is new, its key not there yet
+    reactor.advance(5)
+    assert served(connect(tls, ca[0])) == first
+    reactor.advance(50)  # nothing changed since: not read again, not logged again
+    errors = [e for e in log_events if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1 and "does not belong" in errors[0]["error"]
+    assert tls.reloads == {"ok": 0, "failed": 1}
+    new_key = Path(tmp_path / "next.key")
+    os.replace(new_key, key_path)  # the key that goes with it arrives
+    renewed = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[0]
+    reactor.advance(5)
+    assert served(connect(tls, ca[0])) == renewed
+    assert tls.reloads == {"ok": 1, "failed": 1}
+
+
+def test_a_missing_file_is_logged_once_and_read_when_back(tmp_path, ca, log_events):
+    cert_path, key_path, first = server_files(tmp_path, ca)
+    tls = ServerTLS(cert_path, key_path)
+    os.rename(cert_path, cert_path + ".moved")
+    assert tls.reload_if_changed() is False
+    assert tls.reload_if_changed() is None
+    errors = [e for e in log_events if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 1 and "cannot read the certificate" in errors[0]["error"]
+    os.rename(cert_path + ".moved", cert_path)
+    assert tls.reload_if_changed() is True
+    assert served(connect(tls, ca[0])) == first
+
+
+def test_no_looks_with_an_interval_of_zero(tmp_path, ca):
+    service, reactor, cert_path, key_path, first = tls_service(tmp_path, ca, interval=0)
+    renew(tmp_path, ca, cert_path, key_path)
+    reactor.advance(3600)
+    assert served(connect(service.node.tls, ca[0])) == first  # SIGHUP alone reads them again
+    assert service.node.tls.reloads == {"ok": 0, "failed": 0}
+
+
+def test_a_surprise_while_reading_does_not_end_the_looks(log_events):
+    looks = []
+
+    class Surprising:
+        def reload_if_changed(self):
+            looks.append(len(looks))
+            if len(looks) == 1:
+                raise RuntimeError("a file the checks did not foresee")
+
+    clock = Clock()
+    service = TLSWatchService(Surprising(), 5, clock)
+    service.startService()
+    clock.advance(5)
+    clock.advance(5)
+    assert looks == [0, 1]
+    [failure] = [e["log_failure"] for e in log_events if "log_failure" in e]
+    assert failure.check(RuntimeError)
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_interval_is_an_option_and_a_variable(tmp_path, ca):
+    cert_path, key_path, _cert = server_files(tmp_path, ca)
+    files = ["--tls-cert", cert_path, "--tls-key", key_path]
+    assert Config().tls_watch_interval == 60
+    options = Options()
+    options.parseOptions([*files, "--tls-watch-interval", "2.5"])
+    assert options.config.tls_watch_interval == 2.5
+    options = Options(environ={"WSGW_TLS_WATCH_INTERVAL": "0"})
+    options.parseOptions(files)
+    assert options.config.tls_watch_interval == 0
+    with pytest.raises(usage.UsageError, match="--tls-watch-interval"):
+        Options().parseOptions([*files, "--tls-watch-interval", "-1"])
 
 
 def test_an_expired_certificate_is_served_with_a_warning(tmp_path, ca, log_events):

@@ -1,7 +1,7 @@
 """
 TLS from --tls-cert and --tls-key in the real daemon: Node's wss:// client
 end to end; a certificate renewed in place and SIGHUP, with no connection
-dropped; a socket passed as systemd passes it, served with TLS; and
+dropped, or no SIGHUP (--tls-watch-interval); a socket passed as systemd passes it, served with TLS; and
 Chromium, which offers ALPN in its TLS handshake.
 """
 
@@ -146,6 +146,35 @@ async def test_sighup_serves_a_renewed_certificate_and_keeps_connections(app, tm
     finally:
         if client is not None:
             await client.stop()
+        await daemon.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewed_files_are_served_without_a_sighup(app, tmp_path):
+    old_key, old_cert = certificate_pair(tmp_path, "old")
+    new_key, new_cert = certificate_pair(tmp_path, "new")
+    live = tmp_path / "live"
+    install(old_key, old_cert, live)
+    daemon = await start_daemon(
+        "--tls-cert",
+        str(live / "cert.pem"),
+        "--tls-key",
+        str(live / "key.pem"),
+        "--tls-watch-interval",
+        "0.2",
+        "--app-url",
+        app.url,
+        cwd=tmp_path,
+    )
+    try:
+        assert (await deferToThread(https_get, daemon.port))[0] == der(old_cert)
+        install(new_key, new_cert, live)  # copied over the old files, as `cp` does
+        await daemon.proto.waiters.wait(
+            lambda: any("reloaded the TLS certificate" in line for line in daemon.log_lines()), "the reload"
+        )
+        assert (await deferToThread(https_get, daemon.port))[0] == der(new_cert)
+        assert any("the TLS certificate or key file changed" in line for line in daemon.log_lines())
+    finally:
         await daemon.terminate()
 
 

@@ -251,6 +251,9 @@ class Config:
     #: key: every C{listen} endpoint then serves TLS, whatever its kind.
     tls_cert: Optional[str] = attr.ib(default=None, validator=_text(optional=True))
     tls_key: Optional[str] = attr.ib(default=None, validator=_text(optional=True))
+    #: Look at those two files this often and read them again when either
+    #: changed (0: only on SIGHUP).
+    tls_watch_interval: float = attr.ib(default=60.0, validator=_non_negative)
     #: Where lifecycle events are POSTed; L{None} forwards nothing.
     app_url: Optional[str] = attr.ib(default=None, validator=_http_url)
     #: Where the app decides, before each handshake is answered, whether

@@ -266,6 +266,39 @@ class GatewayService(Service):
         return self.gateway.shut_down(self.drain_timeout)
 
 
+@attr.s(eq=False)
+class TLSWatchService(Service):
+    """
+    Looks at the TLS certificate and key files every C{interval} seconds
+    and reads them again when either changed, so that a renewal (certbot
+    replacing them, Kubernetes updating a mounted secret) is served without
+    a SIGHUP or a restart.  Two C{stat} calls a look.
+    """
+
+    tls: ServerTLS = attr.ib()
+    interval: float = attr.ib()
+    clock: Any = attr.ib()
+    _loop: Optional[LoopingCall] = attr.ib(default=None, init=False)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._look)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def _look(self) -> None:
+        # A surprise from the files must not end the looks for good.
+        try:
+            self.tls.reload_if_changed()
+        except Exception:
+            log.failure("cannot reload the TLS certificate; looking again in {interval} s", interval=self.interval)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
 class NodeService(MultiService):
     """
     Everything one node runs: its cluster link (with the Redis engine), the
@@ -288,6 +321,8 @@ class NodeService(MultiService):
             node.reactor,
             ping_interval=config.ws_ping_interval,
         ).setServiceParent(self)
+        if node.tls is not None and config.tls_watch_interval > 0:
+            TLSWatchService(node.tls, config.tls_watch_interval, node.reactor).setServiceParent(self)
         # Listeners come after the gateway: MultiService stops children in
         # reverse order, so they stop accepting before clients are closed.
         for listener in listeners:

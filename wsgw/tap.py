@@ -215,9 +215,15 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
         "tls_cert",
         str,
         "PEM file of the certificate (the server's own, then its intermediates) to serve TLS (wss://) with "
-        "on every --listen endpoint, systemd: sockets included; needs --tls-key; SIGHUP reads both again",
+        "on every --listen endpoint, systemd: sockets included; needs --tls-key; "
+        "both are read again when they change (--tls-watch-interval) or on SIGHUP",
     ),
     "tls-key": ("tls_key", str, "PEM file of --tls-cert's private key (unencrypted)"),
+    "tls-watch-interval": (
+        "tls_watch_interval",
+        _non_negative_float,
+        "seconds between looks at --tls-cert and --tls-key; both are read again when either changed (0: never)",
+    ),
     "presence-grace": (
         "presence_grace",
         _non_negative_float,

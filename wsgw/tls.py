@@ -5,18 +5,21 @@ passes (socket activation on 443, with no capability to bind it), a TCP
 port, a UNIX socket.  Twisted's C{ssl:} endpoint binds a TCP port of its
 own, so it cannot serve the first.
 
-The files are read at start and again on L{ServerTLS.reload} (SIGHUP):
-handshakes after it get the new certificate, open connections keep
-theirs, and files that cannot be used leave the certificate in use in
-place.  A client that speaks plain HTTP to such a listener (C{http://} or
-C{ws://} to a C{wss://} port) is told so in a 400, not dropped unanswered
+The files are read at start and again on L{ServerTLS.reload}: on SIGHUP,
+and from L{ServerTLS.reload_if_changed} when a look finds either file
+replaced or rewritten, as a renewal or a Kubernetes secret update does.
+Handshakes after it get the new certificate, open connections keep theirs,
+and files that cannot be used leave the certificate in use in place.  A
+client that speaks plain HTTP to such a listener (C{http://} or C{ws://}
+to a C{wss://} port) is told so in a 400, not dropped unanswered
 (L{TLSListenerFactory}).
 """
 
 from __future__ import annotations
 
 import datetime
-from typing import Any, Dict, List, cast
+import os
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import attr
 from cryptography import x509
@@ -129,6 +132,24 @@ def _not_after(cert: x509.Certificate) -> datetime.datetime:
     return after
 
 
+#: A file as L{file_state} sees it.
+FileState = Tuple[int, ...]
+
+
+def file_state(path: str) -> FileState:
+    """
+    What tells one version of the file at C{path} from another: the file
+    it names in the end (symbolic links followed, as a Kubernetes secret's
+    are), its size and its modification time; or, when it cannot be
+    looked at, the error's number.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return (e.errno or -1,)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 @attr.s(eq=False)
 class ServerTLS:
@@ -144,8 +165,11 @@ class ServerTLS:
     current: ServerCertificate = attr.ib(init=False)
     #: Reloads by result (C{ok}, C{failed}), for /metrics.
     reloads: Dict[str, int] = attr.ib(factory=lambda: {"ok": 0, "failed": 0}, init=False)
+    #: What the files were when they were last read (L{file_state}).
+    _read_state: Tuple[FileState, FileState] = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._read_state = self._files_now()
         self.current = load_certificate(self.cert_path, self.key_path)
         self._say("serving TLS with the certificate for {names} ({cert}), valid until {not_after}")
 
@@ -157,6 +181,9 @@ class ServerTLS:
         Reads the files again; on success new connections get what they
         hold, else the certificate in use stays and the error is logged.
         """
+        # Taken before reading: a file rewritten while it is read is seen
+        # as changed at the next check, and read again then.
+        self._read_state = self._files_now()
         try:
             self.current = load_certificate(self.cert_path, self.key_path)
         except TLSFileError as e:
@@ -166,6 +193,22 @@ class ServerTLS:
         self.reloads["ok"] += 1
         self._say("reloaded the TLS certificate for {names} ({cert}), valid until {not_after}")
         return True
+
+    def reload_if_changed(self) -> Optional[bool]:
+        """
+        L{reload} if either file is not what it was when last read (another
+        file in its place, other contents); L{None} when both are as they
+        were.  Files that could not be used are read again only once
+        they change again, so a broken renewal is logged once, not at every
+        check.
+        """
+        if self._files_now() == self._read_state:
+            return None
+        log.info("the TLS certificate or key file changed; reading both again", cert=self.cert_path, key=self.key_path)
+        return self.reload()
+
+    def _files_now(self) -> Tuple[FileState, FileState]:
+        return file_state(self.cert_path), file_state(self.key_path)
 
     def _say(self, text: str) -> None:
         now = datetime.datetime.now(datetime.timezone.utc)
