@@ -1,8 +1,9 @@
 """
 TLS from --tls-cert and --tls-key in the real daemon: Node's wss:// client
 end to end; a certificate renewed in place and SIGHUP, with no connection
-dropped, or no SIGHUP (--tls-watch-interval); a socket passed as systemd passes it, served with TLS; and
-Chromium, which offers ALPN in its TLS handshake.
+dropped, or no SIGHUP at all (--tls-watch-interval); a socket passed as
+systemd passes it, served with TLS; and Chromium, which offers ALPN in its
+TLS handshake.
 """
 
 import shutil
