@@ -222,7 +222,8 @@ _SETTINGS: Dict[str, Tuple[str, Callable[[str], object], str]] = {
     "tls-watch-interval": (
         "tls_watch_interval",
         _non_negative_float,
-        "seconds between looks at --tls-cert and --tls-key; both are read again when either changed (0: never)",
+        "seconds between looks at --tls-cert and --tls-key; both are read again when either changed "
+        "(0: on SIGHUP only)",
     ),
     "presence-grace": (
         "presence_grace",

@@ -182,7 +182,7 @@ class ServerTLS:
         hold, else the certificate in use stays and the error is logged.
         """
         # Taken before reading: a file rewritten while it is read is seen
-        # as changed at the next check, and read again then.
+        # as changed at the next look, and read again then.
         self._read_state = self._files_now()
         try:
             self.current = load_certificate(self.cert_path, self.key_path)
@@ -200,7 +200,7 @@ class ServerTLS:
         file in its place, other contents); L{None} when both are as they
         were.  Files that could not be used are read again only once
         they change again, so a broken renewal is logged once, not at every
-        check.
+        look.
         """
         if self._files_now() == self._read_state:
             return None
