@@ -89,6 +89,10 @@ async def test_tls_options_serve_node_clients_alpn_and_a_plain_admin_listener(ap
     )
     try:
         tls_port, admin_port = daemon.ports
+        # The listeners' lines come once every port listens, after the ports' own.
+        await daemon.proto.waiters.wait(
+            lambda: any(" ready, engine " in line for line in daemon.log_lines()), "the start-up lines"
+        )
         assert any(f"serving /ws at wss://127.0.0.1:{tls_port}/ws" in line for line in daemon.log_lines())
         assert any(f"the API alone at http://127.0.0.1:{admin_port}/" in line for line in daemon.log_lines())
         client = await node_client(
